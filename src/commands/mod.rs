@@ -1,0 +1,6 @@
+//! One file per subcommand: argument struct and a thin `run` that calls the library.
+
+pub mod cron;
+pub mod demo;
+pub mod init;
+pub mod status;

@@ -1,0 +1,323 @@
+//! File-system primitives every writer in cr0sync goes through.
+//!
+//! Invariants:
+//! - [`atomic_write`] is the only way a whole file is replaced: a temporary file in the
+//!   same directory, `fsync`, `rename`, then `fsync` of the directory. A reader sees the
+//!   old file or the new one, never a torn one, and after return the new one survives a
+//!   power cut.
+//! - [`create_new`] never overwrites: it links a complete temporary file to its name, which
+//!   fails if the name exists (so `init` is idempotent even against a concurrent `init`).
+//! - Every file and directory cr0sync creates gets the configured [`Perms`]; ownership is
+//!   applied only when running as root.
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Modes and ownership applied to what cr0sync creates (SPEC 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Perms {
+    pub dir_mode: u32,
+    pub file_mode: u32,
+    /// `(uid, gid)` to apply, each optional; only honoured when running as root.
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+}
+
+/// Mode of secret files (the integrity HMAC key, saved session copies).
+pub const SECRET_MODE: u32 = 0o600;
+
+impl Default for Perms {
+    fn default() -> Self {
+        Perms {
+            dir_mode: 0o775,
+            file_mode: 0o664,
+            owner: None,
+            group: None,
+        }
+    }
+}
+
+impl Perms {
+    /// Sets mode and (as root) ownership of a file cr0sync created.
+    pub fn apply_file(&self, path: &Path) -> io::Result<()> {
+        self.apply(path, self.file_mode)
+    }
+
+    pub fn apply_dir(&self, path: &Path) -> io::Result<()> {
+        self.apply(path, self.dir_mode)
+    }
+
+    pub fn apply_secret(&self, path: &Path) -> io::Result<()> {
+        self.apply(path, SECRET_MODE)
+    }
+
+    fn apply(&self, path: &Path, mode: u32) -> io::Result<()> {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+        if running_as_root() && (self.owner.is_some() || self.group.is_some()) {
+            std::os::unix::fs::lchown(path, self.owner, self.group)?;
+        }
+        Ok(())
+    }
+
+    /// The process umask matching these modes, so files made by libraries (SQLite's
+    /// `-wal`, log4rs's rolled logs) get the same permissions as our own.
+    pub fn umask(&self) -> u32 {
+        !self.dir_mode & 0o777
+    }
+}
+
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Sets the process umask (see [`Perms::umask`]).
+pub fn set_umask(mask: u32) {
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe {
+        libc::umask(mask as libc::mode_t);
+    }
+}
+
+/// Looks up a user name (or a numeric id) in the user database.
+pub fn lookup_user(name: &str) -> Option<u32> {
+    if let Ok(id) = name.parse() {
+        return Some(id);
+    }
+    let cname = CString::new(name).ok()?;
+    // SAFETY: getpwnam returns NULL or a pointer to static storage; we copy out at once.
+    // cr0sync is single-threaded while it reads its configuration.
+    unsafe {
+        let pw = libc::getpwnam(cname.as_ptr());
+        if pw.is_null() {
+            None
+        } else {
+            Some((*pw).pw_uid)
+        }
+    }
+}
+
+/// Looks up a group name (or a numeric id) in the group database.
+pub fn lookup_group(name: &str) -> Option<u32> {
+    if let Ok(id) = name.parse() {
+        return Some(id);
+    }
+    let cname = CString::new(name).ok()?;
+    // SAFETY: as in lookup_user.
+    unsafe {
+        let gr = libc::getgrnam(cname.as_ptr());
+        if gr.is_null() {
+            None
+        } else {
+            Some((*gr).gr_gid)
+        }
+    }
+}
+
+/// `fsync` of a directory, making a rename or a new entry in it durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A temporary name beside `path`, unique to this process and call.
+fn temp_path(path: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parent_of(path).join(format!(".{name}.tmp.{}.{n}", std::process::id()))
+}
+
+/// Writes `bytes` to a new temporary file beside `path` with `mode`, synced to disk.
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+/// Replaces `path` with `bytes` atomically and durably (see the module doc).
+pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32, perms: &Perms) -> io::Result<()> {
+    let tmp = write_temp(path, bytes, mode)?;
+    install(&tmp, path, mode, perms)
+}
+
+/// Replaces `path` with a file that `build` writes at the temporary path it is given (an
+/// SQLite database, a gzip stream...). The result is synced, given the configured mode,
+/// renamed over `path`, and the directory synced. On any error nothing is left behind.
+pub fn atomic_replace_with(
+    path: &Path,
+    perms: &Perms,
+    build: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let tmp = temp_path(path);
+    let built = build(&tmp).and_then(|()| Ok(File::open(&tmp)?.sync_all()?));
+    if let Err(e) = built {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(install(&tmp, path, perms.file_mode, perms)?)
+}
+
+/// Gives a complete, synced temporary file its mode and renames it over `path`.
+fn install(tmp: &Path, path: &Path, mode: u32, perms: &Perms) -> io::Result<()> {
+    let result = perms.apply(tmp, mode).and_then(|()| fs::rename(tmp, path));
+    if let Err(e) = result {
+        let _ = fs::remove_file(tmp);
+        return Err(e);
+    }
+    fsync_dir(parent_of(path))
+}
+
+/// Creates `path` with `bytes` only if nothing exists there. Returns whether it created it.
+pub fn create_new(path: &Path, bytes: &[u8], mode: u32, perms: &Perms) -> io::Result<bool> {
+    if fs::symlink_metadata(path).is_ok() {
+        return Ok(false);
+    }
+    let tmp = write_temp(path, bytes, mode)?;
+    let linked = perms
+        .apply(&tmp, mode)
+        .and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            fsync_dir(parent_of(path))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates a directory (and missing parents) with the configured mode. Returns whether
+/// `path` itself was created; an existing directory is left exactly as it is.
+pub fn ensure_dir(path: &Path, perms: &Perms) -> io::Result<bool> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => return Ok(false),
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        ensure_dir(parent, perms)?;
+    }
+    match fs::create_dir(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    perms.apply_dir(path)?;
+    fsync_dir(parent_of(path))?;
+    Ok(true)
+}
+
+/// True if `path` is an existing directory this process can create files in.
+pub fn is_writable_dir(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: c is a valid NUL-terminated string.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn atomic_write_replaces_and_sets_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let perms = Perms::default();
+        atomic_write(&path, b"one", 0o664, &perms).unwrap();
+        atomic_write(&path, b"two", 0o664, &perms).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o664);
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn create_new_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cr0sync.toml");
+        let perms = Perms::default();
+        assert!(create_new(&path, b"first", 0o664, &perms).unwrap());
+        assert!(!create_new(&path, b"second", 0o664, &perms).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"first");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn secret_mode_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        create_new(&path, b"k", SECRET_MODE, &Perms::default()).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn ensure_dir_creates_parents_with_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("a/b/c");
+        assert!(ensure_dir(&deep, &Perms::default()).unwrap());
+        assert!(!ensure_dir(&deep, &Perms::default()).unwrap());
+        for p in ["a", "a/b", "a/b/c"] {
+            assert_eq!(
+                fs::metadata(dir.path().join(p)).unwrap().mode() & 0o777,
+                0o775
+            );
+        }
+    }
+
+    #[test]
+    fn ensure_dir_refuses_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"").unwrap();
+        assert!(ensure_dir(&file, &Perms::default()).is_err());
+    }
+
+    #[test]
+    fn umask_matches_modes() {
+        assert_eq!(Perms::default().umask(), 0o002);
+        let p = Perms {
+            dir_mode: 0o750,
+            file_mode: 0o640,
+            owner: None,
+            group: None,
+        };
+        assert_eq!(p.umask(), 0o027);
+    }
+}

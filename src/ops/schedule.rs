@@ -1,0 +1,105 @@
+//! Periodic tasks (SPEC 6.1): `state/schedule/<job>.json` records when each task of a job
+//! last succeeded and last ran. One file per job, written under that job's lock, so two
+//! jobs never race on one file.
+//!
+//! Invariants: a task is due when it never succeeded or its last success is at least one
+//! interval old, so a task that failed is retried at the next run, not a full interval
+//! later. A success is recorded only after the task's own writes are durable.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ops::job::Job;
+use crate::ops::state::StateStore;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskTimes {
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_attempt: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub tasks: BTreeMap<String, TaskTimes>,
+}
+
+impl Schedule {
+    fn file(job: Job) -> String {
+        format!("schedule/{}.json", job.name())
+    }
+
+    pub fn load(state: &StateStore, job: Job) -> Result<Schedule> {
+        Ok(state.load(&Schedule::file(job))?.unwrap_or_default())
+    }
+
+    pub fn save(&self, state: &StateStore, job: Job) -> Result<()> {
+        state.save(&Schedule::file(job), self)
+    }
+
+    pub fn is_due(&self, task: &str, interval: Duration, now: DateTime<Utc>) -> bool {
+        self.next_due(task, interval).is_none_or(|due| due <= now)
+    }
+
+    /// When the task is next due; `None` if it never succeeded (due now).
+    pub fn next_due(&self, task: &str, interval: Duration) -> Option<DateTime<Utc>> {
+        let last = self.tasks.get(task)?.last_success?;
+        let interval = chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::MAX);
+        Some(
+            last.checked_add_signed(interval)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        )
+    }
+
+    pub fn record(&mut self, task: &str, now: DateTime<Utc>, result: &Result<(), String>) {
+        let t = self.tasks.entry(task.to_string()).or_default();
+        t.last_attempt = Some(now);
+        match result {
+            Ok(()) => {
+                t.last_success = Some(now);
+                t.last_error = None;
+            }
+            Err(e) => t.last_error = Some(e.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn never_run_task_is_due() {
+        assert!(Schedule::default().is_due(
+            "x",
+            Duration::from_secs(3600),
+            at("2026-01-01T00:00:00Z")
+        ));
+    }
+
+    #[test]
+    fn due_after_one_interval() {
+        let mut s = Schedule::default();
+        s.record("x", at("2026-01-01T00:00:00Z"), &Ok(()));
+        let hour = Duration::from_secs(3600);
+        assert!(!s.is_due("x", hour, at("2026-01-01T00:59:59Z")));
+        assert!(s.is_due("x", hour, at("2026-01-01T01:00:00Z")));
+    }
+
+    #[test]
+    fn failed_task_is_due_again_at_next_run() {
+        let mut s = Schedule::default();
+        s.record("x", at("2026-01-01T00:00:00Z"), &Ok(()));
+        s.record("x", at("2026-01-01T01:00:00Z"), &Err("disk full".into()));
+        assert!(s.is_due("x", Duration::from_secs(3600), at("2026-01-01T01:01:00Z")));
+        assert_eq!(s.tasks["x"].last_error.as_deref(), Some("disk full"));
+    }
+}

@@ -1,0 +1,213 @@
+//! `cr0sync status` (SPEC 6.2): what people read at 3 a.m. and what monitoring parses.
+//!
+//! The report has a fixed head (root, config, jobs) and then one [`Section`] per part of
+//! the system. A job module extends `status` by adding its section function to
+//! [`SECTIONS`]; nothing else here changes. Collecting status takes no lock and writes
+//! nothing, so it is safe to run at any time, even while jobs run.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::context::Context;
+use crate::ops::job::Job;
+use crate::ops::lock;
+use crate::ops::runner::{RunRecord, RunResult, SkipRecord, record_file, skip_file};
+use crate::output::{Table, Tone, human_ms, paint};
+
+/// One part of the status report, contributed by a job module.
+#[derive(Debug, Clone)]
+pub struct Section {
+    /// Key in the JSON object (`databases`, `streams`, `integrity`, ...).
+    pub key: &'static str,
+    pub title: &'static str,
+    pub json: Value,
+    pub table: Table,
+    /// Things an operator should act on, each with what to do.
+    pub problems: Vec<String>,
+}
+
+pub type SectionFn = fn(&Context) -> Result<Section>;
+
+/// The sections after the jobs, in display order. Job modules add theirs here.
+pub const SECTIONS: &[SectionFn] = &[];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub started: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobStatus {
+    pub last_run: Option<String>,
+    /// `ok`, `error`, `skipped` or `never`.
+    pub last_result: &'static str,
+    pub duration_ms: Option<u64>,
+    pub locked_by: Option<Holder>,
+    pub last_success: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub root: String,
+    pub config: String,
+    pub jobs: BTreeMap<&'static str, JobStatus>,
+    pub sections: Vec<Section>,
+}
+
+pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
+    let record: Option<RunRecord> = ctx.state.load(&record_file(job))?;
+    let skip: Option<SkipRecord> = ctx.state.load(&skip_file(job))?;
+    let locked_by = lock::holder(&ctx.layout, job).map(|h| Holder {
+        pid: h.pid,
+        started: h.started,
+    });
+    let ts = |t: chrono::DateTime<chrono::Utc>| crate::ops::clock::rfc3339(t);
+    let skipped_last = match (&record, &skip) {
+        (Some(r), Some(s)) => s.time > r.finished,
+        (None, Some(_)) => true,
+        _ => false,
+    };
+    let status = match (&record, &skip) {
+        _ if skipped_last => JobStatus {
+            last_run: skip.as_ref().map(|s| ts(s.time)),
+            last_result: "skipped",
+            duration_ms: None,
+            locked_by,
+            last_success: record.as_ref().and_then(|r| r.last_success).map(ts),
+            error: None,
+        },
+        (Some(r), _) => JobStatus {
+            last_run: Some(ts(r.started)),
+            last_result: match r.result {
+                RunResult::Ok => "ok",
+                RunResult::Error => "error",
+            },
+            duration_ms: Some(r.duration_ms),
+            locked_by,
+            last_success: r.last_success.map(ts),
+            error: r.error.clone(),
+        },
+        (None, _) => JobStatus {
+            last_run: None,
+            last_result: "never",
+            duration_ms: None,
+            locked_by,
+            last_success: None,
+            error: None,
+        },
+    };
+    Ok(status)
+}
+
+pub fn collect(ctx: &Context) -> Result<Report> {
+    let mut jobs = BTreeMap::new();
+    for job in Job::ALL {
+        jobs.insert(job.name(), job_status(ctx, job)?);
+    }
+    let mut sections = Vec::new();
+    for section in SECTIONS {
+        sections.push(section(ctx)?);
+    }
+    Ok(Report {
+        root: ctx.layout.root().display().to_string(),
+        config: ctx.config_path.display().to_string(),
+        jobs,
+        sections,
+    })
+}
+
+impl Report {
+    /// Problems an operator should act on, across jobs and sections.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (name, job) in &self.jobs {
+            if job.last_result == "error" {
+                problems.push(format!(
+                    "the {name} job failed: {}. See logs/{}",
+                    job.error.as_deref().unwrap_or("unknown error"),
+                    Job::ALL
+                        .iter()
+                        .find(|j| j.name() == *name)
+                        .map_or("", |j| j.log_file_name())
+                ));
+            }
+        }
+        problems.extend(
+            self.sections
+                .iter()
+                .flat_map(|s| s.problems.iter().cloned()),
+        );
+        problems
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut obj = serde_json::Map::new();
+        obj.insert("root".into(), Value::String(self.root.clone()));
+        obj.insert("config".into(), Value::String(self.config.clone()));
+        obj.insert(
+            "jobs".into(),
+            serde_json::to_value(&self.jobs).unwrap_or(Value::Null),
+        );
+        for s in &self.sections {
+            obj.insert(s.key.into(), s.json.clone());
+        }
+        let problems = self.problems();
+        obj.insert("ok".into(), Value::Bool(problems.is_empty()));
+        obj.insert(
+            "problems".into(),
+            serde_json::to_value(problems).unwrap_or(Value::Null),
+        );
+        Value::Object(obj)
+    }
+
+    pub fn to_human(&self) -> String {
+        let mut out = format!("root    {}\nconfig  {}\n\n", self.root, self.config);
+        let mut t = Table::new(["JOB", "LAST RUN", "RESULT", "DURATION", "LOCKED BY"]);
+        for (name, j) in &self.jobs {
+            let tone = match j.last_result {
+                "ok" => Tone::Good,
+                "error" => Tone::Bad,
+                _ => Tone::Warn,
+            };
+            t.row([
+                name.to_string(),
+                j.last_run.clone().unwrap_or_else(|| "-".into()),
+                paint(j.last_result, tone),
+                j.duration_ms.map_or("-".into(), human_ms),
+                j.locked_by
+                    .as_ref()
+                    .map_or("-".into(), |h| format!("pid {} since {}", h.pid, h.started)),
+            ]);
+        }
+        out.push_str(&t.render());
+        for s in &self.sections {
+            out.push_str(&format!("\n{}\n", s.title));
+            if s.table.is_empty() {
+                out.push_str("  (none configured)\n");
+            } else {
+                out.push_str(&s.table.render());
+            }
+        }
+        let problems = self.problems();
+        out.push('\n');
+        if problems.is_empty() {
+            out.push_str(&paint("verdict: all good", Tone::Good));
+            out.push('\n');
+        } else {
+            out.push_str(&paint(
+                &format!("verdict: {} problem(s)", problems.len()),
+                Tone::Bad,
+            ));
+            out.push('\n');
+            for p in problems {
+                out.push_str(&format!("  - {p}\n"));
+            }
+        }
+        out
+    }
+}
