@@ -223,7 +223,7 @@ impl fmt::Display for Dur {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0.as_secs();
         for (unit, len) in [("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)] {
-            if s != 0 && s % len == 0 {
+            if s != 0 && s.is_multiple_of(len) {
                 return write!(f, "{}{unit}", s / len);
             }
         }
@@ -287,7 +287,7 @@ impl TryFrom<String> for Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, len) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 != 0 && self.0 % len == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(len) {
                 return write!(f, "{}{unit}", self.0 / len);
             }
         }
@@ -361,7 +361,7 @@ impl TryFrom<String> for Mode {
 
 impl Config {
     /// Reads and validates `path`. Every failure is an [`Error::Config`] naming the file.
-    pub fn load(path: &Path) -> Result<Config, Error> {
+    pub fn load(path: &Path, root: &Path) -> Result<Config, Error> {
         let bytes = std::fs::read(path).map_err(|e| {
             Error::config(path, format!("cannot read: {}", crate::error::io_text(&e)))
         })?;
@@ -377,17 +377,22 @@ impl Config {
                 ),
             )
         })?;
-        Config::parse(&text).map_err(|message| Error::config(path, message))
+        Config::parse_at(&text, root).map_err(|message| Error::config(path, message))
     }
 
     /// Parses configuration text. The error is one line: `line N: key `k`: what is wrong`.
     pub fn parse(text: &str) -> Result<Config, String> {
+        Config::parse_at(text, Path::new(""))
+    }
+
+    /// Parses configuration text for the store at `root` (relative paths resolve there).
+    pub fn parse_at(text: &str, root: &Path) -> Result<Config, String> {
         let config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
-        config.validate(text)?;
+        config.validate(text, root)?;
         Ok(config)
     }
 
-    fn validate(&self, text: &str) -> Result<(), String> {
+    fn validate(&self, text: &str, root: &Path) -> Result<(), String> {
         let at = |span: std::ops::Range<usize>, msg: String| {
             format!("line {}: {msg}", line_of(text, span.start))
         };
@@ -423,8 +428,8 @@ impl Config {
                         format!("key `name`: duplicate peer {pname:?} in database {name:?}"),
                     ));
                 }
-                let central = Path::new("databases").join(format!("{name}.db"));
-                if same_path(peer.path.get_ref(), &central) {
+                let central = root.join("databases").join(format!("{name}.db"));
+                if same_path(&root.join(peer.path.get_ref()), &central) {
                     return Err(at(
                         peer.path.span(),
                         format!(
@@ -454,11 +459,32 @@ impl Config {
     }
 }
 
-/// Whether two configured paths name the same file, before or after anchoring at the root.
-/// The root is unknown here, so relative paths compare as written; `Layout` checks again
-/// with absolute paths.
+/// Whether two paths name the same file: equal after lexical normalisation (`.` and `..`),
+/// or the same inode when both exist (a symlink to the central copy is still the copy).
 fn same_path(a: &Path, b: &Path) -> bool {
-    a.components().eq(b.components())
+    use std::os::unix::fs::MetadataExt;
+    if normalize(a) == normalize(b) {
+        return true;
+    }
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Names become file names (`databases/<name>.db`, backup names), so keep them plain.

@@ -70,7 +70,7 @@ impl Context {
             }
             .into());
         }
-        let config = Config::load(&config_path)?;
+        let config = Config::load(&config_path, layout.root())?;
         Context::from_config(layout, config, config_path, wait)
     }
 

@@ -141,13 +141,29 @@ pub fn render(err: &anyhow::Error) -> Vec<String> {
             .map(|p| format!("cr0sync: {}", p.replace('\n', " ")))
             .collect();
     }
-    vec![format!("cr0sync: {err:#}").replace('\n', " ")]
+    vec![strip_os_error(
+        &format!("cr0sync: {err:#}").replace('\n', " "),
+    )]
+}
+
+/// Drops the " (os error 13)" that std appends: the words before it already say it.
+fn strip_os_error(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find(" (os error ") {
+        out.push_str(&rest[..i]);
+        rest = match rest[i..].find(')') {
+            Some(j) => &rest[i + j + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use anyhow::Context as _;
 
     #[test]
     fn typed_error_deep_in_chain_decides_exit_code() {
@@ -195,6 +211,16 @@ mod tests {
         }
         .into();
         assert!(render(&err)[0].contains("Try: cr0sync init --root /data/x"));
+    }
+
+    #[test]
+    fn os_error_numbers_are_dropped() {
+        let err =
+            anyhow::Error::new(std::io::Error::from_raw_os_error(13)).context("cannot open /x");
+        assert_eq!(
+            render(&err),
+            vec!["cr0sync: cannot open /x: Permission denied"]
+        );
     }
 
     #[test]

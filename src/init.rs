@@ -26,7 +26,7 @@ pub fn init(location: &Location) -> Result<Created> {
     let config_path = location.config_path(&layout);
     // An existing configuration decides the modes; otherwise the defaults do.
     let perms = if config_path.exists() {
-        perms_of(&Config::load(&config_path)?, &config_path)?
+        perms_of(&Config::load(&config_path, layout.root())?, &config_path)?
     } else {
         Perms::default()
     };

@@ -1,0 +1,117 @@
+//! Helpers shared by the end-to-end tests: the real binary, real temporary roots.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use assert_cmd::cargo::CommandCargoExt;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cr0sync");
+
+/// The cr0sync binary with a clean environment (no CR0SYNC_* from the caller).
+pub fn cr0sync() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::new(BIN);
+    for var in [
+        "CR0SYNC_ROOT",
+        "CR0SYNC_CONFIG",
+        "CR0SYNC_NOW",
+        "CR0SYNC_BIN",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The same as a std Command, for processes the test must spawn and kill.
+pub fn cr0sync_std() -> Command {
+    let mut cmd = Command::cargo_bin("cr0sync").expect("binary");
+    for var in ["CR0SYNC_ROOT", "CR0SYNC_CONFIG", "CR0SYNC_NOW"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// A temporary directory and an initialized root inside it.
+pub struct Root {
+    pub tmp: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Root {
+    pub fn new() -> Root {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = tmp.path().join("root");
+        cr0sync()
+            .arg("--root")
+            .arg(&root)
+            .arg("init")
+            .assert()
+            .success();
+        Root { tmp, root }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// cr0sync with `--root` set to this root.
+    pub fn cmd(&self) -> assert_cmd::Command {
+        let mut cmd = cr0sync();
+        cmd.arg("--root").arg(&self.root);
+        cmd
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.root.join("cr0sync.toml"), text).expect("write config");
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self
+            .cmd()
+            .args(["status", "--json"])
+            .output()
+            .expect("status");
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs the binary as the unprivileged user `nobody` when the tests run as root, so that
+/// permission bits mean something (root ignores them). Returns a std Command.
+pub fn cr0sync_unprivileged() -> Command {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN]);
+        c
+    } else {
+        Command::new(BIN)
+    };
+    for var in ["CR0SYNC_ROOT", "CR0SYNC_CONFIG", "CR0SYNC_NOW"] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Lets `nobody` traverse a temporary directory (tempfile makes them 0700).
+pub fn open_up(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("metadata").mode() & 0o7777
+}
+
+pub fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -1,0 +1,93 @@
+//! Job locks with a real second process: `flock(1)` from util-linux holds the same kernel
+//! lock cr0sync takes, which is also how an operator pauses a job during maintenance.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A process that holds `locks/<job>.lock` with flock and writes its pid into it, as
+/// cr0sync does. It is a single process (the shell execs sleep), so SIGKILL frees the lock.
+fn hold_lock(r: &Root, job: &str, seconds: u32) -> Child {
+    let path = r.path(&format!("locks/{job}.lock"));
+    let script = format!(
+        ": > '{p}'; exec 9>>'{p}'; flock -x 9; printf 'pid=%s\\nstarted=2026-11-22T03:00:00Z\\n' $$ >&9; \
+         echo locked; exec sleep {seconds}",
+        p = path.display()
+    );
+    let mut child = Command::new("sh")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn holder");
+    // Wait until the holder says it has the lock.
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "locked");
+    child
+}
+
+#[test]
+fn cron_command_skips_silently_while_locked() {
+    let r = Root::new();
+    let mut holder = hold_lock(&r, "database", 30);
+    let out = r.cmd().args(["cron", "database"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "cron must be silent"
+    );
+    let status = r.status_json();
+    assert_eq!(status["jobs"]["database"]["last_result"], "skipped");
+    assert_eq!(status["jobs"]["database"]["locked_by"]["pid"], holder.id());
+    let log = std::fs::read_to_string(r.path("logs/cron_database_sync.log")).unwrap();
+    assert!(log.contains("skipped"), "{log}");
+    // Other jobs are not blocked by this lock.
+    r.cmd().args(["cron", "logs"]).assert().success();
+    assert_eq!(r.status_json()["jobs"]["logs"]["last_result"], "ok");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn sigkilled_holder_leaves_no_stale_lock() {
+    let r = Root::new();
+    let mut holder = hold_lock(&r, "security", 60);
+    assert!(!r.status_json()["jobs"]["security"]["locked_by"].is_null());
+    // SIGKILL: no chance to clean up. The kernel releases the flock.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(r.status_json()["jobs"]["security"]["locked_by"].is_null());
+    r.cmd()
+        .args(["cron", "security"])
+        .assert()
+        .success()
+        .stdout("")
+        .stderr("");
+    assert_eq!(r.status_json()["jobs"]["security"]["last_result"], "ok");
+}
+
+#[test]
+fn status_while_locked_does_not_disturb_the_holder() {
+    let r = Root::new();
+    let mut holder = hold_lock(&r, "logs", 30);
+    let start = Instant::now();
+    for _ in 0..5 {
+        let s = r.status_json();
+        assert_eq!(s["jobs"]["logs"]["locked_by"]["pid"], holder.id());
+        assert_eq!(
+            s["jobs"]["logs"]["locked_by"]["started"],
+            "2026-11-22T03:00:00Z"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(holder.try_wait().unwrap().is_none(), "holder still running");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}

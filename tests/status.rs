@@ -1,0 +1,118 @@
+//! `cr0sync status` before and after runs, and the silence of cron runs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+#[test]
+fn before_any_run_every_job_is_never() {
+    let r = Root::new();
+    let s = r.status_json();
+    assert_eq!(s["root"], r.root.display().to_string());
+    assert_eq!(s["config"], r.path("cr0sync.toml").display().to_string());
+    for job in ["database", "logs", "security"] {
+        let j = &s["jobs"][job];
+        assert_eq!(j["last_result"], "never", "{job}");
+        assert!(j["last_run"].is_null());
+        assert!(j["duration_ms"].is_null());
+        assert!(j["locked_by"].is_null());
+    }
+    assert_eq!(s["ok"], true);
+}
+
+#[test]
+fn after_a_run_the_record_shows_it() {
+    let r = Root::new();
+    let out = r.cmd().args(["cron", "logs"]).output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "cron is silent when all is well"
+    );
+    let s = r.status_json();
+    let j = &s["jobs"]["logs"];
+    assert_eq!(j["last_result"], "ok");
+    assert!(j["duration_ms"].is_u64());
+    let last_run = j["last_run"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(last_run).is_ok(),
+        "{last_run}"
+    );
+    assert_eq!(s["jobs"]["database"]["last_result"], "never");
+    assert!(r.path("logs/cron_log_sync.log").is_file());
+    assert_eq!(mode(&r.path("logs/cron_log_sync.log")), 0o664);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(r.path("state/runs/logs.json")).unwrap()).unwrap();
+    assert_eq!(record["trigger"], "cron");
+}
+
+#[test]
+fn the_clock_hook_dates_the_run() {
+    let r = Root::new();
+    r.cmd()
+        .env("CR0SYNC_NOW", "2030-01-02T03:04:05Z")
+        .args(["cron", "security"])
+        .assert()
+        .success();
+    assert_eq!(
+        r.status_json()["jobs"]["security"]["last_run"],
+        "2030-01-02T03:04:05Z"
+    );
+}
+
+#[test]
+fn human_status_is_an_aligned_table_with_a_verdict() {
+    let r = Root::new();
+    r.cmd().args(["cron", "database"]).assert().success();
+    let out = r.cmd().arg("status").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("\x1b["), "no colour when not a terminal");
+    let header = text.lines().find(|l| l.starts_with("JOB")).unwrap();
+    let col = header.find("RESULT").unwrap();
+    let db = text.lines().find(|l| l.starts_with("database")).unwrap();
+    assert_eq!(&db[col..col + 2], "ok", "{text}");
+    let logs = text.lines().find(|l| l.starts_with("logs")).unwrap();
+    assert_eq!(&logs[col..col + 5], "never", "{text}");
+    assert!(text.contains("verdict: all good"), "{text}");
+}
+
+#[test]
+fn dry_run_writes_no_record() {
+    let r = Root::new();
+    r.cmd()
+        .args(["cron", "database", "--dry-run"])
+        .assert()
+        .success();
+    assert_eq!(r.status_json()["jobs"]["database"]["last_result"], "never");
+    assert!(!r.path("state/runs/database.json").exists());
+}
+
+#[test]
+fn status_on_a_read_only_root_still_works() {
+    let r = Root::new();
+    r.cmd().args(["cron", "database"]).assert().success();
+    open_up(r.tmp.path());
+    // Everything readable, nothing writable for the unprivileged user.
+    let out = cr0sync_unprivileged()
+        .arg("--root")
+        .arg(&r.root)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // A job run there fails cleanly: exit 1, one line naming a file, no panic.
+    let out = cr0sync_unprivileged()
+        .arg("--root")
+        .arg(&r.root)
+        .args(["cron", "database"])
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&r.root.display().to_string()) && err.contains("Permission denied"),
+        "{err}"
+    );
+}
