@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
-use crate::commands::{cron::CronCmd, demo::DemoCmd, init::InitCmd, status::StatusCmd};
+use crate::commands::{
+    cron::CronCmd, demo::DemoCmd, init::InitCmd, run::RunCmd, status::StatusCmd,
+};
 use crate::context::{Context, Location};
 use crate::error::Outcome;
 
@@ -15,6 +17,7 @@ const EXAMPLES: &str = "\
 Examples:
   cr0sync --root /data/cr0_system init      create the central store
   cr0sync status                            what ran, what is wrong, what to do
+  cr0sync run database --wait 1m            run a job now and see what it did
   cr0sync cron database                     what cron runs every minute
   cr0sync demo                              try everything on a throwaway root
 
@@ -74,6 +77,7 @@ impl GlobalArgs {
 pub enum Command {
     Init(InitCmd),
     Status(StatusCmd),
+    Run(RunCmd),
     Cron(CronCmd),
     Demo(DemoCmd),
 }
@@ -83,6 +87,7 @@ impl Cli {
         match &self.command {
             Command::Init(cmd) => cmd.run(&self.global),
             Command::Status(cmd) => cmd.run(&self.global),
+            Command::Run(cmd) => cmd.run(&self.global),
             Command::Cron(cmd) => cmd.run(&self.global),
             Command::Demo(cmd) => cmd.run(&self.global),
         }

@@ -143,7 +143,7 @@ pub fn run(dir: &Path) -> Result<String> {
     for job in Job::ALL {
         let result = run_job(&ctx, job, Trigger::Cron, false, |run| tasks(job, run));
         let line = match result {
-            Ok(outcome) => format!("ran cron {job}: {outcome:?}"),
+            Ok(report) => format!("ran cron {job}: ok, {} task(s)", report.tasks.len()),
             Err(e) => format!("ran cron {job}: failed: {e:#}"),
         };
         out.push_str(&line);

@@ -14,7 +14,7 @@ fn help_snapshot() {
 
 #[test]
 fn every_command_has_help_with_an_example() {
-    for cmd in [&["init"][..], &["status"], &["cron"], &["demo"]] {
+    for cmd in [&["init"][..], &["status"], &["run"], &["cron"], &["demo"]] {
         let out = cr0sync().args(cmd).arg("--help").output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{cmd:?}");
         let text = String::from_utf8(out.stdout).unwrap();

@@ -91,3 +91,83 @@ fn status_while_locked_does_not_disturb_the_holder() {
     holder.kill().unwrap();
     holder.wait().unwrap();
 }
+
+#[test]
+fn manual_command_exits_3_naming_the_holder() {
+    let r = Root::new();
+    let mut holder = hold_lock(&r, "database", 30);
+    let out = r.cmd().args(["run", "database"]).output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("pid {}", holder.id())), "{err}");
+    assert!(err.contains("2026-11-22T03:00:00Z"), "{err}");
+    assert!(
+        err.contains("locks/database.lock") && err.contains("--wait"),
+        "{err}"
+    );
+    // A refused manual run leaves the last record alone.
+    assert_eq!(r.status_json()["jobs"]["database"]["last_result"], "never");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn manual_command_waits_for_the_holder_with_wait() {
+    let r = Root::new();
+    let mut holder = hold_lock(&r, "logs", 1);
+    let start = Instant::now();
+    let out = r
+        .cmd()
+        .args(["run", "logs", "--wait", "20s"])
+        .output()
+        .unwrap();
+    let elapsed = start.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    // It ran only after the holder exited (about one second), not at once, not at 20 s.
+    assert!(
+        holder.try_wait().unwrap().is_some(),
+        "ran while the holder was alive"
+    );
+    assert!(elapsed >= Duration::from_millis(500), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(15), "{elapsed:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("logs job"));
+    assert_eq!(r.status_json()["jobs"]["logs"]["last_result"], "ok");
+    assert_eq!(
+        r.status_json()["jobs"]["logs"]["locked_by"],
+        serde_json::Value::Null
+    );
+    let _ = holder.wait();
+}
+
+#[test]
+fn wait_expires_then_exits_3() {
+    let r = Root::new();
+    let mut holder = hold_lock(&r, "security", 30);
+    let start = Instant::now();
+    // The global option is accepted before the subcommand too.
+    let out = r
+        .cmd()
+        .args(["--wait", "1s", "run", "security"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_secs(10),
+        "{elapsed:?}"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}
+
+#[test]
+fn manual_run_after_a_sigkilled_holder_proceeds_at_once() {
+    let r = Root::new();
+    let mut holder = hold_lock(&r, "database", 60);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let start = Instant::now();
+    r.cmd().args(["run", "database"]).assert().success();
+    assert!(start.elapsed() < Duration::from_secs(5));
+}

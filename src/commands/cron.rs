@@ -27,9 +27,10 @@ pub struct CronCmd {
 impl CronCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
-        run_job(&ctx, self.job, Trigger::Cron, self.dry_run, |run| {
+        let report = run_job(&ctx, self.job, Trigger::Cron, self.dry_run, |run| {
             tasks(self.job, run)
-        })
+        })?;
+        Ok(report.outcome)
     }
 }
 

@@ -3,4 +3,5 @@
 pub mod cron;
 pub mod demo;
 pub mod init;
+pub mod run;
 pub mod status;

@@ -161,6 +161,16 @@ impl TaskDone {
     }
 }
 
+/// What a finished run did, for commands that print it.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    /// The lock was held and this cron run did nothing.
+    pub skipped: bool,
+    pub tasks: Vec<TaskRecord>,
+    pub duration_ms: u64,
+}
+
 /// Runs `body` as one run of `job`: see the module doc for what this guarantees.
 pub fn run_job(
     ctx: &Context,
@@ -168,7 +178,7 @@ pub fn run_job(
     trigger: Trigger,
     dry_run: bool,
     body: impl FnOnce(&mut JobRun) -> Result<()>,
-) -> Result<Outcome> {
+) -> Result<RunReport> {
     let log_path = ctx.layout.job_log(job);
     logging::setup(LogTarget::JobFile {
         path: &log_path,
@@ -196,7 +206,12 @@ pub fn run_job(
                     };
                     ctx.state.save(&skip_file(job), &skip)?;
                 }
-                return Ok(Outcome::Success);
+                return Ok(RunReport {
+                    outcome: Outcome::Success,
+                    skipped: true,
+                    tasks: Vec::new(),
+                    duration_ms: 0,
+                });
             }
         },
     };
@@ -253,12 +268,21 @@ pub fn run_job(
         run.tasks.len(),
         duration.as_millis()
     );
-    let findings = run.findings;
+    let outcome = if run.findings {
+        Outcome::Findings
+    } else {
+        Outcome::Success
+    };
     let mut errors = std::mem::take(&mut run.errors);
+    let tasks = std::mem::take(&mut run.tasks);
     drop(run);
     match errors.len() {
-        0 if findings => Ok(Outcome::Findings),
-        0 => Ok(Outcome::Success),
+        0 => Ok(RunReport {
+            outcome,
+            skipped: false,
+            tasks,
+            duration_ms: duration.as_millis() as u64,
+        }),
         1 => Err(errors.remove(0)),
         _ => Err(Error::Several(errors.iter().map(|e| format!("{e:#}")).collect()).into()),
     }
