@@ -107,13 +107,7 @@ fn peer_path_is_the_central_copy() {
         central.display()
     );
     r.write_config(&text);
-    let out = r.cmd().arg("status").output().unwrap();
-    let err = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("line 3") && err.contains("central copy"),
-        "{err}"
-    );
+    expect_failure(&r.root, &["status"], 2, &["line 3", "central copy"]);
 }
 
 #[test]
@@ -136,30 +130,19 @@ fn empty_config_means_defaults() {
 fn missing_root_says_how_to_create_it() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("nope");
-    let out = cr0sync()
-        .arg("--root")
-        .arg(&root)
-        .arg("status")
-        .output()
-        .unwrap();
-    let err = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains(&format!("cr0sync init --root {}", root.display())),
-        "{err}"
-    );
+    let hint = format!("cr0sync init --root {}", root.display());
+    expect_failure(&root, &["status"], 2, &[&hint]);
 }
 
 #[test]
 fn missing_config_says_how_to_create_it() {
     let r = Root::new();
     std::fs::remove_file(r.path("cr0sync.toml")).unwrap();
-    let out = r.cmd().arg("status").output().unwrap();
-    let err = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("configuration file does not exist") && err.contains("cr0sync init"),
-        "{err}"
+    expect_failure(
+        &r.root,
+        &["status"],
+        2,
+        &["configuration file does not exist", "cr0sync init"],
     );
 }
 

@@ -120,14 +120,7 @@ fn root_from_environment() {
 
 #[test]
 fn modes_from_an_existing_config_apply_to_what_is_created() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("root");
-    std::fs::create_dir(&root).unwrap();
-    std::fs::write(
-        root.join("cr0sync.toml"),
-        "[general]\ndir_mode = \"750\"\nfile_mode = \"640\"\n",
-    )
-    .unwrap();
+    let (_tmp, root) = root_with_config("[general]\ndir_mode = \"750\"\nfile_mode = \"640\"\n");
     cr0sync()
         .arg("--root")
         .arg(&root)
@@ -159,4 +152,23 @@ fn read_only_parent_is_a_clear_error() {
     assert!(err.contains("Permission denied"), "{err}");
     assert!(!err.contains("panicked"));
     assert!(!root.exists());
+}
+
+#[test]
+fn owner_and_group_applied_when_root() {
+    if !is_root() {
+        eprintln!("skipped: ownership is applied only when running as root");
+        return;
+    }
+    let (_tmp, root) = root_with_config("[general]\nowner = \"nobody\"\ngroup = \"65534\"\n");
+    cr0sync()
+        .arg("--root")
+        .arg(&root)
+        .arg("init")
+        .assert()
+        .success();
+    for p in ["databases", "state/integrity.key", "locks"] {
+        let m = std::fs::metadata(root.join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534), "{p}");
+    }
 }

@@ -74,6 +74,7 @@ pub fn setup(target: LogTarget<'_>) -> Result<()> {
     {
         let pattern = format!("{}.{{}}.gz", path.display());
         let roller = FixedWindowRoller::builder()
+            .base(1)
             .build(&pattern, keep.max(1))
             .map_err(|e| anyhow::anyhow!("log roller for {}: {e}", path.display()))?;
         let policy = CompoundPolicy::new(Box::new(SizeTrigger::new(max_size)), Box::new(roller));

@@ -115,3 +115,31 @@ pub fn mode(path: &Path) -> u32 {
 pub fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A temporary directory with `root/` holding only a `cr0sync.toml` of `config`.
+pub fn root_with_config(config: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).expect("mkdir root");
+    std::fs::write(root.join("cr0sync.toml"), config).expect("write config");
+    (tmp, root)
+}
+
+/// Runs `cr0sync --root ROOT ARGS...` and asserts the exit code and that stderr is one line
+/// containing every needle. Returns stderr.
+pub fn expect_failure(root: &Path, args: &[&str], code: i32, needles: &[&str]) -> String {
+    let out = cr0sync()
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .expect("run");
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for needle in needles {
+        assert!(err.contains(needle), "{needle:?} not in: {err}");
+    }
+    err
+}
