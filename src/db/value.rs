@@ -1,0 +1,192 @@
+//! SQLite values with a total order, so rows can be map keys and multiset members.
+//!
+//! Order: NULL < numbers (INTEGER and REAL compared by value) < TEXT < BLOB, as SQLite
+//! sorts them. Equality is exact: `1` (INTEGER) and `1.0` (REAL) are different cells,
+//! because writing one where the other was is a change a reader can see (`typeof()`).
+
+use std::cmp::Ordering;
+
+use rusqlite::types::Value;
+use serde::ser::{Serialize, Serializer};
+
+#[derive(Debug, Clone)]
+pub struct Cell(pub Value);
+
+/// A whole row, columns in table order.
+pub type Row = Vec<Cell>;
+
+/// The primary-key cells of a row.
+pub type Key = Vec<Cell>;
+
+fn rank(v: &Value) -> u8 {
+    match v {
+        Value::Null => 0,
+        Value::Integer(_) | Value::Real(_) => 1,
+        Value::Text(_) => 2,
+        Value::Blob(_) => 3,
+    }
+}
+
+impl Ord for Cell {
+    fn cmp(&self, other: &Self) -> Ordering {
+        use Value::*;
+        match (&self.0, &other.0) {
+            (Integer(a), Integer(b)) => a.cmp(b),
+            (Real(a), Real(b)) => a.total_cmp(b),
+            // Same number as INTEGER and REAL: order INTEGER first so equality stays exact.
+            (Integer(a), Real(b)) => (*a as f64).total_cmp(b).then(Ordering::Less),
+            (Real(a), Integer(b)) => a.total_cmp(&(*b as f64)).then(Ordering::Greater),
+            (Text(a), Text(b)) => a.cmp(b),
+            (Blob(a), Blob(b)) => a.cmp(b),
+            (a, b) => rank(a).cmp(&rank(b)),
+        }
+    }
+}
+
+impl PartialOrd for Cell {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Cell {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Cell {}
+
+impl Cell {
+    pub fn is_null(&self) -> bool {
+        matches!(self.0, Value::Null)
+    }
+
+    /// The cell as a number, for counters: INTEGER or REAL.
+    pub fn as_number(&self) -> Option<Number> {
+        match self.0 {
+            Value::Integer(i) => Some(Number::Int(i)),
+            Value::Real(f) => Some(Number::Real(f)),
+            _ => None,
+        }
+    }
+}
+
+impl From<Value> for Cell {
+    fn from(v: Value) -> Self {
+        Cell(v)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Number {
+    Int(i64),
+    Real(f64),
+}
+
+/// `base + (central - base) + (peer - base)` for counter columns. Integers stay integers
+/// (saturating, never wrapping); any REAL makes the result REAL.
+pub fn counter_merge(base: &Cell, central: &Cell, peer: &Cell) -> Option<Cell> {
+    use Number::*;
+    let (b, c, p) = (base.as_number()?, central.as_number()?, peer.as_number()?);
+    Some(Cell(match (b, c, p) {
+        (Int(b), Int(c), Int(p)) => {
+            let v = (c as i128) + (p as i128) - (b as i128);
+            Value::Integer(v.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+        }
+        _ => {
+            let f = |n: Number| match n {
+                Int(i) => i as f64,
+                Real(r) => r,
+            };
+            Value::Real(f(c) + f(p) - f(b))
+        }
+    }))
+}
+
+/// Cells in conflict records and dry-run output: JSON values; BLOBs as `{"hex": "..."}`.
+impl Serialize for Cell {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Value::Null => s.serialize_none(),
+            Value::Integer(i) => s.serialize_i64(*i),
+            Value::Real(f) => s.serialize_f64(*f),
+            Value::Text(t) => s.serialize_str(t),
+            Value::Blob(b) => {
+                use serde::ser::SerializeMap;
+                let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("hex", &hex)?;
+                m.end()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(v: Value) -> Cell {
+        Cell(v)
+    }
+
+    #[test]
+    fn order_follows_sqlite_type_ranks() {
+        let mut cells = [
+            c(Value::Blob(vec![1])),
+            c(Value::Text("a".into())),
+            c(Value::Real(1.5)),
+            c(Value::Integer(1)),
+            c(Value::Null),
+        ];
+        cells.sort();
+        assert!(cells[0].is_null());
+        assert_eq!(cells[1], c(Value::Integer(1)));
+        assert_eq!(cells[2], c(Value::Real(1.5)));
+        assert_eq!(cells[4], c(Value::Blob(vec![1])));
+    }
+
+    #[test]
+    fn integer_and_real_are_distinct_cells() {
+        assert_ne!(c(Value::Integer(1)), c(Value::Real(1.0)));
+        assert!(c(Value::Integer(1)) < c(Value::Real(1.0)));
+        assert!(c(Value::Real(0.5)) < c(Value::Integer(1)));
+    }
+
+    #[test]
+    fn counters_add_both_deltas() {
+        let m = counter_merge(
+            &c(Value::Integer(50)),
+            &c(Value::Integer(80)),
+            &c(Value::Integer(70)),
+        );
+        assert_eq!(m, Some(c(Value::Integer(100))));
+        let m = counter_merge(
+            &c(Value::Integer(1)),
+            &c(Value::Real(2.5)),
+            &c(Value::Integer(3)),
+        );
+        assert_eq!(m, Some(c(Value::Real(4.5))));
+        assert_eq!(
+            counter_merge(
+                &c(Value::Null),
+                &c(Value::Integer(1)),
+                &c(Value::Integer(2))
+            ),
+            None
+        );
+        let big = counter_merge(
+            &c(Value::Integer(0)),
+            &c(Value::Integer(i64::MAX)),
+            &c(Value::Integer(5)),
+        );
+        assert_eq!(big, Some(c(Value::Integer(i64::MAX))));
+    }
+
+    #[test]
+    fn blobs_serialize_as_hex() {
+        let json = serde_json::to_string(&c(Value::Blob(vec![0xde, 0xad]))).unwrap();
+        assert_eq!(json, r#"{"hex":"dead"}"#);
+    }
+}
