@@ -1,9 +1,15 @@
 //! The database job (SPEC 3): row-level three-way sync between each central copy and its
 //! peers.
 //!
-//! Built so far: `value` (SQLite cells with a total order) and `merge` (the pure three-way
-//! merge of one table, with its laws as property tests). Snapshots, apply, backups and the
-//! `db` commands build on these and are not wired into the command line yet.
+//! Built so far:
+//! - `value`: SQLite cells with a total order (rows as map keys and multiset members).
+//! - `merge`: the pure three-way merge of one table, with its laws as property tests.
+//! - `snapshot`: consistent snapshots through the online backup API, schemas and rows.
+//!
+//! Still to come (issue 3): the base store, apply with optimistic writes, conflict
+//! records, backups, the fast path, the mass-delete guard and the `db` commands. Until
+//! they land, nothing here is reachable from the command line.
 
 pub mod merge;
+pub mod snapshot;
 pub mod value;

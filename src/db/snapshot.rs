@@ -1,0 +1,272 @@
+//! Reading a database without harming it (SPEC 3.1 step 1): a consistent snapshot through
+//! SQLite's online backup API, then schema and rows read from the snapshot.
+//!
+//! Invariants:
+//! - A live database is never copied as a file: the backup API copies every page in one
+//!   step (`sqlite3_backup_step(-1)`), under one read lock, including commits still in the
+//!   `-wal`. The source is opened read-only, so its journal mode and schema are never
+//!   changed, and the read lock is held only for the copy, not for the diff.
+//! - A busy source is retried until `busy_timeout`, then reported naming the file.
+//! - A missing file is an error naming it; it is never created (read-only open).
+//! - SQLite's own tables (`sqlite_%`) are never listed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags};
+
+use crate::db::merge::TableSpec;
+use crate::db::value::{Cell, Row};
+
+/// A table's shape as SQLite reports it: what must agree on every side for it to merge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schema {
+    pub name: String,
+    /// `(name, declared type)` in column order.
+    pub columns: Vec<(String, String)>,
+    /// Primary-key column indices in key order; empty if none is declared.
+    pub pk: Vec<usize>,
+}
+
+impl Schema {
+    pub fn spec(&self, counters: &[String], updated_at: &str) -> TableSpec {
+        let index = |name: &str| self.columns.iter().position(|(c, _)| c == name);
+        TableSpec {
+            name: self.name.clone(),
+            columns: self.columns.iter().map(|(c, _)| c.clone()).collect(),
+            pk: self.pk.clone(),
+            counters: counters.iter().filter_map(|c| index(c)).collect(),
+            updated_at: index(updated_at),
+        }
+    }
+}
+
+/// Copies the database at `path` into memory in one step and returns the in-memory copy.
+pub fn snapshot(path: &Path, busy_timeout: Duration) -> Result<Connection> {
+    if !path.exists() {
+        anyhow::bail!("database not found: {}", path.display());
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let src = Connection::open_with_flags(path, flags)
+        .with_context(|| format!("cannot open database {}", path.display()))?;
+    src.busy_timeout(busy_timeout)?;
+    let mut mem = Connection::open_in_memory()?;
+    let deadline = Instant::now() + busy_timeout;
+    {
+        let backup = Backup::new(&src, &mut mem)
+            .with_context(|| format!("cannot read database {}", path.display()))?;
+        loop {
+            match backup.step(-1) {
+                Ok(StepResult::Done) => break,
+                Ok(StepResult::More) => continue,
+                Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Ok(_) => anyhow::bail!(
+                    "database is busy: {} (still locked after busy_timeout {:?}). Try: raise \
+                     [general] busy_timeout",
+                    path.display(),
+                    busy_timeout
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot read database {} (is it an SQLite database?)",
+                            path.display()
+                        )
+                    });
+                }
+            }
+        }
+    }
+    // A file that is not a database fails here at the latest.
+    let ok: String = mem
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .with_context(|| format!("database is damaged: {}", path.display()))?;
+    if ok != "ok" {
+        anyhow::bail!("database is damaged: {}: {ok}", path.display());
+    }
+    Ok(mem)
+}
+
+/// The user tables of a database, by name, with their schemas.
+pub fn schemas(conn: &Connection) -> Result<Vec<Schema>> {
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' \
+         ESCAPE '\\' ORDER BY name",
+    )?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    names
+        .into_iter()
+        .map(|name| schema_of(conn, &name))
+        .collect()
+}
+
+fn schema_of(conn: &Connection, table: &str) -> Result<Schema> {
+    let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", quote(table)))?;
+    let mut columns = Vec::new();
+    let mut pk: Vec<(i64, usize)> = Vec::new();
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(5)?,
+        ))
+    })?;
+    for (i, row) in rows.enumerate() {
+        let (name, ty, pk_pos) = row?;
+        if pk_pos > 0 {
+            pk.push((pk_pos, i));
+        }
+        columns.push((name, ty));
+    }
+    pk.sort();
+    Ok(Schema {
+        name: table.to_string(),
+        columns,
+        pk: pk.into_iter().map(|(_, i)| i).collect(),
+    })
+}
+
+/// Every row of a table, all columns in table order.
+pub fn rows(conn: &Connection, schema: &Schema) -> Result<Vec<Row>> {
+    let cols: Vec<String> = schema.columns.iter().map(|(c, _)| quote(c)).collect();
+    let sql = format!("SELECT {} FROM {}", cols.join(", "), quote(&schema.name));
+    let mut stmt = conn.prepare(&sql)?;
+    let n = cols.len();
+    let rows = stmt.query_map([], |r| {
+        (0..n)
+            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
+            .collect::<Result<Row, _>>()
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// An SQL identifier, quoted.
+pub fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn make_db(path: &Path, journal: &str) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", journal).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, nick TEXT, data BLOB);
+             CREATE TABLE scores (net TEXT, nick TEXT, score INTEGER, PRIMARY KEY (nick, net));
+             CREATE TABLE seen (nick TEXT);
+             INSERT INTO users VALUES (1, 'alice', x'00ff'), (2, NULL, NULL);
+             INSERT INTO seen VALUES ('a'), ('a');",
+        )
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn snapshot_sees_uncheckpointed_wal_commits_and_keeps_journal_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bot.db");
+        let writer = make_db(&path, "wal");
+        // Disable checkpoints so the commit stays in the -wal only.
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer
+            .execute("INSERT INTO users VALUES (3, 'carol', NULL)", [])
+            .unwrap();
+        let snap = snapshot(&path, Duration::from_secs(1)).unwrap();
+        let users = schemas(&snap)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "users")
+            .unwrap();
+        assert_eq!(rows(&snap, &users).unwrap().len(), 3);
+        let mode: String = writer
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn schemas_list_columns_and_composite_keys_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        drop(make_db(&path, "delete"));
+        let snap = snapshot(&path, Duration::from_secs(1)).unwrap();
+        let s = schemas(&snap).unwrap();
+        let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["scores", "seen", "users"]);
+        assert_eq!(s[0].pk, vec![1, 0], "PRIMARY KEY (nick, net)");
+        assert!(s[1].pk.is_empty());
+        assert_eq!(s[2].pk, vec![0]);
+        let users = rows(&snap, &s[2]).unwrap();
+        assert_eq!(
+            users[0][2],
+            Cell(rusqlite::types::Value::Blob(vec![0, 0xff]))
+        );
+        assert!(users[1][1].is_null());
+    }
+
+    #[test]
+    fn missing_and_garbage_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.db");
+        let err = format!("{:#}", snapshot(&missing, Duration::ZERO).unwrap_err());
+        assert!(
+            err.contains("not found") && err.contains("nope.db"),
+            "{err}"
+        );
+        assert!(!missing.exists(), "never created");
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, vec![0xA5u8; 8192]).unwrap();
+        let err = format!("{:#}", snapshot(&garbage, Duration::ZERO).unwrap_err());
+        assert!(err.contains("garbage.db"), "{err}");
+        assert_eq!(
+            std::fs::read(&garbage).unwrap(),
+            vec![0xA5u8; 8192],
+            "left untouched"
+        );
+    }
+
+    #[test]
+    fn busy_rollback_journal_database_times_out_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.db");
+        let writer = make_db(&path, "delete");
+        // An exclusive transaction blocks readers in rollback-journal mode.
+        writer
+            .execute_batch("BEGIN EXCLUSIVE; INSERT INTO seen VALUES ('b');")
+            .unwrap();
+        let err = format!(
+            "{:#}",
+            snapshot(&path, Duration::from_millis(200)).unwrap_err()
+        );
+        assert!(err.contains("busy.db"), "{err}");
+        writer.execute_batch("COMMIT").unwrap();
+        let snap = snapshot(&path, Duration::from_millis(200)).unwrap();
+        let seen = schemas(&snap)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "seen")
+            .unwrap();
+        assert_eq!(rows(&snap, &seen).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn spec_maps_configured_columns() {
+        let s = Schema {
+            name: "users".into(),
+            columns: vec![
+                ("id".into(), "INTEGER".into()),
+                ("coins".into(), "INTEGER".into()),
+            ],
+            pk: vec![0],
+        };
+        let spec = s.spec(&["coins".into(), "nope".into()], "updated_at");
+        assert_eq!(spec.counters, vec![1]);
+        assert_eq!(spec.updated_at, None);
+    }
+}
