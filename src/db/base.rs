@@ -16,17 +16,16 @@ use crate::db::snapshot::{self, Schema, quote};
 use crate::db::value::Row;
 use crate::ops::state::StateStore;
 
+/// A database's tables: each schema with its rows.
+pub type Tables = Vec<(Schema, Vec<Row>)>;
+
 /// The state-store name of a pair's base.
 pub fn name(database: &str, peer: &str) -> String {
     format!("db/{database}/{peer}.base.db")
 }
 
 /// The base of a pair as schemas and rows; `None` before the first successful sync.
-pub fn load(
-    state: &StateStore,
-    database: &str,
-    peer: &str,
-) -> Result<Option<Vec<(Schema, Vec<Row>)>>> {
+pub fn load(state: &StateStore, database: &str, peer: &str) -> Result<Option<Tables>> {
     let path = state.path(&name(database, peer));
     if !path.exists() {
         return Ok(None);
