@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use assert_cmd::cargo::CommandCargoExt;
-
 pub const BIN: &str = env!("CARGO_BIN_EXE_cr0sync");
 
 /// The cr0sync binary with a clean environment (no CR0SYNC_* from the caller).
@@ -17,15 +15,6 @@ pub fn cr0sync() -> assert_cmd::Command {
         "CR0SYNC_NOW",
         "CR0SYNC_BIN",
     ] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
-/// The same as a std Command, for processes the test must spawn and kill.
-pub fn cr0sync_std() -> Command {
-    let mut cmd = Command::cargo_bin("cr0sync").expect("binary");
-    for var in ["CR0SYNC_ROOT", "CR0SYNC_CONFIG", "CR0SYNC_NOW"] {
         cmd.env_remove(var);
     }
     cmd
