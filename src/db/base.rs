@@ -1,75 +1,100 @@
 //! The merge base of a (database, peer) pair (SPEC 3.1): the rows both sides agreed on at
 //! the end of the last successful sync, kept as an SQLite file at
-//! `state/db/<database>/<peer>.base.db`.
+//! `state/db/<database>/<peer>.base.db`, attached to the sync's connection as `b`.
 //!
 //! Invariants:
-//! - The base is written whole through the state store's atomic replace (built at a
-//!   temporary name, synced, renamed), so it is always a complete, consistent file.
-//! - The caller replaces it only after both sides committed; a run that dies before
-//!   leaves the old base, and the next run's three-way merge completes the work.
-//! - Each table keeps its columns and primary key, so a schema change is detected.
+//! - Each base table has the columns, declared types and primary key of the table it
+//!   mirrors, so a schema change is detected by comparing schemas.
+//! - The base changes only in SQLite transactions, and its merged rows change only in the
+//!   same transaction that commits the central copy (SQLite commits attached rollback-journal
+//!   databases atomically), so the base never runs ahead of the central copy.
+//! - Before a sync writes the peer, it records in the base's journal table
+//!   (`_cr0sync_pending`) the keys it is about to change and the conflicts it resolved. The
+//!   central commit clears it. A journal found at the start of a run means the last run
+//!   died between the two commits: its keys are merged again, and its conflicts are
+//!   recorded if their resolution already reached a side (see `sync`).
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use rusqlite::Connection;
 
-use crate::db::snapshot::{self, Schema, quote};
-use crate::db::value::Row;
-use crate::ops::state::StateStore;
+use crate::db::snapshot::{Schema, quote};
 
-/// A database's tables: each schema with its rows.
-pub type Tables = Vec<(Schema, Vec<Row>)>;
+/// The journal table inside a base file.
+pub const PENDING: &str = "_cr0sync_pending";
 
 /// The state-store name of a pair's base.
 pub fn name(database: &str, peer: &str) -> String {
     format!("db/{database}/{peer}.base.db")
 }
 
-/// The base of a pair as schemas and rows; `None` before the first successful sync.
-pub fn load(state: &StateStore, database: &str, peer: &str) -> Result<Option<Tables>> {
-    let path = state.path(&name(database, peer));
-    if !path.exists() {
-        return Ok(None);
+/// One journal entry: a key about to change, or a resolved conflict (as its JSON record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub table: String,
+    /// The key (keyed tables) as JSON; `None` for a conflict entry.
+    pub key: Option<String>,
+    pub conflict: Option<String>,
+}
+
+/// Reads the journal of the base attached as `b`; empty if there is none.
+pub fn pending(conn: &Connection) -> Result<Vec<Pending>> {
+    let exists: bool = conn.query_row(
+        "SELECT count(*) > 0 FROM b.sqlite_schema WHERE name = ?1",
+        [PENDING],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(Vec::new());
     }
-    let conn = snapshot::snapshot(&path, std::time::Duration::from_secs(1)).with_context(|| {
-        format!("merge base is unreadable. Try: cr0sync sync-from-bot --db {database} to reset it")
+    let mut stmt = conn.prepare(&format!("SELECT tbl, key, conflict FROM b.{PENDING}"))?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Pending {
+            table: r.get(0)?,
+            key: r.get(1)?,
+            conflict: r.get(2)?,
+        })
     })?;
-    let mut out = Vec::new();
-    for schema in snapshot::schemas(&conn)? {
-        let rows = snapshot::rows(&conn, &schema)?;
-        out.push((schema, rows));
-    }
-    Ok(Some(out))
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Replaces a pair's base with `tables`.
-pub fn save(
-    state: &StateStore,
-    database: &str,
-    peer: &str,
-    tables: &[(Schema, Vec<Row>)],
-) -> Result<()> {
-    state.replace_with(&name(database, peer), |tmp| {
-        let mut conn = Connection::open(tmp)?;
-        let tx = conn.transaction()?;
-        for (schema, rows) in tables {
-            tx.execute_batch(&create_table_sql(schema))?;
-            let marks = vec!["?"; schema.columns.len()].join(", ");
-            let mut stmt = tx.prepare(&format!(
-                "INSERT INTO {} VALUES ({marks})",
-                quote(&schema.name)
-            ))?;
-            for row in rows {
-                stmt.execute(rusqlite::params_from_iter(row.iter().map(|c| &c.0)))?;
-            }
+/// Writes the journal in its own transaction on the base (durable before the peer is written).
+pub fn write_pending(conn: &Connection, entries: &[Pending]) -> Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS b.{PENDING} (tbl TEXT NOT NULL, key TEXT, conflict TEXT);
+         DELETE FROM b.{PENDING};"
+    ))?;
+    {
+        let mut stmt = tx.prepare(&format!(
+            "INSERT INTO b.{PENDING} (tbl, key, conflict) VALUES (?1, ?2, ?3)"
+        ))?;
+        for e in entries {
+            stmt.execute(rusqlite::params![e.table, e.key, e.conflict])?;
         }
-        tx.commit()?;
-        conn.close().map_err(|(_, e)| e)?;
-        Ok(())
-    })
+    }
+    tx.commit()?;
+    Ok(())
 }
 
-/// `CREATE TABLE` with the same columns, declared types and primary key as `schema`.
-pub fn create_table_sql(schema: &Schema) -> String {
+/// Clears the journal; part of the caller's (central + base) transaction.
+pub fn clear_pending(conn: &Connection) -> Result<()> {
+    conn.execute_batch(&format!("DROP TABLE IF EXISTS b.{PENDING}"))?;
+    Ok(())
+}
+
+/// Replaces base table `schema.name` with a copy of `from.<table>` (`main` or `p`).
+pub fn copy_table(conn: &Connection, schema: &Schema, from: &str) -> Result<()> {
+    let t = quote(&schema.name);
+    conn.execute_batch(&format!(
+        "DROP TABLE IF EXISTS b.{t}; {} INSERT INTO b.{t} SELECT * FROM {from}.{t};",
+        create_table_sql(schema, "b")
+    ))?;
+    Ok(())
+}
+
+/// `CREATE TABLE` in attached database `db` with the same columns, declared types and
+/// primary key as `schema`.
+pub fn create_table_sql(schema: &Schema, db: &str) -> String {
     let mut parts: Vec<String> = schema
         .columns
         .iter()
@@ -84,7 +109,7 @@ pub fn create_table_sql(schema: &Schema) -> String {
         parts.push(format!("PRIMARY KEY ({})", pk.join(", ")));
     }
     format!(
-        "CREATE TABLE {} ({});",
+        "CREATE TABLE {db}.{} ({});",
         quote(&schema.name),
         parts.join(", ")
     )
@@ -93,65 +118,38 @@ pub fn create_table_sql(schema: &Schema) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::value::Cell;
-    use crate::fsutil::Perms;
-    use rusqlite::types::Value;
+    use crate::db::snapshot::schemas;
 
     #[test]
-    fn save_then_load_roundtrips_schemas_and_rows() {
+    fn copied_table_keeps_schema_and_rows_and_journal_roundtrips() {
         let dir = tempfile::tempdir().unwrap();
-        let state = StateStore::new(dir.path().to_path_buf(), Perms::default());
-        assert!(load(&state, "users", "bot").unwrap().is_none());
-        let scores = Schema {
-            name: "scores".into(),
-            columns: vec![
-                ("net".into(), "TEXT".into()),
-                ("nick".into(), "TEXT".into()),
-                ("data".into(), "BLOB".into()),
-            ],
-            pk: vec![1, 0],
-        };
-        let seen = Schema {
-            name: "seen".into(),
-            columns: vec![("n".into(), "".into())],
-            pk: vec![],
-        };
-        let rows = vec![vec![
-            Cell(Value::Text("rizon".into())),
-            Cell(Value::Text("a\"b".into())),
-            Cell(Value::Blob(vec![0, 1])),
-        ]];
-        let twice = vec![vec![Cell(Value::Integer(1))], vec![Cell(Value::Integer(1))]];
-        let tables = vec![
-            (scores.clone(), rows.clone()),
-            (seen.clone(), twice.clone()),
-        ];
-        save(&state, "users", "bot", &tables).unwrap();
-        let back = load(&state, "users", "bot").unwrap().unwrap();
-        assert_eq!(back, tables);
-        // Replacing it leaves exactly one file.
-        save(&state, "users", "bot", &tables[..1]).unwrap();
-        assert_eq!(load(&state, "users", "bot").unwrap().unwrap().len(), 1);
-        assert_eq!(
-            std::fs::read_dir(state.path("db/users")).unwrap().count(),
-            1
-        );
-    }
-
-    #[test]
-    fn damaged_base_is_an_error_with_a_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = StateStore::new(dir.path().to_path_buf(), Perms::default());
-        std::fs::create_dir_all(state.path("db/users")).unwrap();
-        std::fs::write(
-            state.path(&name("users", "bot")),
-            b"not a database at all, just text",
+        let conn = Connection::open(dir.path().join("c.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE scores (net TEXT, nick TEXT, score INTEGER, PRIMARY KEY (nick, net));
+             INSERT INTO scores VALUES ('rizon', 'a', 1), ('efnet', 'a', x'00');",
         )
         .unwrap();
-        let err = format!("{:#}", load(&state, "users", "bot").unwrap_err());
-        assert!(
-            err.contains("sync-from-bot") && err.contains("bot.base.db"),
-            "{err}"
-        );
+        let base = dir.path().join("b.db");
+        conn.execute("ATTACH ?1 AS b", [base.to_str().unwrap()])
+            .unwrap();
+        let schema = schemas(&conn, "main").unwrap().remove(0);
+        copy_table(&conn, &schema, "main").unwrap();
+        copy_table(&conn, &schema, "main").unwrap();
+        assert_eq!(schemas(&conn, "b").unwrap(), vec![schema.clone()]);
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM b.scores", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 2);
+        assert!(pending(&conn).unwrap().is_empty());
+        let entry = Pending {
+            table: "scores".into(),
+            key: Some(r#"["a","rizon"]"#.into()),
+            conflict: None,
+        };
+        write_pending(&conn, std::slice::from_ref(&entry)).unwrap();
+        assert_eq!(pending(&conn).unwrap(), vec![entry]);
+        assert_eq!(schemas(&conn, "b").unwrap().len(), 1, "journal is not a table to sync");
+        clear_pending(&conn).unwrap();
+        assert!(pending(&conn).unwrap().is_empty());
     }
 }

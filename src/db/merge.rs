@@ -171,57 +171,89 @@ fn merge_keyed(
     let keys: BTreeSet<&Key> = b.keys().chain(c.keys()).chain(p.keys()).collect();
     let mut out = TableMerge::default();
     for key in keys {
-        let (bv, cv, pv) = (b.get(key), c.get(key), p.get(key));
-        let resolved = resolve(spec, rules.policy, bv, cv, pv);
-        if resolved.counter_merged {
-            out.counter_merges += 1;
-        }
-        let result = resolved.result;
-        if let Some(winner) = resolved.conflict {
-            out.conflicts.push(Conflict {
-                table: spec.name.clone(),
-                key: key.clone(),
-                kind: match (bv, cv, pv) {
-                    (None, _, _) => ConflictKind::InsertInsert,
-                    (Some(_), Some(_), Some(_)) => ConflictKind::UpdateUpdate,
-                    _ => ConflictKind::UpdateDelete,
-                },
-                base: bv.cloned(),
-                central: cv.cloned(),
-                peer: pv.cloned(),
-                winner,
-                result: result.clone(),
-            });
-        }
-        if rules.direction != Direction::Push {
-            push_change(&mut out.to_central, key, cv, result.as_ref());
-        }
-        if rules.direction != Direction::Pull {
-            push_change(&mut out.to_peer, key, pv, result.as_ref());
-        }
-        let new_base = match rules.direction {
-            Direction::Both => result,
-            Direction::Pull => pv.cloned(),
-            Direction::Push => cv.cloned(),
-        };
-        out.new_base.extend(new_base);
+        let m = merge_key(spec, rules, key, b.get(key), c.get(key), p.get(key));
+        out.counter_merges += usize::from(m.counter_merged);
+        out.conflicts.extend(m.conflict);
+        out.to_central.extend(m.to_central);
+        out.to_peer.extend(m.to_peer);
+        out.new_base.extend(m.new_base);
     }
     out
 }
 
-fn push_change(changes: &mut Vec<Change>, key: &Key, now: Option<&Row>, want: Option<&Row>) {
+/// The merge of one key of a keyed table: what each side must become, and the new base.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyMerge {
+    pub to_central: Option<Change>,
+    pub to_peer: Option<Change>,
+    pub conflict: Option<Conflict>,
+    pub counter_merged: bool,
+    /// The row the base holds for this key once both sides committed.
+    pub new_base: Option<Row>,
+}
+
+/// Merges one key: `bv`, `cv`, `pv` are the base, central and peer rows (`None`: absent).
+/// The streaming sync calls this for every key whose rows differ between the sides.
+pub fn merge_key(
+    spec: &TableSpec,
+    rules: Rules,
+    key: &Key,
+    bv: Option<&Row>,
+    cv: Option<&Row>,
+    pv: Option<&Row>,
+) -> KeyMerge {
+    let resolved = resolve(spec, rules.policy, bv, cv, pv);
+    let result = resolved.result;
+    let conflict = resolved.conflict.map(|winner| Conflict {
+        table: spec.name.clone(),
+        key: key.clone(),
+        kind: match (bv, cv, pv) {
+            (None, _, _) => ConflictKind::InsertInsert,
+            (Some(_), Some(_), Some(_)) => ConflictKind::UpdateUpdate,
+            _ => ConflictKind::UpdateDelete,
+        },
+        base: bv.cloned(),
+        central: cv.cloned(),
+        peer: pv.cloned(),
+        winner,
+        result: result.clone(),
+    });
+    let to_central = match rules.direction {
+        Direction::Push => None,
+        _ => change(key, cv, result.as_ref()),
+    };
+    let to_peer = match rules.direction {
+        Direction::Pull => None,
+        _ => change(key, pv, result.as_ref()),
+    };
+    let new_base = match rules.direction {
+        Direction::Both => result,
+        Direction::Pull => pv.cloned(),
+        Direction::Push => cv.cloned(),
+    };
+    KeyMerge {
+        to_central,
+        to_peer,
+        conflict,
+        counter_merged: resolved.counter_merged,
+        new_base,
+    }
+}
+
+/// The change that turns `now` into `want` for one key, if any. Also used for the base.
+pub fn change(key: &Key, now: Option<&Row>, want: Option<&Row>) -> Option<Change> {
     match (now, want) {
-        (a, b) if a == b => {}
-        (old, Some(new)) => changes.push(Change::Upsert {
+        (a, b) if a == b => None,
+        (old, Some(new)) => Some(Change::Upsert {
             key: key.clone(),
             old: old.cloned(),
             new: new.clone(),
         }),
-        (Some(old), None) => changes.push(Change::Delete {
+        (Some(old), None) => Some(Change::Delete {
             key: key.clone(),
             old: old.clone(),
         }),
-        (None, None) => {}
+        (None, None) => None,
     }
 }
 
@@ -318,7 +350,7 @@ fn pick(spec: &TableSpec, policy: Policy, c: Option<&Row>, p: Option<&Row>) -> W
     }
 }
 
-fn multiset(rows: &[Row]) -> BTreeMap<Row, u64> {
+pub fn multiset(rows: &[Row]) -> BTreeMap<Row, u64> {
     let mut m = BTreeMap::new();
     for r in rows {
         *m.entry(r.clone()).or_insert(0) += 1;

@@ -11,6 +11,7 @@
 //! records, backups, the fast path, the mass-delete guard and the `db` commands. Until
 //! they land, nothing here is reachable from the command line.
 
+pub mod apply;
 pub mod base;
 pub mod merge;
 pub mod snapshot;

@@ -43,69 +43,85 @@ impl Schema {
     }
 }
 
-/// Copies the database at `path` into memory in one step and returns the in-memory copy.
+/// Copies the database at `path` into a new file at `dest` (replaced if present) in one
+/// step. `dest` is scratch space the caller removes; it is never a live database.
+pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<()> {
+    match std::fs::remove_file(dest) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", dest.display()));
+        }
+        _ => {}
+    }
+    let mut out = Connection::open(dest)
+        .with_context(|| format!("cannot create snapshot {}", dest.display()))?;
+    copy_into(path, &mut out, busy_timeout)?;
+    out.close().map_err(|(_, e)| e)?;
+    Ok(())
+}
+
+/// Copies the database at `path` into memory in one step.
 pub fn snapshot(path: &Path, busy_timeout: Duration) -> Result<Connection> {
+    let mut mem = Connection::open_in_memory()?;
+    copy_into(path, &mut mem, busy_timeout)?;
+    Ok(mem)
+}
+
+fn copy_into(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Result<()> {
     if !path.exists() {
-        anyhow::bail!("database not found: {}", path.display());
+        anyhow::bail!(
+            "database not found: {} (it is never created; check the peer's path)",
+            path.display()
+        );
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let src = Connection::open_with_flags(path, flags)
         .with_context(|| format!("cannot open database {}", path.display()))?;
     src.busy_timeout(busy_timeout)?;
-    let mut mem = Connection::open_in_memory()?;
     let deadline = Instant::now() + busy_timeout;
-    {
-        let backup = Backup::new(&src, &mut mem)
-            .with_context(|| format!("cannot read database {}", path.display()))?;
-        loop {
-            match backup.step(-1) {
-                Ok(StepResult::Done) => break,
-                Ok(StepResult::More) => continue,
-                Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-                Ok(_) => anyhow::bail!(
-                    "database is busy: {} (still locked after busy_timeout {:?}). Try: raise \
-                     [general] busy_timeout",
-                    path.display(),
-                    busy_timeout
-                ),
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "cannot read database {} (is it an SQLite database?)",
-                            path.display()
-                        )
-                    });
-                }
+    let backup = Backup::new(&src, dest)
+        .with_context(|| format!("cannot read database {}", path.display()))?;
+    loop {
+        match backup.step(-1) {
+            Ok(StepResult::Done) => return Ok(()),
+            Ok(StepResult::More) => continue,
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(_) => anyhow::bail!(
+                "database is busy: {} (still locked after busy_timeout {:?}). Try: raise \
+                 [general] busy_timeout",
+                path.display(),
+                busy_timeout
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot read database {} (damaged, or not an SQLite database?). Try: \
+                         restore the peer from backups/ or cr0sync db restore",
+                        path.display()
+                    )
+                });
             }
         }
     }
-    // A file that is not a database fails here at the latest.
-    let ok: String = mem
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .with_context(|| format!("database is damaged: {}", path.display()))?;
-    if ok != "ok" {
-        anyhow::bail!("database is damaged: {}: {ok}", path.display());
-    }
-    Ok(mem)
 }
 
-/// The user tables of a database, by name, with their schemas.
-pub fn schemas(conn: &Connection) -> Result<Vec<Schema>> {
-    let mut stmt = conn.prepare(
-        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' \
-         ESCAPE '\\' ORDER BY name",
-    )?;
+/// The user tables of attached database `db` (`main`, or an ATTACH name), with schemas.
+/// SQLite's own tables and cr0sync's (`_cr0sync%`, in merge bases only) are not listed.
+pub fn schemas(conn: &Connection, db: &str) -> Result<Vec<Schema>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT name FROM {db}.sqlite_schema WHERE type = 'table' AND name NOT LIKE \
+         'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_cr0sync%' ESCAPE '\\' ORDER BY name"
+    ))?;
     let names: Vec<String> = stmt
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     names
         .into_iter()
-        .map(|name| schema_of(conn, &name))
+        .map(|name| schema_of(conn, db, &name))
         .collect()
 }
 
-fn schema_of(conn: &Connection, table: &str) -> Result<Schema> {
-    let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", quote(table)))?;
+fn schema_of(conn: &Connection, db: &str, table: &str) -> Result<Schema> {
+    let mut stmt = conn.prepare(&format!("PRAGMA {db}.table_info({})", quote(table)))?;
     let mut columns = Vec::new();
     let mut pk: Vec<(i64, usize)> = Vec::new();
     let rows = stmt.query_map([], |r| {
@@ -131,9 +147,9 @@ fn schema_of(conn: &Connection, table: &str) -> Result<Schema> {
 }
 
 /// Every row of a table, all columns in table order.
-pub fn rows(conn: &Connection, schema: &Schema) -> Result<Vec<Row>> {
+pub fn rows(conn: &Connection, db: &str, schema: &Schema) -> Result<Vec<Row>> {
     let cols: Vec<String> = schema.columns.iter().map(|(c, _)| quote(c)).collect();
-    let sql = format!("SELECT {} FROM {}", cols.join(", "), quote(&schema.name));
+    let sql = format!("SELECT {} FROM {db}.{}", cols.join(", "), quote(&schema.name));
     let mut stmt = conn.prepare(&sql)?;
     let n = cols.len();
     let rows = stmt.query_map([], |r| {
@@ -178,12 +194,12 @@ mod tests {
             .execute("INSERT INTO users VALUES (3, 'carol', NULL)", [])
             .unwrap();
         let snap = snapshot(&path, Duration::from_secs(1)).unwrap();
-        let users = schemas(&snap)
+        let users = schemas(&snap, "main")
             .unwrap()
             .into_iter()
             .find(|s| s.name == "users")
             .unwrap();
-        assert_eq!(rows(&snap, &users).unwrap().len(), 3);
+        assert_eq!(rows(&snap, "main", &users).unwrap().len(), 3);
         let mode: String = writer
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
@@ -196,13 +212,13 @@ mod tests {
         let path = dir.path().join("x.db");
         drop(make_db(&path, "delete"));
         let snap = snapshot(&path, Duration::from_secs(1)).unwrap();
-        let s = schemas(&snap).unwrap();
+        let s = schemas(&snap, "main").unwrap();
         let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["scores", "seen", "users"]);
         assert_eq!(s[0].pk, vec![1, 0], "PRIMARY KEY (nick, net)");
         assert!(s[1].pk.is_empty());
         assert_eq!(s[2].pk, vec![0]);
-        let users = rows(&snap, &s[2]).unwrap();
+        let users = rows(&snap, "main", &s[2]).unwrap();
         assert_eq!(
             users[0][2],
             Cell(rusqlite::types::Value::Blob(vec![0, 0xff]))
@@ -247,12 +263,12 @@ mod tests {
         assert!(err.contains("busy.db"), "{err}");
         writer.execute_batch("COMMIT").unwrap();
         let snap = snapshot(&path, Duration::from_millis(200)).unwrap();
-        let seen = schemas(&snap)
+        let seen = schemas(&snap, "main")
             .unwrap()
             .into_iter()
             .find(|s| s.name == "seen")
             .unwrap();
-        assert_eq!(rows(&snap, &seen).unwrap().len(), 3);
+        assert_eq!(rows(&snap, "main", &seen).unwrap().len(), 3);
     }
 
     #[test]

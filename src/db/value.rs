@@ -123,6 +123,33 @@ impl Serialize for Cell {
     }
 }
 
+/// The inverse of the JSON form above, for journal entries read back after a crash.
+pub fn cell_from_json(v: &serde_json::Value) -> Option<Cell> {
+    use serde_json::Value as J;
+    Some(Cell(match v {
+        J::Null => Value::Null,
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Value::Integer(i),
+            None => Value::Real(n.as_f64()?),
+        },
+        J::String(s) => Value::Text(s.clone()),
+        J::Object(m) => {
+            let hex = m.get("hex")?.as_str()?;
+            let bytes = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?;
+            Value::Blob(bytes)
+        }
+        J::Bool(_) | J::Array(_) => return None,
+    }))
+}
+
+/// A row or key from its JSON form.
+pub fn row_from_json(v: &serde_json::Value) -> Option<Row> {
+    v.as_array()?.iter().map(cell_from_json).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +209,21 @@ mod tests {
             &c(Value::Integer(5)),
         );
         assert_eq!(big, Some(c(Value::Integer(i64::MAX))));
+    }
+
+    #[test]
+    fn json_form_roundtrips() {
+        let row = vec![
+            c(Value::Null),
+            c(Value::Integer(-7)),
+            c(Value::Real(1.0)),
+            c(Value::Text("é\n".into())),
+            c(Value::Blob(vec![0, 255, 16])),
+        ];
+        let json = serde_json::to_value(&row).unwrap();
+        let back = row_from_json(&json).unwrap();
+        assert_eq!(back, row);
+        assert!(matches!(back[2].0, Value::Real(_)));
     }
 
     #[test]
