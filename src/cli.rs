@@ -8,7 +8,12 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::commands::{
-    cron::CronCmd, demo::DemoCmd, init::InitCmd, run::RunCmd, status::StatusCmd,
+    cron::CronCmd,
+    db::{DbCmd, SyncFromBotCmd},
+    demo::DemoCmd,
+    init::InitCmd,
+    run::RunCmd,
+    status::StatusCmd,
 };
 use crate::context::{Context, Location};
 use crate::error::Outcome;
@@ -19,6 +24,7 @@ Examples:
   cr0sync status                            what ran, what is wrong, what to do
   cr0sync run database --wait 1m            run a job now and see what it did
   cr0sync cron database                     what cron runs every minute
+  cr0sync db sync --dry-run                 what a database sync would change
   cr0sync demo                              try everything on a throwaway root
 
 Exit codes: 0 ok, 1 runtime error, 2 usage or configuration error,
@@ -79,6 +85,8 @@ pub enum Command {
     Status(StatusCmd),
     Run(RunCmd),
     Cron(CronCmd),
+    Db(DbCmd),
+    SyncFromBot(SyncFromBotCmd),
     Demo(DemoCmd),
 }
 
@@ -89,6 +97,8 @@ impl Cli {
             Command::Status(cmd) => cmd.run(&self.global),
             Command::Run(cmd) => cmd.run(&self.global),
             Command::Cron(cmd) => cmd.run(&self.global),
+            Command::Db(cmd) => cmd.run(&self.global),
+            Command::SyncFromBot(cmd) => cmd.run(&self.global),
             Command::Demo(cmd) => cmd.run(&self.global),
         }
     }

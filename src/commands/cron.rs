@@ -37,7 +37,8 @@ impl CronCmd {
 /// The tasks of each job. Job modules add theirs here as they are built.
 pub fn tasks(job: Job, run: &mut JobRun) -> Result<()> {
     match job {
-        Job::Database | Job::Logs | Job::Security => {
+        Job::Database => crate::db::job::cron_tasks(run),
+        Job::Logs | Job::Security => {
             log::info!("{}: no tasks configured for this job", run.job);
             Ok(())
         }

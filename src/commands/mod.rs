@@ -1,6 +1,7 @@
 //! One file per subcommand: argument struct and a thin `run` that calls the library.
 
 pub mod cron;
+pub mod db;
 pub mod demo;
 pub mod init;
 pub mod run;

@@ -116,7 +116,7 @@ pub struct TableMerge {
 }
 
 /// Inserts, updates and deletes of a change list (multiset counts add up rows).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Counts {
     pub inserts: u64,
     pub updates: u64,

@@ -12,7 +12,11 @@
 //! they land, nothing here is reachable from the command line.
 
 pub mod apply;
+pub mod backup;
 pub mod base;
+pub mod conflicts;
+pub mod job;
 pub mod merge;
 pub mod snapshot;
+pub mod sync;
 pub mod value;

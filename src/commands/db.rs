@@ -1,0 +1,319 @@
+//! `cr0sync db ...` and `cr0sync sync-from-bot` (SPEC 3.4).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+use crate::cli::GlobalArgs;
+use crate::db::conflicts;
+use crate::db::job::{self, Selection};
+use crate::db::sync::PairReport;
+use crate::error::Outcome;
+use crate::ops::job::Job;
+use crate::ops::runner::{TaskDone, Trigger, run_job};
+use crate::output::Table;
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Sync databases between the central copy and the peers; backups and conflicts",
+    after_help = "Example:\n  cr0sync db sync --dry-run\n  cr0sync db sync --db users --peer bot\n  \
+                  cr0sync db status\n  cr0sync db conflicts --json"
+)]
+pub struct DbCmd {
+    #[command(subcommand)]
+    pub action: DbAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbAction {
+    Sync(SyncCmd),
+    Status(JsonFlag),
+    Conflicts(JsonFlag),
+    Restore(RestoreCmd),
+    CleanBackups(CleanCmd),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    visible_alias = "bidirectional",
+    about = "Three-way merge of every pair (or the named ones), with backups and conflict records",
+    after_help = "Example:\n  cr0sync db sync\n  cr0sync db sync --db users --db game --dry-run\n  \
+                  cr0sync db sync --db users --peer website --force\n\n\
+                  Exits 1 if a pair failed (the others still sync), 3 if the database job is \
+                  running (see --wait)."
+)]
+pub struct SyncCmd {
+    /// Only this database (repeatable)
+    #[arg(long = "db", value_name = "NAME")]
+    pub databases: Vec<String>,
+    /// Only this peer
+    #[arg(long, value_name = "NAME")]
+    pub peer: Option<String>,
+    /// Print per table what would change, write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Override the mass-delete guard
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Example:\n  cr0sync db status\n  cr0sync db conflicts --json | jq length")]
+pub struct JsonFlag {
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Put a backup back into the central copy or a peer (backing up the current state first)",
+    after_help = "Example:\n  cr0sync db restore /data/cr0_system/backups/users/users.central.20261122T030000Z.db.gz\n  \
+                  cr0sync db restore backups/users/users.bot.20261122T030000Z.db.gz --to bot\n\n\
+                  The pairs involved are reset: their next sync is a first sync (a union, \
+                  differing rows resolved by policy and recorded as conflicts)."
+)]
+pub struct RestoreCmd {
+    /// A backup file, backups/<name>/<name>.<target>.<stamp>.db.gz
+    pub backup_file: PathBuf,
+    /// `central` or a peer's name
+    #[arg(long, default_value = "central", value_name = "central|PEER")]
+    pub to: String,
+    /// Say what would be restored, write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Remove backups older than backup_keep, keeping the newest backup_keep_min per target",
+    after_help = "Example:\n  cr0sync db clean-backups --dry-run"
+)]
+pub struct CleanCmd {
+    /// List what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Recovery: replace the central copy with a peer's copy (backup first) and reset the pair",
+    after_help = "Example:\n  cr0sync sync-from-bot --db users\n  cr0sync sync-from-bot --db users --peer website --dry-run\n\n\
+                  --peer defaults to the peer named `bot`, or the only peer."
+)]
+pub struct SyncFromBotCmd {
+    /// Only this database (repeatable; default: all)
+    #[arg(long = "db", value_name = "NAME")]
+    pub databases: Vec<String>,
+    /// The peer to copy from
+    #[arg(long, value_name = "NAME")]
+    pub peer: Option<String>,
+    /// Say what would be replaced, write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl DbCmd {
+    pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
+        match &self.action {
+            DbAction::Sync(cmd) => cmd.run(global),
+            DbAction::Status(f) => status(global, f.json),
+            DbAction::Conflicts(f) => list_conflicts(global, f.json),
+            DbAction::Restore(cmd) => cmd.run(global),
+            DbAction::CleanBackups(cmd) => cmd.run(global),
+        }
+    }
+}
+
+fn counts(c: &crate::db::merge::Counts) -> String {
+    format!("+{} ~{} -{}", c.inserts, c.updates, c.deletes)
+}
+
+/// The per-table lines of `db sync`.
+pub fn sync_table(reports: &[PairReport]) -> Table {
+    let mut t = Table::new(["DATABASE", "PEER", "TABLE", "CENTRAL", "PEER", "CONFLICTS", "NOTE"]);
+    for r in reports {
+        if r.unchanged {
+            t.row([&r.database, &r.peer, "-", "", "", "", "unchanged since the last sync"]);
+            continue;
+        }
+        if r.created_central {
+            t.row([&r.database, &r.peer, "-", "", "", "", "central copy created from this peer"]);
+        }
+        let busy: Vec<_> = r
+            .tables
+            .iter()
+            .filter(|t| {
+                t.central != Default::default()
+                    || t.peer != Default::default()
+                    || t.conflicts + t.counter_merges + t.deferred > 0
+            })
+            .collect();
+        if busy.is_empty() && !r.created_central {
+            t.row([&r.database, &r.peer, "-", "", "", "", "in sync"]);
+        }
+        for tr in busy {
+            let note = if tr.deferred > 0 {
+                format!("{} row(s) changed meanwhile, left for the next run", tr.deferred)
+            } else if tr.counter_merges > 0 {
+                format!("{} counter merge(s)", tr.counter_merges)
+            } else {
+                String::new()
+            };
+            t.row([
+                r.database.clone(),
+                r.peer.clone(),
+                tr.table.clone(),
+                counts(&tr.central),
+                counts(&tr.peer),
+                tr.conflicts.to_string(),
+                note,
+            ]);
+        }
+        for s in &r.skipped_tables {
+            t.row([&r.database, &r.peer, &s.table, "", "", "", &format!("skipped: {}", s.reason)]);
+        }
+        for b in &r.backups {
+            t.row([r.database.clone(), r.peer.clone(), "-".into(), String::new(), String::new(), String::new(), format!("backup {}", b.display())]);
+        }
+    }
+    t
+}
+
+impl SyncCmd {
+    pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
+        let ctx = global.context()?;
+        let sel = Selection {
+            databases: self.databases.clone(),
+            peer: self.peer.clone(),
+        };
+        job::pairs(&ctx, &sel)?;
+        let mut reports = Vec::new();
+        let result = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
+            reports = job::sync_pairs(run, &sel, self.force)?;
+            Ok(())
+        });
+        print!("{}", sync_table(&reports).render());
+        if self.dry_run {
+            println!("dry run: nothing written");
+        }
+        Ok(result?.outcome)
+    }
+}
+
+fn status(global: &GlobalArgs, json: bool) -> Result<Outcome> {
+    let ctx = global.context()?;
+    if json {
+        let pairs = job::pair_statuses(&ctx)?;
+        println!("{}", serde_json::to_string_pretty(&pairs)?);
+    } else {
+        let s = job::section(&ctx)?;
+        print!("{}", s.table.render());
+        for p in s.problems {
+            println!("  - {p}");
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+fn list_conflicts(global: &GlobalArgs, json: bool) -> Result<Outcome> {
+    let ctx = global.context()?;
+    let all = conflicts::read(&ctx)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(Outcome::Success);
+    }
+    let mut t = Table::new(["TIME", "DATABASE", "PEER", "TABLE", "KEY", "KIND", "WINNER", "LOSING ROW"]);
+    for c in &all {
+        let losing = if c.winner == "central" { &c.rows.peer } else { &c.rows.central };
+        t.row([
+            crate::ops::clock::rfc3339(c.time),
+            c.database.clone(),
+            c.peer.clone(),
+            c.table.clone(),
+            c.key.to_string(),
+            c.kind.clone(),
+            c.winner.clone(),
+            losing.as_ref().map_or("(deleted)".into(), |r| r.to_string()),
+        ]);
+    }
+    if t.is_empty() {
+        println!("no conflicts recorded");
+    } else {
+        print!("{}", t.render());
+    }
+    Ok(Outcome::Success)
+}
+
+impl RestoreCmd {
+    pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
+        let ctx = global.context()?;
+        let file = std::path::absolute(&self.backup_file)?;
+        let (db, _) = job::backup_owner(&ctx, &file)?;
+        let mut line = String::new();
+        let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
+            line = job::restore(run, db, &file, &self.to)?;
+            Ok(())
+        })?;
+        println!("{line}");
+        Ok(report.outcome)
+    }
+}
+
+impl CleanCmd {
+    pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
+        let ctx = global.context()?;
+        let mut removed = Vec::new();
+        let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
+            run.task("clean-backups", |run| {
+                removed = job::clean_backups(run.ctx, run.dry_run, run.now)?;
+                Ok(TaskDone::new(format!("{} expired backup(s)", removed.len())))
+            });
+            Ok(())
+        })?;
+        let verb = if self.dry_run { "would remove" } else { "removed" };
+        for b in &removed {
+            println!("{verb} {}", b.path.display());
+        }
+        println!("{} backup(s) {verb}", removed.len());
+        Ok(report.outcome)
+    }
+}
+
+impl SyncFromBotCmd {
+    pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
+        let ctx = global.context()?;
+        let sel = Selection {
+            databases: self.databases.clone(),
+            peer: None,
+        };
+        job::pairs(&ctx, &sel)?;
+        let dbs: Vec<_> = ctx
+            .config
+            .database
+            .db
+            .iter()
+            .filter(|d| sel.databases.is_empty() || sel.databases.contains(d.name.get_ref()))
+            .collect();
+        let chosen = dbs
+            .iter()
+            .map(|d| job::recovery_peer(d, self.peer.as_deref()).map(|p| (*d, p)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut lines = Vec::new();
+        let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
+            for (db, peer) in &chosen {
+                run.task(&format!("sync-from-bot {}/{}", db.name.get_ref(), peer.name.get_ref()), |run| {
+                    let line = job::sync_from_peer(run, db, peer)?;
+                    lines.push(line.clone());
+                    Ok(TaskDone::new(line))
+                });
+            }
+            Ok(())
+        });
+        for l in &lines {
+            println!("{l}");
+        }
+        Ok(report?.outcome)
+    }
+}

@@ -1,0 +1,130 @@
+//! The conflict record (SPEC 3.3): `state/conflicts.jsonl`, one JSON object a line.
+//!
+//! Invariants:
+//! - Records are only appended, each with a unique `id`, and synced before the merge that
+//!   resolved them commits the central copy, so a losing value is never lost.
+//! - A line that does not parse (a torn last line after a full disk) is reported and
+//!   skipped by readers; it never stops a sync.
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::context::Context;
+use crate::db::merge::{Conflict, Winner};
+use crate::db::value::Row;
+
+pub const FILE: &str = "conflicts.jsonl";
+
+/// The three row images of a conflict (`null`: the row was absent / deleted).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Images<T> {
+    pub base: Option<T>,
+    pub central: Option<T>,
+    pub peer: Option<T>,
+}
+
+/// One line of `conflicts.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictRecord {
+    pub id: String,
+    pub time: DateTime<Utc>,
+    pub database: String,
+    pub peer: String,
+    pub table: String,
+    /// Primary-key values; for a table without a key, `null`.
+    pub key: serde_json::Value,
+    pub kind: String,
+    pub rows: Images<serde_json::Value>,
+    pub winner: String,
+    /// The row both sides hold after the merge (`null`: deleted).
+    pub result: serde_json::Value,
+}
+
+impl ConflictRecord {
+    pub fn new(id: String, time: DateTime<Utc>, database: &str, peer: &str, c: &Conflict) -> Self {
+        let json = |r: &Option<Row>| r.as_ref().map(|r| serde_json::to_value(r).unwrap_or_default());
+        ConflictRecord {
+            id,
+            time,
+            database: database.into(),
+            peer: peer.into(),
+            table: c.table.clone(),
+            key: serde_json::to_value(&c.key).unwrap_or_default(),
+            kind: serde_json::to_value(c.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            rows: Images {
+                base: json(&c.base),
+                central: json(&c.central),
+                peer: json(&c.peer),
+            },
+            winner: match c.winner {
+                Winner::Central => "central".into(),
+                Winner::Peer => "peer".into(),
+            },
+            result: json(&c.result).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// Appends records and syncs the file.
+pub fn append(ctx: &Context, records: &[ConflictRecord]) -> Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let path = ctx.state.path(FILE);
+    let mut text = Vec::new();
+    for r in records {
+        serde_json::to_writer(&mut text, r)?;
+        text.push(b'\n');
+    }
+    let existed = path.exists();
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(ctx.perms.file_mode)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    file.write_all(&text)
+        .and_then(|()| file.sync_data())
+        .with_context(|| format!("cannot append to {}", path.display()))?;
+    if !existed {
+        ctx.perms.apply_file(&path)?;
+        crate::fsutil::fsync_dir(ctx.state.dir())?;
+    }
+    Ok(())
+}
+
+/// Every record, oldest first; unreadable lines are logged and skipped.
+pub fn read(ctx: &Context) -> Result<Vec<ConflictRecord>> {
+    let path = ctx.state.path(FILE);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut out = Vec::new();
+    for (n, line) in BufReader::new(file).split(b'\n').enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice(&line) {
+            Ok(r) => out.push(r),
+            Err(e) => log::warn!("{} line {}: not a conflict record ({e}); skipped", path.display(), n + 1),
+        }
+    }
+    Ok(out)
+}
+
+/// The ids already recorded (to record a journalled conflict once only).
+pub fn ids(ctx: &Context) -> Result<BTreeSet<String>> {
+    Ok(read(ctx)?.into_iter().map(|r| r.id).collect())
+}

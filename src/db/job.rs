@@ -1,0 +1,382 @@
+//! The database job as commands see it: which pairs, syncing them as tasks of one run,
+//! the recovery commands (`sync-from-bot`, `restore`), backup cleanup and the status
+//! section.
+//!
+//! Invariants:
+//! - Every writing operation runs inside a database-job run (`ops::runner`), so it holds
+//!   the job lock and leaves a run record.
+//! - Each pair is its own task: one pair's failure (missing, damaged or busy peer, the
+//!   mass-delete guard) is reported and the other pairs still sync.
+//! - Recovery commands back up the target first, always, and write a database only
+//!   through SQLite's backup API (never by replacing a file a bot may hold open).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::{DbConfig, PeerConfig};
+use crate::context::Context;
+use crate::db::backup::{self, Backup};
+use crate::db::conflicts;
+use crate::db::snapshot;
+use crate::db::sync::{self, Options, PairReport, PairState};
+use crate::error::Error;
+use crate::ops::runner::{JobRun, RunRecord, RunResult, TaskDone, record_file};
+use crate::ops::job::Job;
+use crate::ops::status::Section;
+use crate::output::{Table, Tone, paint};
+
+/// `--db NAME... --peer NAME` from the command line; empty means all.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub databases: Vec<String>,
+    pub peer: Option<String>,
+}
+
+/// The (database, peer) pairs selected, in configuration order; unknown names are a
+/// usage error listing the configured ones.
+pub fn pairs<'a>(ctx: &'a Context, sel: &Selection) -> Result<Vec<(&'a DbConfig, &'a PeerConfig)>> {
+    let dbs = &ctx.config.database.db;
+    for name in &sel.databases {
+        if !dbs.iter().any(|d| d.name.get_ref() == name) {
+            let known: Vec<&str> = dbs.iter().map(|d| d.name.get_ref().as_str()).collect();
+            return Err(Error::Usage(format!(
+                "no database named `{name}` in {} (configured: {})",
+                ctx.config_path.display(),
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            ))
+            .into());
+        }
+    }
+    let mut out = Vec::new();
+    for db in dbs {
+        if !sel.databases.is_empty() && !sel.databases.contains(db.name.get_ref()) {
+            continue;
+        }
+        for peer in &db.peers {
+            if sel.peer.as_ref().is_none_or(|p| p == peer.name.get_ref()) {
+                out.push((db, peer));
+            }
+        }
+    }
+    if let Some(p) = &sel.peer
+        && out.is_empty()
+    {
+        return Err(Error::Usage(format!(
+            "no peer named `{p}` in the selected database(s) of {}",
+            ctx.config_path.display()
+        ))
+        .into());
+    }
+    Ok(out)
+}
+
+pub fn task_name(db: &DbConfig, peer: &PeerConfig) -> String {
+    format!("sync {}/{}", db.name.get_ref(), peer.name.get_ref())
+}
+
+/// Syncs the selected pairs, one task each; returns the reports of those that succeeded.
+pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<PairReport>> {
+    let ctx = run.ctx;
+    let opts = Options {
+        dry_run: run.dry_run,
+        force,
+    };
+    let mut reports = Vec::new();
+    for (db, peer) in pairs(ctx, sel)? {
+        let now = run.now;
+        run.task(&task_name(db, peer), |_| {
+            let report = sync::sync_pair(ctx, db, peer, opts, now)?;
+            let done = TaskDone::new(report.summary());
+            reports.push(report);
+            Ok(done)
+        });
+    }
+    Ok(reports)
+}
+
+/// The cron job's tasks: sync every pair, then weekly backup cleanup.
+pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
+    sync_pairs(run, &Selection::default(), false)?;
+    run.periodic("clean-backups", std::time::Duration::from_secs(7 * 86_400), |run| {
+        let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
+        Ok(TaskDone::new(format!("{} expired backup(s) removed", removed.len())))
+    });
+    Ok(())
+}
+
+/// Removes expired backups (or lists them in a dry run).
+pub fn clean_backups(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Vec<Backup>> {
+    let expired = backup::expired(ctx, now)?;
+    if !dry_run {
+        for b in &expired {
+            std::fs::remove_file(&b.path)
+                .with_context(|| format!("cannot remove backup {}", b.path.display()))?;
+            log::info!("removed expired backup {}", b.path.display());
+        }
+        if let Some(dir) = expired.first().and_then(|b| b.path.parent()) {
+            crate::fsutil::fsync_dir(dir)?;
+        }
+    }
+    Ok(expired)
+}
+
+/// Copies the database file `src` into the database at `dest` through the backup API, so
+/// connections others hold on `dest` see the new content. `dest` is created only if
+/// `create` (the central copy).
+fn copy_into_live(src: &Path, dest: &Path, busy: std::time::Duration, create: bool) -> Result<()> {
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let mut to = Connection::open_with_flags(dest, flags)
+        .with_context(|| format!("cannot open {}", dest.display()))?;
+    to.busy_timeout(busy)?;
+    let from = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let backup = rusqlite::backup::Backup::new(&from, &mut to)?;
+    backup
+        .run_to_completion(-1, std::time::Duration::from_millis(50), None)
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    drop(backup);
+    to.close().map_err(|(_, e)| e)?;
+    Ok(())
+}
+
+/// Forgets a pair's merge base and fingerprint: its next sync is a first sync (a union:
+/// nothing is deleted, differing rows are conflicts resolved by policy and recorded).
+fn forget_pair(ctx: &Context, db: &str, peer: &str) -> Result<()> {
+    ctx.state.remove(&crate::db::base::name(db, peer))?;
+    ctx.state.remove(&sync::state_name(db, peer))?;
+    Ok(())
+}
+
+/// The peer `sync-from-bot` copies from: `--peer`, else `bot`, else the only peer.
+pub fn recovery_peer<'a>(db: &'a DbConfig, peer: Option<&str>) -> Result<&'a PeerConfig> {
+    let name = db.name.get_ref();
+    let found = match peer {
+        Some(p) => db.peers.iter().find(|x| x.name.get_ref() == p),
+        None => db
+            .peers
+            .iter()
+            .find(|x| x.name.get_ref() == "bot")
+            .or(if db.peers.len() == 1 { db.peers.first() } else { None }),
+    };
+    found.ok_or_else(|| {
+        Error::Usage(format!(
+            "database `{name}`: say which peer to copy from with --peer (no peer named `bot`, \
+             and more than one peer)"
+        ))
+        .into()
+    })
+}
+
+/// `sync-from-bot` for one database: back up the central copy, replace it with the peer's
+/// snapshot, reset the pair's base to it.
+pub fn sync_from_peer(run: &mut JobRun, db: &DbConfig, peer: &PeerConfig) -> Result<String> {
+    let ctx = run.ctx;
+    let name = db.name.get_ref().as_str();
+    let peer_name = peer.name.get_ref().as_str();
+    let peer_path = ctx.resolve(peer.path.get_ref());
+    let central = ctx.layout.central_db(name);
+    let busy = ctx.config.general.busy_timeout.0;
+    let scratch = backup::scratch_dir(ctx)?.join(format!("{name}.{peer_name}.recovery.db"));
+    snapshot::snapshot_to(&peer_path, &scratch, busy)
+        .with_context(|| format!("{name}: cannot read peer {peer_name}"))?;
+    let result = (|| -> Result<String> {
+        if run.dry_run {
+            return Ok(format!(
+                "{name}: would replace the central copy with peer {peer_name} ({})",
+                peer_path.display()
+            ));
+        }
+        let mut saved = String::new();
+        if central.exists() {
+            let b = backup::take(ctx, name, "central", &central, run.now)?;
+            saved = format!(" (previous central copy saved as {})", b.display());
+        }
+        copy_into_live(&scratch, &central, busy, true)?;
+        ctx.state
+            .replace_with(&crate::db::base::name(name, peer_name), |tmp| {
+                snapshot::snapshot_to(&scratch, tmp, busy)
+            })?;
+        ctx.state.remove(&sync::state_name(name, peer_name))?;
+        Ok(format!(
+            "{name}: central copy replaced by peer {peer_name}{saved}; base reset"
+        ))
+    })();
+    let _ = std::fs::remove_file(&scratch);
+    result
+}
+
+/// `db restore`: which database and target a backup file belongs to.
+pub fn backup_owner<'a>(ctx: &'a Context, file: &Path) -> Result<(&'a DbConfig, String)> {
+    let fname = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let mut best: Option<(&DbConfig, String)> = None;
+    for db in &ctx.config.database.db {
+        let name = db.name.get_ref();
+        if let Some(b) = backup::parse_name(name, fname)
+            && best.as_ref().is_none_or(|(d, _)| d.name.get_ref().len() < name.len())
+        {
+            best = Some((db, b.0));
+        }
+    }
+    best.ok_or_else(|| {
+        Error::Usage(format!(
+            "{}: not a backup of a configured database (expected <name>.<target>.<stamp>.db.gz)",
+            file.display()
+        ))
+        .into()
+    })
+}
+
+/// Restores `file` into `to` (`central` or a peer's name) of `db`: backup of the current
+/// state first, then the backup's pages written through SQLite, then the affected pairs
+/// forgotten so their next sync is a first sync.
+pub fn restore(run: &mut JobRun, db: &DbConfig, file: &Path, to: &str) -> Result<String> {
+    let ctx = run.ctx;
+    let name = db.name.get_ref().as_str();
+    let busy = ctx.config.general.busy_timeout.0;
+    let (dest, pairs): (PathBuf, Vec<&str>) = if to == "central" {
+        (
+            ctx.layout.central_db(name),
+            db.peers.iter().map(|p| p.name.get_ref().as_str()).collect(),
+        )
+    } else {
+        let peer = db
+            .peers
+            .iter()
+            .find(|p| p.name.get_ref() == to)
+            .ok_or_else(|| Error::Usage(format!("--to {to}: database `{name}` has no such peer (use central or a peer name)")))?;
+        (ctx.resolve(peer.path.get_ref()), vec![to])
+    };
+    if to != "central" && !dest.exists() {
+        anyhow::bail!("peer database not found: {} (never created)", dest.display());
+    }
+    let unpacked = backup::unpack(ctx, file)?;
+    let result = (|| -> Result<String> {
+        if run.dry_run {
+            return Ok(format!("{name}: would restore {} into {}", file.display(), dest.display()));
+        }
+        let mut saved = String::new();
+        if dest.exists() {
+            let b = backup::take(ctx, name, to, &dest, run.now)?;
+            saved = format!(" (its previous state saved as {})", b.display());
+        }
+        copy_into_live(&unpacked, &dest, busy, to == "central")?;
+        for peer in pairs {
+            forget_pair(ctx, name, peer)?;
+        }
+        Ok(format!("{name}: {} restored into {}{saved}", file.display(), dest.display()))
+    })();
+    let _ = std::fs::remove_file(&unpacked);
+    result
+}
+
+/// One pair in `db status` and the `databases` status section.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairStatus {
+    pub database: String,
+    pub peer: String,
+    pub direction: String,
+    pub path: String,
+    pub last_sync: Option<String>,
+    pub last_changes: Option<serde_json::Value>,
+    pub skipped_tables: Vec<sync::SkippedTable>,
+    pub conflicts: usize,
+    pub last_error: Option<String>,
+    pub newest_backup: Option<String>,
+}
+
+pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
+    let record: Option<RunRecord> = ctx.state.load(&record_file(Job::Database)).unwrap_or(None);
+    let all_conflicts = conflicts::read(ctx)?;
+    let mut out = Vec::new();
+    for db in &ctx.config.database.db {
+        let name = db.name.get_ref();
+        let backups = backup::list(ctx, name)?;
+        for peer in &db.peers {
+            let peer_name = peer.name.get_ref();
+            let state: Option<PairState> = ctx.state.load(&sync::state_name(name, peer_name))?;
+            let task = task_name(db, peer);
+            let last_error = record.as_ref().and_then(|r| {
+                r.tasks
+                    .iter()
+                    .find(|t| t.name == task && t.result == RunResult::Error)
+                    .map(|t| t.detail.clone())
+            });
+            out.push(PairStatus {
+                database: name.clone(),
+                peer: peer_name.clone(),
+                direction: format!("{:?}", peer.direction).to_lowercase(),
+                path: ctx.resolve(peer.path.get_ref()).display().to_string(),
+                last_sync: state.as_ref().map(|s| crate::ops::clock::rfc3339(s.last_sync)),
+                last_changes: state.as_ref().map(|s| {
+                    let (c, p, k) = s.report.changes();
+                    json!({"central": c, "peer": p, "conflicts": k})
+                }),
+                skipped_tables: state.map(|s| s.report.skipped_tables).unwrap_or_default(),
+                conflicts: all_conflicts
+                    .iter()
+                    .filter(|c| &c.database == name && &c.peer == peer_name)
+                    .count(),
+                last_error,
+                newest_backup: backups
+                    .iter()
+                    .filter(|b| b.target == "central")
+                    .next_back()
+                    .map(|b| crate::ops::clock::rfc3339(b.time)),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The `databases` section of `status`.
+pub fn section(ctx: &Context) -> Result<Section> {
+    let pairs = pair_statuses(ctx)?;
+    let mut table = Table::new(["DATABASE", "PEER", "LAST SYNC", "CONFLICTS", "STATE"]);
+    let mut problems = Vec::new();
+    for p in &pairs {
+        let state = if let Some(e) = &p.last_error {
+            problems.push(format!(
+                "database {}/{}: {e}",
+                p.database, p.peer
+            ));
+            paint("error", Tone::Bad)
+        } else if p.last_sync.is_none() {
+            paint("never synced", Tone::Warn)
+        } else if !p.skipped_tables.is_empty() {
+            for t in &p.skipped_tables {
+                problems.push(format!(
+                    "database {}/{}: table {} is not synced: {}. Make the schemas agree \
+                     (same columns and primary key on both sides)",
+                    p.database, p.peer, t.table, t.reason
+                ));
+            }
+            paint(&format!("{} table(s) skipped", p.skipped_tables.len()), Tone::Warn)
+        } else {
+            paint("ok", Tone::Good)
+        };
+        table.row([
+            p.database.clone(),
+            p.peer.clone(),
+            p.last_sync.clone().unwrap_or_else(|| "-".into()),
+            p.conflicts.to_string(),
+            state,
+        ]);
+    }
+    Ok(Section {
+        key: "databases",
+        title: "Databases",
+        json: serde_json::to_value(&pairs)?,
+        table,
+        problems,
+    })
+}

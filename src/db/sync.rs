@@ -1,0 +1,890 @@
+//! Syncing one (database, peer) pair (SPEC 3.1-3.3): snapshot, diff, three-way merge,
+//! guarded and backed-up apply, conflict records, new base.
+//!
+//! How a sync goes, and why it is safe to kill at any instant:
+//! 1. Fast path: if the pair's files (device, inode, size, mtime of the database and its
+//!    `-wal`) and its configuration match the fingerprint of the last successful sync, stop.
+//! 2. The peer is copied with the online backup API into scratch space (`state/tmp`); the
+//!    diff reads that copy, so the bot's writer is blocked only for the copy.
+//! 3. One connection holds the central copy as `main`, the snapshot as `p` and the base as
+//!    `b`. Keyed tables are compared in SQL (central against snapshot, by primary key), and
+//!    only keys whose rows differ, or that a crashed run journalled, are merged in Rust
+//!    against the base. Memory grows with the number of differing rows, not with the
+//!    database. Tables without a primary key are merged as multisets in memory.
+//! 4. Before the peer is written, the keys about to change and the conflicts are
+//!    journalled in the base (see `base`). The peer is written in one transaction with
+//!    optimistic writes. Conflicts are then appended (synced) to `state/conflicts.jsonl`.
+//! 5. The central copy and the base commit in one transaction (both are rollback-journal
+//!    files, so SQLite commits them atomically); it also clears the journal. Only then is
+//!    the fingerprint recorded.
+//!
+//! A run killed before 5 leaves the central copy and the base as they were; the next run
+//! merges the journalled keys again. Where the peer already holds the result, both sides
+//! agree and the base catches up; where it does not, the merge redoes the work. Multiset
+//! counts are written as "occurs N times", so a replay adds nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params_from_iter};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{DbConfig, Direction, PeerConfig};
+use crate::context::Context;
+use crate::db::apply::{Applied, apply};
+use crate::db::base::{self, Pending};
+use crate::db::conflicts::{self, ConflictRecord};
+use crate::db::merge::{self, Change, Conflict, Counts, Rules, TableSpec, counts, merge_key, multiset};
+use crate::db::snapshot::{self, Schema, quote};
+use crate::db::value::{Cell, Key, Row, row_from_json};
+use crate::db::backup;
+use crate::fsutil;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub dry_run: bool,
+    /// Override the mass-delete guard.
+    pub force: bool,
+}
+
+/// What a sync did (or, in a dry run, would do) to one table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableReport {
+    pub table: String,
+    pub central: Counts,
+    pub peer: Counts,
+    pub conflicts: usize,
+    pub counter_merges: usize,
+    /// Rows left for the next run because their database's writer changed them meanwhile.
+    pub deferred: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedTable {
+    pub table: String,
+    pub reason: String,
+}
+
+/// The outcome of one pair's sync.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairReport {
+    pub database: String,
+    pub peer: String,
+    /// Fast path: nothing changed since the last sync; not opened.
+    pub unchanged: bool,
+    pub created_central: bool,
+    /// A journal of an interrupted run was found and completed.
+    pub recovered: bool,
+    pub tables: Vec<TableReport>,
+    pub skipped_tables: Vec<SkippedTable>,
+    pub backups: Vec<PathBuf>,
+}
+
+impl PairReport {
+    pub fn changes(&self) -> (u64, u64, usize) {
+        let n = |c: &Counts| c.inserts + c.updates + c.deletes;
+        self.tables.iter().fold((0, 0, 0), |(c, p, k), t| {
+            (c + n(&t.central), p + n(&t.peer), k + t.conflicts)
+        })
+    }
+
+    /// One line for the log and the run record.
+    pub fn summary(&self) -> String {
+        if self.unchanged {
+            return format!("{}/{}: unchanged", self.database, self.peer);
+        }
+        let (c, p, k) = self.changes();
+        let mut s = format!(
+            "{}/{}: {c} change(s) to central, {p} to the peer, {k} conflict(s)",
+            self.database, self.peer
+        );
+        if self.created_central {
+            s.push_str(", central copy created from the peer");
+        }
+        if !self.skipped_tables.is_empty() {
+            s.push_str(&format!(", {} table(s) skipped", self.skipped_tables.len()));
+        }
+        s
+    }
+}
+
+/// What `state/db/<database>/<peer>.json` keeps: the last successful sync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairState {
+    pub last_sync: DateTime<Utc>,
+    pub fingerprint: Fingerprint,
+    /// The last sync that was not a fast-path skip.
+    pub report: PairReport,
+}
+
+pub fn state_name(database: &str, peer: &str) -> String {
+    format!("db/{database}/{peer}.json")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileStat {
+    fn of(path: &Path) -> Option<FileStat> {
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStat {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        })
+    }
+}
+
+/// What the fast path compares (SPEC 3.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Digest of the pair's configuration: a changed policy or table list re-merges.
+    pub config: String,
+    pub central: Option<FileStat>,
+    pub central_wal: Option<FileStat>,
+    pub peer: Option<FileStat>,
+    pub peer_wal: Option<FileStat>,
+    /// A file was modified within the filesystem's timestamp resolution of being looked
+    /// at, so an equal fingerprint would not prove it unchanged: never fast-path it.
+    pub racy: bool,
+}
+
+fn wal(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push("-wal");
+    PathBuf::from(s)
+}
+
+fn config_digest(db: &DbConfig, peer: &PeerConfig, rules: Rules) -> String {
+    let text = format!(
+        "{:?}|{:?}|{}|{:?}|{:?}|{}",
+        rules.policy,
+        rules.direction,
+        db.updated_at,
+        db.counters,
+        db.exclude_tables,
+        peer.path.get_ref().display()
+    );
+    let digest = Sha256::digest(text.as_bytes());
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Racy when modified less than two seconds before `now` (coarse filesystem clocks).
+fn racy(stats: &[Option<FileStat>], now: std::time::SystemTime) -> bool {
+    let now_ns = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    stats
+        .iter()
+        .flatten()
+        .any(|s| now_ns - s.mtime_ns < 2_000_000_000)
+}
+
+enum BaseState {
+    /// The base holds this table with the same schema.
+    Fresh,
+    /// No base for this table yet (first sync), or its schema changed: merged as a first
+    /// sync and copied into the base afterwards.
+    Rebuild,
+}
+
+/// The merge of one table, before it is applied.
+struct Work {
+    schema: Schema,
+    spec: TableSpec,
+    base: BaseState,
+    to_central: Vec<Change>,
+    to_peer: Vec<Change>,
+    /// Keyed tables with a fresh base: the base changes (applied unless a side deferred).
+    to_base: Vec<Change>,
+    /// Multisets: per row, the base count after the sync and the count to keep if a side
+    /// deferred the row.
+    multiset_base: Vec<(Row, u64, u64)>,
+    conflicts: Vec<Conflict>,
+    counter_merges: usize,
+}
+
+impl Work {
+    fn keyed(&self) -> bool {
+        self.spec.keyed()
+    }
+}
+
+/// Syncs one pair. `now` stamps conflicts and backups.
+pub fn sync_pair(
+    ctx: &Context,
+    db: &DbConfig,
+    peer: &PeerConfig,
+    opts: Options,
+    now: DateTime<Utc>,
+) -> Result<PairReport> {
+    let name = db.name.get_ref().as_str();
+    let peer_name = peer.name.get_ref().as_str();
+    let rules = Rules {
+        policy: ctx.config.policy_of(db),
+        direction: peer.direction,
+    };
+    let central_path = ctx.layout.central_db(name);
+    let peer_path = ctx.resolve(peer.path.get_ref());
+    let mut report = PairReport {
+        database: name.into(),
+        peer: peer_name.into(),
+        ..PairReport::default()
+    };
+    if !peer_path.exists() {
+        anyhow::bail!(
+            "{name}/{peer_name}: peer database not found: {} (never created). Try: fix the \
+             peer's path in the configuration, or restore the file",
+            peer_path.display()
+        );
+    }
+
+    // 1. Fast path.
+    let state_file = state_name(name, peer_name);
+    let previous: Option<PairState> = ctx.state.load(&state_file)?;
+    let digest = config_digest(db, peer, rules);
+    let seen_at = std::time::SystemTime::now();
+    let peer_stat = (FileStat::of(&peer_path), FileStat::of(&wal(&peer_path)));
+    let central_stat = (FileStat::of(&central_path), FileStat::of(&wal(&central_path)));
+    if let Some(prev) = &previous {
+        let f = &prev.fingerprint;
+        let base_exists = ctx.state.path(&base::name(name, peer_name)).exists();
+        if !f.racy
+            && base_exists
+            && f.config == digest
+            && (f.peer, f.peer_wal) == peer_stat
+            && (f.central, f.central_wal) == central_stat
+        {
+            report.unchanged = true;
+            return Ok(report);
+        }
+    }
+
+    // 2. Snapshot of the peer.
+    let busy = ctx.config.general.busy_timeout.0;
+    let scratch = backup::scratch_dir(ctx)?;
+    let snap = scratch.join(format!("{name}.{peer_name}.snapshot.db"));
+    let _cleanup = RemoveOnDrop(snap.clone());
+    snapshot::snapshot_to(&peer_path, &snap, busy)
+        .with_context(|| format!("{name}/{peer_name}"))?;
+
+    if !central_path.exists() {
+        report.created_central = true;
+        if opts.dry_run {
+            return Ok(report);
+        }
+        fsutil::atomic_replace_with(&central_path, &ctx.perms, |tmp| {
+            snapshot::snapshot_to(&snap, tmp, busy)?;
+            let c = Connection::open(tmp)?;
+            c.pragma_update(None, "journal_mode", "delete")?;
+            c.close().map_err(|(_, e)| e)?;
+            Ok(())
+        })
+        .with_context(|| format!("cannot create the central copy {}", central_path.display()))?;
+        log::info!("{name}: central copy created from peer {peer_name}");
+    }
+
+    // 3. One connection: central as main, snapshot as p, base as b.
+    let mut conn = open_central(&central_path, busy)?;
+    conn.execute("ATTACH ?1 AS p", [path_str(&snap)?])?;
+    let base_path = ctx.state.path(&base::name(name, peer_name));
+    if opts.dry_run && !base_path.exists() {
+        conn.execute_batch("ATTACH ':memory:' AS b")?;
+    } else {
+        if !base_path.exists() {
+            // ATTACH inherits the central connection's no-create flag: create it here.
+            if let Some(dir) = base_path.parent() {
+                fsutil::ensure_dir(dir, &ctx.perms)?;
+            }
+            Connection::open(&base_path)?.close().map_err(|(_, e)| e)?;
+            ctx.perms.apply_file(&base_path)?;
+        }
+        conn.execute("ATTACH ?1 AS b", [path_str(&base_path)?])
+            .with_context(|| format!("cannot open the merge base {}", base_path.display()))?;
+    }
+    let journal = base::pending(&conn).with_context(|| {
+        format!(
+            "the merge base {} is unreadable. Try: cr0sync sync-from-bot --db {name} --peer \
+             {peer_name} to reset it",
+            base_path.display()
+        )
+    })?;
+    report.recovered = !journal.is_empty();
+
+    let plans = plan_tables(&conn, db, &mut report)?;
+    let mut works = Vec::new();
+    for (schema, base_state) in plans {
+        let spec = schema.spec(
+            db.counters.get(&schema.name).map(Vec::as_slice).unwrap_or(&[]),
+            &db.updated_at,
+        );
+        let journalled: Vec<Key> = journal
+            .iter()
+            .filter(|j| j.table == schema.name)
+            .filter_map(|j| j.key.as_deref())
+            .filter_map(|k| serde_json::from_str(k).ok().as_ref().and_then(row_from_json))
+            .collect();
+        let work = if spec.keyed() {
+            merge_keyed(&conn, schema, spec, base_state, rules, &journalled)?
+        } else {
+            merge_multiset(&conn, schema, spec, base_state, rules)?
+        };
+        works.push(work);
+    }
+
+    // Journalled conflicts whose resolution already reached a side are recorded now;
+    // the others are found again by this run's merge.
+    let recovered_conflicts = recover_conflicts(ctx, &conn, &journal)?;
+
+    for w in &works {
+        report.tables.push(TableReport {
+            table: w.spec.name.clone(),
+            central: counts(&w.to_central),
+            peer: counts(&w.to_peer),
+            conflicts: w.conflicts.len(),
+            counter_merges: w.counter_merges,
+            deferred: 0,
+        });
+    }
+    if !opts.force {
+        guard(&conn, &works, ctx.config.database.max_delete.0, name, peer_name)?;
+    }
+    if opts.dry_run {
+        return Ok(report);
+    }
+
+    let id_prefix = format!(
+        "{}-{}-{name}-{peer_name}",
+        now.format("%Y%m%dT%H%M%S%.6fZ"),
+        std::process::id()
+    );
+    let records: Vec<ConflictRecord> = works
+        .iter()
+        .flat_map(|w| &w.conflicts)
+        .enumerate()
+        .map(|(i, c)| ConflictRecord::new(format!("{id_prefix}-{i}"), now, name, peer_name, c))
+        .collect();
+    let write_peer = works.iter().any(|w| !w.to_peer.is_empty());
+    let write_central = works.iter().any(|w| !w.to_central.is_empty());
+
+    // 4. Journal, backups, peer.
+    let mut peer_applied: Vec<Applied> = vec![Applied::default(); works.len()];
+    if write_peer {
+        let mut entries = Vec::new();
+        for w in works.iter().filter(|w| w.keyed()) {
+            for ch in w.to_central.iter().chain(&w.to_peer) {
+                if let Change::Upsert { key, .. } | Change::Delete { key, .. } = ch {
+                    entries.push(Pending {
+                        table: w.spec.name.clone(),
+                        key: Some(serde_json::to_string(key)?),
+                        conflict: None,
+                    });
+                }
+            }
+        }
+        for r in &records {
+            entries.push(Pending {
+                table: r.table.clone(),
+                key: None,
+                conflict: Some(serde_json::to_string(r)?),
+            });
+        }
+        base::write_pending(&conn, &entries)
+            .with_context(|| format!("cannot write the merge base {}", base_path.display()))?;
+        maybe_backup(ctx, name, peer_name, &peer_path, now, &mut report)?;
+        peer_applied = write_side(&peer_path, busy, &works, |w| &w.to_peer)
+            .with_context(|| format!("{name}/{peer_name}: cannot write peer {}", peer_path.display()))?;
+    }
+    if write_central {
+        maybe_backup(ctx, name, "central", &central_path, now, &mut report)?;
+    }
+    conflicts::append(ctx, &recovered_conflicts)?;
+    conflicts::append(ctx, &records)?;
+    for r in &records {
+        log::warn!(
+            "conflict in {name}/{peer_name} table {} key {}: {} wins",
+            r.table,
+            r.key,
+            r.winner
+        );
+    }
+
+    // 5. Central and base, atomically.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (i, w) in works.iter().enumerate() {
+        let central_applied = apply(&tx, "main", &w.spec, &w.to_central)?;
+        let deferred: BTreeSet<Key> = central_applied
+            .skipped
+            .union(&peer_applied[i].skipped)
+            .cloned()
+            .collect();
+        report.tables[i].deferred = deferred.len();
+        settle_base(&tx, w, rules.direction, &deferred)?;
+    }
+    base::clear_pending(&tx)?;
+    tx.commit()
+        .with_context(|| format!("cannot commit the central copy {}", central_path.display()))?;
+    drop(conn);
+
+    let fingerprint = Fingerprint {
+        config: digest,
+        central: FileStat::of(&central_path),
+        central_wal: FileStat::of(&wal(&central_path)),
+        peer: peer_stat.0,
+        peer_wal: peer_stat.1,
+        racy: racy(&[peer_stat.0, peer_stat.1], seen_at),
+    };
+    ctx.state.save(
+        &state_file,
+        &PairState {
+            last_sync: now,
+            fingerprint,
+            report: report.clone(),
+        },
+    )?;
+    Ok(report)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("path is not UTF-8: {}", p.display()))
+}
+
+/// Opens the central copy for writing (never creating it) in rollback-journal mode, which
+/// the atomic commit with the base needs. The central copy is cr0sync's own file.
+fn open_central(path: &Path, busy: std::time::Duration) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .with_context(|| format!("cannot open the central copy {}", path.display()))?;
+    conn.busy_timeout(busy)?;
+    let mode: String = conn
+        .query_row("PRAGMA main.journal_mode", [], |r| r.get(0))
+        .with_context(|| {
+            format!(
+                "the central copy {} is damaged or not a database. Try: cr0sync db restore",
+                path.display()
+            )
+        })?;
+    if mode.eq_ignore_ascii_case("wal") {
+        let _: String = conn.query_row("PRAGMA main.journal_mode = DELETE", [], |r| r.get(0))?;
+    }
+    Ok(conn)
+}
+
+/// Which tables merge, and which are skipped with a reason (SPEC 3.1, last paragraphs).
+fn plan_tables(
+    conn: &Connection,
+    db: &DbConfig,
+    report: &mut PairReport,
+) -> Result<Vec<(Schema, BaseState)>> {
+    let by_name = |v: Vec<Schema>| -> BTreeMap<String, Schema> {
+        v.into_iter()
+            .filter(|s| !db.exclude_tables.contains(&s.name))
+            .map(|s| (s.name.clone(), s))
+            .collect()
+    };
+    let central = by_name(snapshot::schemas(conn, "main")?);
+    let peer = by_name(snapshot::schemas(conn, "p")?);
+    let base = by_name(snapshot::schemas(conn, "b")?);
+    let names: BTreeSet<&String> = central.keys().chain(peer.keys()).collect();
+    let mut out = Vec::new();
+    for table in names {
+        let reason = match (central.get(table), peer.get(table)) {
+            (Some(_), None) => Some("exists in the central copy only".to_string()),
+            (None, Some(_)) => Some("exists in the peer only".to_string()),
+            (Some(c), Some(p)) if c != p => Some(format!(
+                "columns or primary key differ: central {} / peer {}",
+                describe(c),
+                describe(p)
+            )),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            log::warn!("{} table {table} skipped: {reason}", db.name.get_ref());
+            report.skipped_tables.push(SkippedTable {
+                table: table.clone(),
+                reason,
+            });
+            continue;
+        }
+        let Some(schema) = central.get(table) else {
+            continue;
+        };
+        let state = match base.get(table) {
+            Some(b) if b == schema => BaseState::Fresh,
+            Some(_) => {
+                log::warn!(
+                    "{} table {table}: its schema changed on both sides since the last sync; \
+                     merging it as a first sync",
+                    db.name.get_ref()
+                );
+                BaseState::Rebuild
+            }
+            None => BaseState::Rebuild,
+        };
+        out.push((schema.clone(), state));
+    }
+    Ok(out)
+}
+
+fn describe(s: &Schema) -> String {
+    let cols: Vec<String> = s
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (n, t))| {
+            let pk = if s.pk.contains(&i) { " PK" } else { "" };
+            format!("{n} {t}{pk}").trim_end().to_string()
+        })
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+fn lookup_sql(schema: &Schema, spec: &TableSpec, db: &str) -> String {
+    let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
+    let key: Vec<String> = spec
+        .pk
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| format!("{} IS ?{}", cols[c], i + 1))
+        .collect();
+    format!(
+        "SELECT {} FROM {db}.{} WHERE {}",
+        cols.join(", "),
+        quote(&schema.name),
+        key.join(" AND ")
+    )
+}
+
+fn lookup(conn: &Connection, sql: &str, key: &Key) -> Result<Option<Row>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(params_from_iter(key.iter().map(|c| &c.0)))?;
+    let Some(r) = rows.next()? else {
+        return Ok(None);
+    };
+    let n = r.as_ref().column_count();
+    Ok(Some(
+        (0..n)
+            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
+            .collect::<Result<Row, _>>()?,
+    ))
+}
+
+/// Keys whose rows differ between the central copy and the snapshot, found in SQL: the
+/// same comparison `sqldiff` makes (columns compared with `IS`).
+fn differing_keys(conn: &Connection, schema: &Schema, spec: &TableSpec) -> Result<Vec<Key>> {
+    let t = quote(&schema.name);
+    let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
+    let pk: Vec<&String> = spec.pk.iter().map(|&i| &cols[i]).collect();
+    let on_key = |a: &str, b: &str| {
+        pk.iter()
+            .map(|c| format!("{a}.{c} IS {b}.{c}"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let same: String = cols
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !spec.pk.contains(i))
+        .map(|(_, c)| format!(" AND x.{c} IS c.{c}"))
+        .collect();
+    let select = |a: &str| {
+        pk.iter()
+            .map(|c| format!("{a}.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let sql = format!(
+        "SELECT {} FROM main.{t} AS c WHERE NOT EXISTS \
+           (SELECT 1 FROM p.{t} AS x WHERE {}{same}) \
+         UNION ALL \
+         SELECT {} FROM p.{t} AS x WHERE NOT EXISTS \
+           (SELECT 1 FROM main.{t} AS c WHERE {})",
+        select("c"),
+        on_key("x", "c"),
+        select("x"),
+        on_key("c", "x"),
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let n = pk.len();
+    let rows = stmt.query_map([], |r| {
+        (0..n)
+            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
+            .collect::<Result<Key, _>>()
+    })?;
+    rows.collect::<Result<_, _>>()
+        .with_context(|| format!("cannot compare table {}", schema.name))
+}
+
+fn merge_keyed(
+    conn: &Connection,
+    schema: Schema,
+    spec: TableSpec,
+    base: BaseState,
+    rules: Rules,
+    journalled: &[Key],
+) -> Result<Work> {
+    let mut keys: BTreeSet<Key> = differing_keys(conn, &schema, &spec)?.into_iter().collect();
+    keys.extend(journalled.iter().cloned());
+    let (sql_c, sql_p, sql_b) = (
+        lookup_sql(&schema, &spec, "main"),
+        lookup_sql(&schema, &spec, "p"),
+        lookup_sql(&schema, &spec, "b"),
+    );
+    let mut w = Work {
+        schema,
+        spec,
+        base,
+        to_central: Vec::new(),
+        to_peer: Vec::new(),
+        to_base: Vec::new(),
+        multiset_base: Vec::new(),
+        conflicts: Vec::new(),
+        counter_merges: 0,
+    };
+    for key in &keys {
+        let b = match w.base {
+            BaseState::Fresh => lookup(conn, &sql_b, key)?,
+            BaseState::Rebuild => None,
+        };
+        let c = lookup(conn, &sql_c, key)?;
+        let p = lookup(conn, &sql_p, key)?;
+        let m = merge_key(&w.spec, rules, key, b.as_ref(), c.as_ref(), p.as_ref());
+        w.counter_merges += usize::from(m.counter_merged);
+        w.conflicts.extend(m.conflict);
+        w.to_central.extend(m.to_central);
+        w.to_peer.extend(m.to_peer);
+        if matches!(w.base, BaseState::Fresh) {
+            w.to_base
+                .extend(merge::change(key, b.as_ref(), m.new_base.as_ref()));
+        }
+    }
+    Ok(w)
+}
+
+fn merge_multiset(
+    conn: &Connection,
+    schema: Schema,
+    spec: TableSpec,
+    base: BaseState,
+    rules: Rules,
+) -> Result<Work> {
+    let b = match base {
+        BaseState::Fresh => Some(snapshot::rows(conn, "b", &schema)?),
+        BaseState::Rebuild => None,
+    };
+    let c = snapshot::rows(conn, "main", &schema)?;
+    let p = snapshot::rows(conn, "p", &schema)?;
+    let m = merge::merge_table(&spec, rules, b.as_deref(), &c, &p);
+    let (bm, cm, pm) = (
+        b.as_deref().map(multiset),
+        multiset(&c),
+        multiset(&p),
+    );
+    let nm = multiset(&m.new_base);
+    let all: BTreeSet<&Row> = cm.keys().chain(pm.keys()).chain(nm.keys()).collect();
+    let count = |m: &BTreeMap<Row, u64>, r: &Row| m.get(r).copied().unwrap_or(0);
+    let multiset_base = all
+        .into_iter()
+        .map(|r| {
+            let fallback = match &bm {
+                Some(bm) => count(bm, r),
+                None => count(&cm, r).min(count(&pm, r)),
+            };
+            (r.clone(), count(&nm, r), fallback)
+        })
+        .collect();
+    Ok(Work {
+        schema,
+        spec,
+        base,
+        to_central: m.to_central,
+        to_peer: m.to_peer,
+        to_base: Vec::new(),
+        multiset_base,
+        conflicts: m.conflicts,
+        counter_merges: m.counter_merges,
+    })
+}
+
+/// Brings the base up to date for one table, inside the central transaction. Rows a side
+/// deferred keep their old base, so the next run sees their change again.
+fn settle_base(
+    conn: &Connection,
+    w: &Work,
+    direction: Direction,
+    deferred: &BTreeSet<Key>,
+) -> Result<()> {
+    let t = quote(&w.schema.name);
+    if !w.keyed() {
+        if matches!(w.base, BaseState::Rebuild) {
+            conn.execute_batch(&format!(
+                "DROP TABLE IF EXISTS b.{t}; {}",
+                base::create_table_sql(&w.schema, "b")
+            ))?;
+        } else {
+            conn.execute_batch(&format!("DELETE FROM b.{t}"))?;
+        }
+        let changes: Vec<Change> = w
+            .multiset_base
+            .iter()
+            .map(|(row, keep, fallback)| Change::SetCount {
+                row: row.clone(),
+                old: 0,
+                new: if deferred.contains(row) { *fallback } else { *keep },
+            })
+            .filter(|c| !matches!(c, Change::SetCount { new: 0, .. }))
+            .collect();
+        apply(conn, "b", &w.spec, &changes)?;
+        return Ok(());
+    }
+    match w.base {
+        BaseState::Fresh => {
+            let changes: Vec<Change> = w
+                .to_base
+                .iter()
+                .filter(|c| match c {
+                    Change::Upsert { key, .. } | Change::Delete { key, .. } => {
+                        !deferred.contains(key)
+                    }
+                    Change::SetCount { .. } => true,
+                })
+                .cloned()
+                .collect();
+            apply(conn, "b", &w.spec, &changes)?;
+        }
+        BaseState::Rebuild => {
+            let from = if direction == Direction::Pull { "p" } else { "main" };
+            base::copy_table(conn, &w.schema, from)?;
+            let key_cols: Vec<String> = w
+                .spec
+                .pk
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| format!("{} IS ?{}", quote(&w.spec.columns[c]), i + 1))
+                .collect();
+            let sql = format!("DELETE FROM b.{t} WHERE {}", key_cols.join(" AND "));
+            for key in deferred {
+                conn.execute(&sql, params_from_iter(key.iter().map(|c| &c.0)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The mass-delete guard (SPEC 3.1).
+fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &str) -> Result<()> {
+    for w in works {
+        for (side, db, changes) in [("central copy", "main", &w.to_central), ("peer", "p", &w.to_peer)] {
+            let deletes = counts(changes).deletes;
+            if deletes == 0 {
+                continue;
+            }
+            let rows: u64 = conn.query_row(
+                &format!("SELECT count(*) FROM {db}.{}", quote(&w.schema.name)),
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64;
+            if rows >= 100 && deletes * 100 > u64::from(max_percent) * rows {
+                anyhow::bail!(
+                    "{name}/{peer}: mass-delete guard: the sync would delete {deletes} of the \
+                     {rows} rows of table {} in the {side} (max_delete {max_percent}%); nothing \
+                     was written. If this is intended: cr0sync db sync --db {name} --peer {peer} \
+                     --force",
+                    w.schema.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes one side's changes in one immediate transaction on the live file.
+fn write_side(
+    path: &Path,
+    busy: std::time::Duration,
+    works: &[Work],
+    changes: impl Fn(&Work) -> &Vec<Change>,
+) -> Result<Vec<Applied>> {
+    let mut conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(busy)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut out = Vec::new();
+    for w in works {
+        out.push(apply(&tx, "main", &w.spec, changes(w))?);
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn maybe_backup(
+    ctx: &Context,
+    name: &str,
+    target: &str,
+    live: &Path,
+    now: DateTime<Utc>,
+    report: &mut PairReport,
+) -> Result<()> {
+    if backup::due(ctx, name, target, ctx.config.database.backup_interval.0, now)? {
+        report.backups.push(backup::take(ctx, name, target, live, now)?);
+    }
+    Ok(())
+}
+
+/// Journalled conflicts of an interrupted run that this run will not find again, because
+/// a side already holds their result; the ones already recorded are left out.
+fn recover_conflicts(ctx: &Context, conn: &Connection, journal: &[Pending]) -> Result<Vec<ConflictRecord>> {
+    let records: Vec<ConflictRecord> = journal
+        .iter()
+        .filter_map(|j| j.conflict.as_deref())
+        .filter_map(|c| serde_json::from_str(c).ok())
+        .collect();
+    if records.is_empty() {
+        return Ok(Vec::new());
+    }
+    let known = conflicts::ids(ctx)?;
+    let mut out = Vec::new();
+    for r in records {
+        if known.contains(&r.id) {
+            continue;
+        }
+        let schemas = snapshot::schemas(conn, "main")?;
+        let Some(schema) = schemas.iter().find(|s| s.name == r.table) else {
+            out.push(r);
+            continue;
+        };
+        let spec = schema.spec(&[], "");
+        let Some(key) = row_from_json(&r.key) else {
+            out.push(r);
+            continue;
+        };
+        let json = |row: Option<Row>| row.map(|r| serde_json::to_value(r).unwrap_or_default());
+        let c = json(lookup(conn, &lookup_sql(schema, &spec, "main"), &key)?);
+        let p = json(lookup(conn, &lookup_sql(schema, &spec, "p"), &key)?);
+        if c != r.rows.central || p != r.rows.peer {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
