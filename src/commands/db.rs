@@ -132,14 +132,38 @@ fn counts(c: &crate::db::merge::Counts) -> String {
 
 /// The per-table lines of `db sync`.
 pub fn sync_table(reports: &[PairReport]) -> Table {
-    let mut t = Table::new(["DATABASE", "PEER", "TABLE", "CENTRAL", "PEER", "CONFLICTS", "NOTE"]);
+    let mut t = Table::new([
+        "DATABASE",
+        "PEER",
+        "TABLE",
+        "CENTRAL",
+        "PEER",
+        "CONFLICTS",
+        "NOTE",
+    ]);
     for r in reports {
         if r.unchanged {
-            t.row([&r.database, &r.peer, "-", "", "", "", "unchanged since the last sync"]);
+            t.row([
+                &r.database,
+                &r.peer,
+                "-",
+                "",
+                "",
+                "",
+                "unchanged since the last sync",
+            ]);
             continue;
         }
         if r.created_central {
-            t.row([&r.database, &r.peer, "-", "", "", "", "central copy created from this peer"]);
+            t.row([
+                &r.database,
+                &r.peer,
+                "-",
+                "",
+                "",
+                "",
+                "central copy created from this peer",
+            ]);
         }
         let busy: Vec<_> = r
             .tables
@@ -155,7 +179,10 @@ pub fn sync_table(reports: &[PairReport]) -> Table {
         }
         for tr in busy {
             let note = if tr.deferred > 0 {
-                format!("{} row(s) changed meanwhile, left for the next run", tr.deferred)
+                format!(
+                    "{} row(s) changed meanwhile, left for the next run",
+                    tr.deferred
+                )
             } else if tr.counter_merges > 0 {
                 format!("{} counter merge(s)", tr.counter_merges)
             } else {
@@ -172,10 +199,26 @@ pub fn sync_table(reports: &[PairReport]) -> Table {
             ]);
         }
         for s in &r.skipped_tables {
-            t.row([&r.database, &r.peer, &s.table, "", "", "", &format!("skipped: {}", s.reason)]);
+            t.row([
+                &r.database,
+                &r.peer,
+                &s.table,
+                "",
+                "",
+                "",
+                &format!("skipped: {}", s.reason),
+            ]);
         }
         for b in &r.backups {
-            t.row([r.database.clone(), r.peer.clone(), "-".into(), String::new(), String::new(), String::new(), format!("backup {}", b.display())]);
+            t.row([
+                r.database.clone(),
+                r.peer.clone(),
+                "-".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                format!("backup {}", b.display()),
+            ]);
         }
     }
     t
@@ -224,9 +267,22 @@ fn list_conflicts(global: &GlobalArgs, json: bool) -> Result<Outcome> {
         println!("{}", serde_json::to_string_pretty(&all)?);
         return Ok(Outcome::Success);
     }
-    let mut t = Table::new(["TIME", "DATABASE", "PEER", "TABLE", "KEY", "KIND", "WINNER", "LOSING ROW"]);
+    let mut t = Table::new([
+        "TIME",
+        "DATABASE",
+        "PEER",
+        "TABLE",
+        "KEY",
+        "KIND",
+        "WINNER",
+        "LOSING ROW",
+    ]);
     for c in &all {
-        let losing = if c.winner == "central" { &c.rows.peer } else { &c.rows.central };
+        let losing = if c.winner == "central" {
+            &c.rows.peer
+        } else {
+            &c.rows.central
+        };
         t.row([
             crate::ops::clock::rfc3339(c.time),
             c.database.clone(),
@@ -235,7 +291,9 @@ fn list_conflicts(global: &GlobalArgs, json: bool) -> Result<Outcome> {
             c.key.to_string(),
             c.kind.clone(),
             c.winner.clone(),
-            losing.as_ref().map_or("(deleted)".into(), |r| r.to_string()),
+            losing
+                .as_ref()
+                .map_or("(deleted)".into(), |r| r.to_string()),
         ]);
     }
     if t.is_empty() {
@@ -268,11 +326,18 @@ impl CleanCmd {
         let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
             run.task("clean-backups", |run| {
                 removed = job::clean_backups(run.ctx, run.dry_run, run.now)?;
-                Ok(TaskDone::new(format!("{} expired backup(s)", removed.len())))
+                Ok(TaskDone::new(format!(
+                    "{} expired backup(s)",
+                    removed.len()
+                )))
             });
             Ok(())
         })?;
-        let verb = if self.dry_run { "would remove" } else { "removed" };
+        let verb = if self.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
         for b in &removed {
             println!("{verb} {}", b.path.display());
         }
@@ -303,11 +368,18 @@ impl SyncFromBotCmd {
         let mut lines = Vec::new();
         let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
             for (db, peer) in &chosen {
-                run.task(&format!("sync-from-bot {}/{}", db.name.get_ref(), peer.name.get_ref()), |run| {
-                    let line = job::sync_from_peer(run, db, peer)?;
-                    lines.push(line.clone());
-                    Ok(TaskDone::new(line))
-                });
+                run.task(
+                    &format!(
+                        "sync-from-bot {}/{}",
+                        db.name.get_ref(),
+                        peer.name.get_ref()
+                    ),
+                    |run| {
+                        let line = job::sync_from_peer(run, db, peer)?;
+                        lines.push(line.clone());
+                        Ok(TaskDone::new(line))
+                    },
+                );
             }
             Ok(())
         });

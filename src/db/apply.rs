@@ -52,8 +52,16 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
         .enumerate()
         .map(|(i, c)| format!("{c} = ?{}", i + 1))
         .collect();
-    let update = format!("UPDATE {t} SET {} WHERE {}", sets.join(", "), match_all(n + 1));
-    let insert = format!("INSERT INTO {t} ({}) VALUES ({})", cols.join(", "), marks.join(", "));
+    let update = format!(
+        "UPDATE {t} SET {} WHERE {}",
+        sets.join(", "),
+        match_all(n + 1)
+    );
+    let insert = format!(
+        "INSERT INTO {t} ({}) VALUES ({})",
+        cols.join(", "),
+        marks.join(", ")
+    );
     let delete = format!("DELETE FROM {t} WHERE {}", match_all(1));
     let exists = format!("SELECT count(*) FROM {t} WHERE {match_key}");
     let count = format!("SELECT count(*) FROM {t} WHERE {}", match_all(1));
@@ -81,7 +89,11 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
                     out.skipped.insert(key.clone());
                 }
             }
-            Change::Upsert { key, old: None, new } => {
+            Change::Upsert {
+                key,
+                old: None,
+                new,
+            } => {
                 let present: i64 = conn
                     .prepare_cached(&exists)?
                     .query_row(params_from_iter(values(key)), |r| r.get(0))?;
@@ -137,11 +149,7 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
 
 /// Whether a write changed a row. A constraint the database enforces is a skip with a
 /// warning; any other error ends the apply (and the caller's transaction).
-fn wrote(
-    result: rusqlite::Result<usize>,
-    table: &str,
-    key: &Row,
-) -> Result<bool> {
+fn wrote(result: rusqlite::Result<usize>, table: &str, key: &Row) -> Result<bool> {
     match result {
         Ok(n) => Ok(n > 0),
         Err(rusqlite::Error::SqliteFailure(e, msg)) if e.code == ErrorCode::ConstraintViolation => {
@@ -227,7 +235,12 @@ mod tests {
             old: 2,
             new: 4,
         }];
-        assert!(apply(&conn, "main", &seen, &changes).unwrap().skipped.is_empty());
+        assert!(
+            apply(&conn, "main", &seen, &changes)
+                .unwrap()
+                .skipped
+                .is_empty()
+        );
         // The same change again: the row no longer occurs twice, so nothing happens.
         let again = apply(&conn, "main", &seen, &changes).unwrap();
         assert_eq!(again.skipped.len(), 1);
@@ -238,7 +251,9 @@ mod tests {
         }];
         apply(&conn, "main", &seen, &down).unwrap();
         let n: i64 = conn
-            .query_row("SELECT count(*) FROM seen WHERE nick = 'a'", [], |r| r.get(0))
+            .query_row("SELECT count(*) FROM seen WHERE nick = 'a'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(n, 1);
     }

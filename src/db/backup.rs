@@ -75,7 +75,13 @@ pub fn list(ctx: &Context, database: &str) -> Result<Vec<Backup>> {
 }
 
 /// Whether a routine backup of `target` is due: none younger than `interval`.
-pub fn due(ctx: &Context, database: &str, target: &str, interval: Duration, now: DateTime<Utc>) -> Result<bool> {
+pub fn due(
+    ctx: &Context,
+    database: &str,
+    target: &str,
+    interval: Duration,
+    now: DateTime<Utc>,
+) -> Result<bool> {
     let newest = list(ctx, database)?
         .into_iter()
         .filter(|b| b.target == target)
@@ -89,7 +95,13 @@ pub fn due(ctx: &Context, database: &str, target: &str, interval: Duration, now:
 }
 
 /// Backs up the live database at `live` as `target` of `database`; returns the file.
-pub fn take(ctx: &Context, database: &str, target: &str, live: &Path, now: DateTime<Utc>) -> Result<PathBuf> {
+pub fn take(
+    ctx: &Context,
+    database: &str,
+    target: &str,
+    live: &Path,
+    now: DateTime<Utc>,
+) -> Result<PathBuf> {
     let dir = ctx.layout.backups_dir(database);
     fsutil::ensure_dir(&dir, &ctx.perms)
         .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -127,11 +139,24 @@ pub fn unpack(ctx: &Context, backup: &Path) -> Result<PathBuf> {
         out.flush()?;
         Ok(())
     })();
-    unpacked.with_context(|| format!("cannot read backup {} (is it a .db.gz backup?)", backup.display()))?;
-    let conn = rusqlite::Connection::open_with_flags(&scratch, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    unpacked.with_context(|| {
+        format!(
+            "cannot read backup {} (is it a .db.gz backup?)",
+            backup.display()
+        )
+    })?;
+    let conn = rusqlite::Connection::open_with_flags(
+        &scratch,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
     let check: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .with_context(|| format!("backup {} does not hold an SQLite database", backup.display()))?;
+        .with_context(|| {
+            format!(
+                "backup {} does not hold an SQLite database",
+                backup.display()
+            )
+        })?;
     if check != "ok" {
         anyhow::bail!("backup {} is damaged: {check}", backup.display());
     }
@@ -141,7 +166,8 @@ pub fn unpack(ctx: &Context, backup: &Path) -> Result<PathBuf> {
 /// Backups `clean` would remove (SPEC 3.4): older than `backup_keep`, except the newest
 /// `backup_keep_min` of each database and target.
 pub fn expired(ctx: &Context, now: DateTime<Utc>) -> Result<Vec<Backup>> {
-    let keep = chrono::Duration::from_std(ctx.config.database.backup_keep.0).unwrap_or(chrono::Duration::MAX);
+    let keep = chrono::Duration::from_std(ctx.config.database.backup_keep.0)
+        .unwrap_or(chrono::Duration::MAX);
     let keep_min = ctx.config.database.backup_keep_min as usize;
     let mut out = Vec::new();
     for db in &ctx.config.database.db {
@@ -166,7 +192,8 @@ pub fn expired(ctx: &Context, now: DateTime<Utc>) -> Result<Vec<Backup>> {
 /// Scratch space for snapshots and unpacked backups: `state/tmp`.
 pub fn scratch_dir(ctx: &Context) -> Result<PathBuf> {
     let dir = ctx.state.path("tmp");
-    fsutil::ensure_dir(&dir, &ctx.perms).with_context(|| format!("cannot create {}", dir.display()))?;
+    fsutil::ensure_dir(&dir, &ctx.perms)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)
 }
 

@@ -148,7 +148,11 @@ mod tests {
         };
         write_pending(&conn, std::slice::from_ref(&entry)).unwrap();
         assert_eq!(pending(&conn).unwrap(), vec![entry]);
-        assert_eq!(schemas(&conn, "b").unwrap().len(), 1, "journal is not a table to sync");
+        assert_eq!(
+            schemas(&conn, "b").unwrap().len(),
+            1,
+            "journal is not a table to sync"
+        );
         clear_pending(&conn).unwrap();
         assert!(pending(&conn).unwrap().is_empty());
     }

@@ -48,7 +48,10 @@ pub struct ConflictRecord {
 
 impl ConflictRecord {
     pub fn new(id: String, time: DateTime<Utc>, database: &str, peer: &str, c: &Conflict) -> Self {
-        let json = |r: &Option<Row>| r.as_ref().map(|r| serde_json::to_value(r).unwrap_or_default());
+        let json = |r: &Option<Row>| {
+            r.as_ref()
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+        };
         ConflictRecord {
             id,
             time,
@@ -118,7 +121,11 @@ pub fn read(ctx: &Context) -> Result<Vec<ConflictRecord>> {
         }
         match serde_json::from_slice(&line) {
             Ok(r) => out.push(r),
-            Err(e) => log::warn!("{} line {}: not a conflict record ({e}); skipped", path.display(), n + 1),
+            Err(e) => log::warn!(
+                "{} line {}: not a conflict record ({e}); skipped",
+                path.display(),
+                n + 1
+            ),
         }
     }
     Ok(out)

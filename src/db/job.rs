@@ -25,8 +25,8 @@ use crate::db::conflicts;
 use crate::db::snapshot;
 use crate::db::sync::{self, Options, PairReport, PairState};
 use crate::error::Error;
-use crate::ops::runner::{JobRun, RunRecord, RunResult, TaskDone, record_file};
 use crate::ops::job::Job;
+use crate::ops::runner::{JobRun, RunRecord, RunResult, TaskDone, record_file};
 use crate::ops::status::Section;
 use crate::output::{Table, Tone, paint};
 
@@ -47,7 +47,11 @@ pub fn pairs<'a>(ctx: &'a Context, sel: &Selection) -> Result<Vec<(&'a DbConfig,
             return Err(Error::Usage(format!(
                 "no database named `{name}` in {} (configured: {})",
                 ctx.config_path.display(),
-                if known.is_empty() { "none".into() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
             ))
             .into());
         }
@@ -102,10 +106,17 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
 /// The cron job's tasks: sync every pair, then weekly backup cleanup.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
     sync_pairs(run, &Selection::default(), false)?;
-    run.periodic("clean-backups", std::time::Duration::from_secs(7 * 86_400), |run| {
-        let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
-        Ok(TaskDone::new(format!("{} expired backup(s) removed", removed.len())))
-    });
+    run.periodic(
+        "clean-backups",
+        std::time::Duration::from_secs(7 * 86_400),
+        |run| {
+            let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
+            Ok(TaskDone::new(format!(
+                "{} expired backup(s) removed",
+                removed.len()
+            )))
+        },
+    );
     Ok(())
 }
 
@@ -139,7 +150,7 @@ fn copy_into_live(src: &Path, dest: &Path, busy: std::time::Duration, create: bo
     let from = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let backup = rusqlite::backup::Backup::new(&from, &mut to)?;
     backup
-        .run_to_completion(-1, std::time::Duration::from_millis(50), None)
+        .run_to_completion(i32::MAX, std::time::Duration::from_millis(50), None)
         .with_context(|| format!("cannot write {}", dest.display()))?;
     drop(backup);
     to.close().map_err(|(_, e)| e)?;
@@ -163,7 +174,11 @@ pub fn recovery_peer<'a>(db: &'a DbConfig, peer: Option<&str>) -> Result<&'a Pee
             .peers
             .iter()
             .find(|x| x.name.get_ref() == "bot")
-            .or(if db.peers.len() == 1 { db.peers.first() } else { None }),
+            .or(if db.peers.len() == 1 {
+                db.peers.first()
+            } else {
+                None
+            }),
     };
     found.ok_or_else(|| {
         Error::Usage(format!(
@@ -222,7 +237,9 @@ pub fn backup_owner<'a>(ctx: &'a Context, file: &Path) -> Result<(&'a DbConfig, 
     for db in &ctx.config.database.db {
         let name = db.name.get_ref();
         if let Some(b) = backup::parse_name(name, fname)
-            && best.as_ref().is_none_or(|(d, _)| d.name.get_ref().len() < name.len())
+            && best
+                .as_ref()
+                .is_none_or(|(d, _)| d.name.get_ref().len() < name.len())
         {
             best = Some((db, b.0));
         }
@@ -253,16 +270,27 @@ pub fn restore(run: &mut JobRun, db: &DbConfig, file: &Path, to: &str) -> Result
             .peers
             .iter()
             .find(|p| p.name.get_ref() == to)
-            .ok_or_else(|| Error::Usage(format!("--to {to}: database `{name}` has no such peer (use central or a peer name)")))?;
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "--to {to}: database `{name}` has no such peer (use central or a peer name)"
+                ))
+            })?;
         (ctx.resolve(peer.path.get_ref()), vec![to])
     };
     if to != "central" && !dest.exists() {
-        anyhow::bail!("peer database not found: {} (never created)", dest.display());
+        anyhow::bail!(
+            "peer database not found: {} (never created)",
+            dest.display()
+        );
     }
     let unpacked = backup::unpack(ctx, file)?;
     let result = (|| -> Result<String> {
         if run.dry_run {
-            return Ok(format!("{name}: would restore {} into {}", file.display(), dest.display()));
+            return Ok(format!(
+                "{name}: would restore {} into {}",
+                file.display(),
+                dest.display()
+            ));
         }
         let mut saved = String::new();
         if dest.exists() {
@@ -273,7 +301,11 @@ pub fn restore(run: &mut JobRun, db: &DbConfig, file: &Path, to: &str) -> Result
         for peer in pairs {
             forget_pair(ctx, name, peer)?;
         }
-        Ok(format!("{name}: {} restored into {}{saved}", file.display(), dest.display()))
+        Ok(format!(
+            "{name}: {} restored into {}{saved}",
+            file.display(),
+            dest.display()
+        ))
     })();
     let _ = std::fs::remove_file(&unpacked);
     result
@@ -316,7 +348,9 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
                 peer: peer_name.clone(),
                 direction: format!("{:?}", peer.direction).to_lowercase(),
                 path: ctx.resolve(peer.path.get_ref()).display().to_string(),
-                last_sync: state.as_ref().map(|s| crate::ops::clock::rfc3339(s.last_sync)),
+                last_sync: state
+                    .as_ref()
+                    .map(|s| crate::ops::clock::rfc3339(s.last_sync)),
                 last_changes: state.as_ref().map(|s| {
                     let (c, p, k) = s.report.changes();
                     json!({"central": c, "peer": p, "conflicts": k})
@@ -345,10 +379,7 @@ pub fn section(ctx: &Context) -> Result<Section> {
     let mut problems = Vec::new();
     for p in &pairs {
         let state = if let Some(e) = &p.last_error {
-            problems.push(format!(
-                "database {}/{}: {e}",
-                p.database, p.peer
-            ));
+            problems.push(format!("database {}/{}: {e}", p.database, p.peer));
             paint("error", Tone::Bad)
         } else if p.last_sync.is_none() {
             paint("never synced", Tone::Warn)
@@ -360,7 +391,10 @@ pub fn section(ctx: &Context) -> Result<Section> {
                     p.database, p.peer, t.table, t.reason
                 ));
             }
-            paint(&format!("{} table(s) skipped", p.skipped_tables.len()), Tone::Warn)
+            paint(
+                &format!("{} table(s) skipped", p.skipped_tables.len()),
+                Tone::Warn,
+            )
         } else {
             paint("ok", Tone::Good)
         };

@@ -149,7 +149,11 @@ fn schema_of(conn: &Connection, db: &str, table: &str) -> Result<Schema> {
 /// Every row of a table, all columns in table order.
 pub fn rows(conn: &Connection, db: &str, schema: &Schema) -> Result<Vec<Row>> {
     let cols: Vec<String> = schema.columns.iter().map(|(c, _)| quote(c)).collect();
-    let sql = format!("SELECT {} FROM {db}.{}", cols.join(", "), quote(&schema.name));
+    let sql = format!(
+        "SELECT {} FROM {db}.{}",
+        cols.join(", "),
+        quote(&schema.name)
+    );
     let mut stmt = conn.prepare(&sql)?;
     let n = cols.len();
     let rows = stmt.query_map([], |r| {

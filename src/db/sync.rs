@@ -36,12 +36,14 @@ use sha2::{Digest, Sha256};
 use crate::config::{DbConfig, Direction, PeerConfig};
 use crate::context::Context;
 use crate::db::apply::{Applied, apply};
+use crate::db::backup;
 use crate::db::base::{self, Pending};
 use crate::db::conflicts::{self, ConflictRecord};
-use crate::db::merge::{self, Change, Conflict, Counts, Rules, TableSpec, counts, merge_key, multiset};
+use crate::db::merge::{
+    self, Change, Conflict, Counts, Rules, TableSpec, counts, merge_key, multiset,
+};
 use crate::db::snapshot::{self, Schema, quote};
 use crate::db::value::{Cell, Key, Row, row_from_json};
-use crate::db::backup;
 use crate::fsutil;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -256,7 +258,10 @@ pub fn sync_pair(
     let digest = config_digest(db, peer, rules);
     let seen_at = std::time::SystemTime::now();
     let peer_stat = (FileStat::of(&peer_path), FileStat::of(&wal(&peer_path)));
-    let central_stat = (FileStat::of(&central_path), FileStat::of(&wal(&central_path)));
+    let central_stat = (
+        FileStat::of(&central_path),
+        FileStat::of(&wal(&central_path)),
+    );
     if let Some(prev) = &previous {
         let f = &prev.fingerprint;
         let base_exists = ctx.state.path(&base::name(name, peer_name)).exists();
@@ -326,14 +331,22 @@ pub fn sync_pair(
     let mut works = Vec::new();
     for (schema, base_state) in plans {
         let spec = schema.spec(
-            db.counters.get(&schema.name).map(Vec::as_slice).unwrap_or(&[]),
+            db.counters
+                .get(&schema.name)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]),
             &db.updated_at,
         );
         let journalled: Vec<Key> = journal
             .iter()
             .filter(|j| j.table == schema.name)
             .filter_map(|j| j.key.as_deref())
-            .filter_map(|k| serde_json::from_str(k).ok().as_ref().and_then(row_from_json))
+            .filter_map(|k| {
+                serde_json::from_str(k)
+                    .ok()
+                    .as_ref()
+                    .and_then(row_from_json)
+            })
             .collect();
         let work = if spec.keyed() {
             merge_keyed(&conn, schema, spec, base_state, rules, &journalled)?
@@ -358,7 +371,13 @@ pub fn sync_pair(
         });
     }
     if !opts.force {
-        guard(&conn, &works, ctx.config.database.max_delete.0, name, peer_name)?;
+        guard(
+            &conn,
+            &works,
+            ctx.config.database.max_delete.0,
+            name,
+            peer_name,
+        )?;
     }
     if opts.dry_run {
         return Ok(report);
@@ -403,8 +422,12 @@ pub fn sync_pair(
         base::write_pending(&conn, &entries)
             .with_context(|| format!("cannot write the merge base {}", base_path.display()))?;
         maybe_backup(ctx, name, peer_name, &peer_path, now, &mut report)?;
-        peer_applied = write_side(&peer_path, busy, &works, |w| &w.to_peer)
-            .with_context(|| format!("{name}/{peer_name}: cannot write peer {}", peer_path.display()))?;
+        peer_applied = write_side(&peer_path, busy, &works, |w| &w.to_peer).with_context(|| {
+            format!(
+                "{name}/{peer_name}: cannot write peer {}",
+                peer_path.display()
+            )
+        })?;
     }
     if write_central {
         maybe_backup(ctx, name, "central", &central_path, now, &mut report)?;
@@ -694,11 +717,7 @@ fn merge_multiset(
     let c = snapshot::rows(conn, "main", &schema)?;
     let p = snapshot::rows(conn, "p", &schema)?;
     let m = merge::merge_table(&spec, rules, b.as_deref(), &c, &p);
-    let (bm, cm, pm) = (
-        b.as_deref().map(multiset),
-        multiset(&c),
-        multiset(&p),
-    );
+    let (bm, cm, pm) = (b.as_deref().map(multiset), multiset(&c), multiset(&p));
     let nm = multiset(&m.new_base);
     let all: BTreeSet<&Row> = cm.keys().chain(pm.keys()).chain(nm.keys()).collect();
     let count = |m: &BTreeMap<Row, u64>, r: &Row| m.get(r).copied().unwrap_or(0);
@@ -749,7 +768,11 @@ fn settle_base(
             .map(|(row, keep, fallback)| Change::SetCount {
                 row: row.clone(),
                 old: 0,
-                new: if deferred.contains(row) { *fallback } else { *keep },
+                new: if deferred.contains(row) {
+                    *fallback
+                } else {
+                    *keep
+                },
             })
             .filter(|c| !matches!(c, Change::SetCount { new: 0, .. }))
             .collect();
@@ -772,7 +795,11 @@ fn settle_base(
             apply(conn, "b", &w.spec, &changes)?;
         }
         BaseState::Rebuild => {
-            let from = if direction == Direction::Pull { "p" } else { "main" };
+            let from = if direction == Direction::Pull {
+                "p"
+            } else {
+                "main"
+            };
             base::copy_table(conn, &w.schema, from)?;
             let key_cols: Vec<String> = w
                 .spec
@@ -793,7 +820,10 @@ fn settle_base(
 /// The mass-delete guard (SPEC 3.1).
 fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &str) -> Result<()> {
     for w in works {
-        for (side, db, changes) in [("central copy", "main", &w.to_central), ("peer", "p", &w.to_peer)] {
+        for (side, db, changes) in [
+            ("central copy", "main", &w.to_central),
+            ("peer", "p", &w.to_peer),
+        ] {
             let deletes = counts(changes).deletes;
             if deletes == 0 {
                 continue;
@@ -846,15 +876,27 @@ fn maybe_backup(
     now: DateTime<Utc>,
     report: &mut PairReport,
 ) -> Result<()> {
-    if backup::due(ctx, name, target, ctx.config.database.backup_interval.0, now)? {
-        report.backups.push(backup::take(ctx, name, target, live, now)?);
+    if backup::due(
+        ctx,
+        name,
+        target,
+        ctx.config.database.backup_interval.0,
+        now,
+    )? {
+        report
+            .backups
+            .push(backup::take(ctx, name, target, live, now)?);
     }
     Ok(())
 }
 
 /// Journalled conflicts of an interrupted run that this run will not find again, because
 /// a side already holds their result; the ones already recorded are left out.
-fn recover_conflicts(ctx: &Context, conn: &Connection, journal: &[Pending]) -> Result<Vec<ConflictRecord>> {
+fn recover_conflicts(
+    ctx: &Context,
+    conn: &Connection,
+    journal: &[Pending],
+) -> Result<Vec<ConflictRecord>> {
     let records: Vec<ConflictRecord> = journal
         .iter()
         .filter_map(|j| j.conflict.as_deref())

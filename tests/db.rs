@@ -1,0 +1,812 @@
+//! End-to-end tests of the database job (SPEC 3) on real SQLite files, checked with the
+//! independent tools: `sqldiff` between the sides and `PRAGMA integrity_check`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Root, stderr_of};
+use rusqlite::Connection;
+
+const FIXTURE: &str = include_str!("../fixtures/users.sql");
+const BOT_CHANGES: &str = include_str!("../fixtures/bot_changes.sql");
+const WEB_CHANGES: &str = include_str!("../fixtures/website_changes.sql");
+
+/// A root with database `users` and peers `bot` and `website`, both from the fixture.
+struct Setup {
+    r: Root,
+    bot: PathBuf,
+    web: PathBuf,
+}
+
+impl Setup {
+    fn new(extra: &str) -> Setup {
+        Self::with(extra, "", FIXTURE)
+    }
+
+    fn with(db_keys: &str, general: &str, fixture: &str) -> Setup {
+        let r = Root::new();
+        let bot = r.tmp.path().join("bot.db");
+        let web = r.tmp.path().join("web.db");
+        exec(&bot, fixture);
+        exec(&web, fixture);
+        let s = Setup { r, bot, web };
+        s.config(db_keys, general);
+        s
+    }
+
+    fn config(&self, db_keys: &str, general: &str) {
+        self.r.write_config(&format!(
+            "[general]\nbusy_timeout = \"1s\"\n{general}\n\
+             [[database.db]]\nname = \"users\"\n{db_keys}\n\
+             peers = [\n  {{ name = \"bot\", path = \"{}\" }},\n  {{ name = \"website\", path = \"{}\" }},\n]\n",
+            self.bot.display(),
+            self.web.display()
+        ));
+    }
+
+    fn central(&self) -> PathBuf {
+        self.r.path("databases/users.db")
+    }
+
+    fn sync(&self, args: &[&str]) -> std::process::Output {
+        self.r
+            .cmd()
+            .args(["db", "sync"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn sync_ok(&self) -> String {
+        let out = self.sync(&[]);
+        assert!(out.status.success(), "db sync failed: {}", stderr_of(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Both peers equal the central copy, and all three pass `integrity_check`.
+    fn assert_converged(&self) {
+        for side in [&self.bot, &self.web] {
+            assert_same(&self.central(), side);
+        }
+        for db in [self.central(), self.bot.clone(), self.web.clone()] {
+            assert_eq!(integrity(&db), "ok", "{}", db.display());
+        }
+    }
+}
+
+fn exec(db: &Path, sql: &str) {
+    Connection::open(db).unwrap().execute_batch(sql).unwrap();
+}
+
+fn query(db: &Path, sql: &str) -> Vec<String> {
+    let c = Connection::open(db).unwrap();
+    let mut stmt = c.prepare(sql).unwrap();
+    let n = stmt.column_count();
+    stmt.query_map([], |r| {
+        Ok((0..n)
+            .map(|i| match r.get::<_, rusqlite::types::Value>(i).unwrap() {
+                rusqlite::types::Value::Null => "NULL".to_string(),
+                rusqlite::types::Value::Integer(v) => v.to_string(),
+                rusqlite::types::Value::Real(v) => v.to_string(),
+                rusqlite::types::Value::Text(v) => v,
+                rusqlite::types::Value::Blob(v) => format!("x{}", v.len()),
+            })
+            .collect::<Vec<_>>()
+            .join("|"))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// Every table of `a` holds the same rows in `b`: `sqldiff --primarykey` (keys as declared,
+/// not SQLite's internal rowids) prints nothing for keyed tables; tables without a key are
+/// multisets, compared sorted.
+fn assert_same(a: &Path, b: &Path) {
+    let tables = query(
+        a,
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite%'",
+    );
+    for t in tables {
+        let keyed = query(
+            a,
+            &format!("SELECT count(*) FROM pragma_table_info('{t}') WHERE pk > 0"),
+        ) != ["0"];
+        if keyed {
+            let out = Command::new("sqldiff")
+                .args(["--primarykey", "--table", &t])
+                .arg(a)
+                .arg(b)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "sqldiff: {}", stderr_of(&out));
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "",
+                "sqldiff {} {} table {t}",
+                a.display(),
+                b.display()
+            );
+        } else {
+            let rows = |db: &Path| {
+                let mut v = query(db, &format!("SELECT * FROM \"{t}\""));
+                v.sort();
+                v
+            };
+            assert_eq!(rows(a), rows(b), "table {t} (no primary key) differs");
+        }
+    }
+}
+
+fn sqldiff(a: &Path, b: &Path) -> String {
+    let out = Command::new("sqldiff")
+        .arg("--primarykey")
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("sqldiff (apt install sqlite3-tools)");
+    assert!(out.status.success(), "sqldiff: {}", stderr_of(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn integrity(db: &Path) -> String {
+    let out = Command::new("sqlite3")
+        .arg(db)
+        .arg("PRAGMA integrity_check")
+        .output()
+        .expect("sqlite3");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn conflicts(r: &Root) -> Vec<serde_json::Value> {
+    let out = r
+        .cmd()
+        .args(["db", "conflicts", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap()
+}
+
+#[test]
+fn first_sync_creates_the_central_copy_and_later_syncs_merge_cell_by_cell() {
+    let s = Setup::new("counters = { users = [\"coins\"] }");
+    let out = s.sync_ok();
+    assert!(out.contains("central copy created"), "{out}");
+    s.assert_converged();
+
+    exec(&s.bot, BOT_CHANGES);
+    exec(&s.web, WEB_CHANGES);
+    s.sync_ok();
+    s.sync_ok(); // the bot pair picks up what the website pair brought to central
+    s.assert_converged();
+    let users = query(
+        &s.central(),
+        "SELECT id, nick, email, coins FROM users ORDER BY id",
+    );
+    assert_eq!(
+        users,
+        [
+            // The website's email change and nothing from the bot: both kept.
+            "1|alice|alice@cr0.example|100",
+            // +30 on the bot, +20 on the website: both kept (counters).
+            "2|bob|bob@example.org|100",
+            // Both renamed carol: central-wins keeps the bot's name (it reached central first).
+            "3|carol_bot|NULL|10",
+            "4|dave|NULL|5",
+        ]
+    );
+    assert_eq!(
+        query(
+            &s.central(),
+            "SELECT score FROM scores WHERE nick = 'alice'"
+        ),
+        ["12"]
+    );
+    assert_eq!(query(&s.central(), "SELECT count(*) FROM seen"), ["2"]);
+    // The losing name stands in the conflict record, with all three images.
+    let c = conflicts(&s.r);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(c[0]["table"], "users");
+    assert_eq!(c[0]["peer"], "website");
+    assert_eq!(c[0]["kind"], "update-update");
+    assert_eq!(c[0]["winner"], "central");
+    assert_eq!(c[0]["rows"]["peer"][1], "carol_web");
+    assert_eq!(c[0]["rows"]["central"][1], "carol_bot");
+    assert_eq!(c[0]["rows"]["base"][1], "carol");
+    // A further sync changes nothing and records nothing.
+    let out = s.sync_ok();
+    assert!(!out.contains("+1") && !out.contains("~1"), "{out}");
+    assert_eq!(conflicts(&s.r).len(), 1);
+}
+
+#[test]
+fn policies_decide_conflicts() {
+    for (policy, expect) in [
+        ("peer-wins", "carol_web"),
+        ("newest-wins", "carol_web"),
+        ("central-wins", "carol_bot"),
+    ] {
+        let s = Setup::new(&format!("policy = \"{policy}\""));
+        s.sync_ok();
+        // The bot pair syncs first and brings the bot's rename to central; the website pair
+        // then meets its own rename of the same cell: a conflict.
+        exec(&s.bot, BOT_CHANGES);
+        exec(&s.web, WEB_CHANGES);
+        s.sync_ok();
+        s.sync_ok();
+        s.assert_converged();
+        assert_eq!(
+            query(&s.central(), "SELECT nick FROM users WHERE id = 3"),
+            [expect],
+            "{policy}"
+        );
+        // Without counters, coins is a plain conflicting cell: bob's row conflicts too.
+        assert_eq!(conflicts(&s.r).len(), 2, "{policy}");
+    }
+}
+
+#[test]
+fn update_delete_and_insert_insert_are_conflicts_resolved_by_policy() {
+    let s = Setup::new("policy = \"peer-wins\"");
+    s.sync_ok();
+    exec(
+        &s.central(),
+        "DELETE FROM users WHERE id = 1; INSERT INTO users VALUES (9, 'c9', NULL, 0, 't');",
+    );
+    exec(
+        &s.bot,
+        "UPDATE users SET email = 'x' WHERE id = 1; INSERT INTO users VALUES (9, 'b9', NULL, 0, 't');",
+    );
+    s.sync(&["--peer", "bot"]);
+    assert_eq!(sqldiff(&s.central(), &s.bot), "");
+    assert_eq!(
+        query(
+            &s.central(),
+            "SELECT nick, email FROM users WHERE id IN (1, 9) ORDER BY id"
+        ),
+        ["alice|x", "b9|NULL"]
+    );
+    let kinds: Vec<String> = conflicts(&s.r)
+        .iter()
+        .map(|c| c["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["update-delete", "insert-insert"]);
+}
+
+#[test]
+fn directions_pull_and_push_write_one_side_only() {
+    let s = Setup::new("");
+    s.sync_ok();
+    let bot = s.bot.display().to_string();
+    let web = s.web.display().to_string();
+    s.r.write_config(&format!(
+        "[[database.db]]\nname = \"users\"\npeers = [\n  {{ name = \"bot\", path = \"{bot}\", direction = \"pull\" }},\n  \
+         {{ name = \"website\", path = \"{web}\", direction = \"push\" }},\n]\n"
+    ));
+    exec(
+        &s.bot,
+        "INSERT INTO users VALUES (10, 'from_bot', NULL, 0, 't')",
+    );
+    exec(
+        &s.web,
+        "INSERT INTO users VALUES (11, 'from_web', NULL, 0, 't')",
+    );
+    exec(
+        &s.central(),
+        "INSERT INTO users VALUES (12, 'from_central', NULL, 0, 't')",
+    );
+    s.sync_ok();
+    s.sync_ok();
+    let ids = |db: &Path| query(db, "SELECT id FROM users WHERE id >= 10 ORDER BY id");
+    assert_eq!(
+        ids(&s.central()),
+        ["10", "12"],
+        "pull brings the bot's row; push ignores the website's"
+    );
+    assert_eq!(ids(&s.bot), ["10"], "nothing is pushed to a pull peer");
+    assert_eq!(
+        ids(&s.web),
+        ["10", "11", "12"],
+        "push peer gets central; keeps its own"
+    );
+    // Stable: the differences a direction may not propagate are not redone every run.
+    let out = s.sync_ok();
+    assert!(!out.contains("+1"), "{out}");
+}
+
+#[test]
+fn multisets_composite_keys_blobs_nulls_and_excluded_tables() {
+    let s = Setup::new("exclude_tables = [\"cache\"]");
+    for db in [&s.bot, &s.web] {
+        exec(db, "CREATE TABLE files (owner BLOB, name TEXT, data BLOB, note TEXT, PRIMARY KEY (owner, name));
+                  CREATE TABLE cache (k TEXT);
+                  CREATE TABLE log (id INTEGER PRIMARY KEY AUTOINCREMENT, msg TEXT);");
+    }
+    exec(&s.bot, "INSERT INTO cache VALUES ('bot only')");
+    s.sync_ok();
+    // Both sides insert the same row into a table without a key: it occurs twice.
+    exec(
+        &s.bot,
+        "INSERT INTO seen VALUES ('zed', '#x', 't');
+                  INSERT INTO files VALUES (x'00ff', 'a', x'deadbeef', NULL);
+                  INSERT INTO log (msg) VALUES ('b');",
+    );
+    exec(
+        &s.web,
+        "INSERT INTO seen VALUES ('zed', '#x', 't');
+                  INSERT INTO files VALUES (x'00fe', 'a', NULL, 'n');
+                  DELETE FROM seen WHERE nick = 'alice';",
+    );
+    s.sync_ok();
+    s.sync_ok();
+    // The excluded table differs and is left as it is on every side.
+    assert_eq!(query(&s.bot, "SELECT count(*) FROM cache"), ["1"]);
+    assert_eq!(query(&s.central(), "SELECT count(*) FROM cache"), ["1"]);
+    assert_eq!(query(&s.web, "SELECT count(*) FROM cache"), ["0"]);
+    exec(&s.bot, "DELETE FROM cache");
+    exec(&s.central(), "DELETE FROM cache");
+    s.assert_converged();
+    assert_eq!(
+        query(&s.central(), "SELECT nick FROM seen ORDER BY nick"),
+        ["zed", "zed"]
+    );
+    assert_eq!(
+        query(
+            &s.central(),
+            "SELECT hex(owner), data FROM files ORDER BY owner"
+        ),
+        ["00FE|NULL", "00FF|x4"]
+    );
+}
+
+#[test]
+fn tables_whose_schemas_differ_are_skipped_and_the_rest_syncs() {
+    let s = Setup::new("");
+    s.sync_ok();
+    exec(
+        &s.bot,
+        "ALTER TABLE scores ADD COLUMN rank INTEGER; CREATE TABLE extra (x);
+                  INSERT INTO users VALUES (5, 'eve', NULL, 0, 't'); UPDATE scores SET score = 99;",
+    );
+    let out = s.sync_ok();
+    assert!(
+        out.contains("skipped: columns or primary key differ"),
+        "{out}"
+    );
+    assert!(out.contains("skipped: exists in the peer only"), "{out}");
+    assert_eq!(
+        query(&s.central(), "SELECT nick FROM users WHERE id = 5"),
+        ["eve"]
+    );
+    assert_eq!(
+        query(&s.central(), "SELECT max(score) FROM scores"),
+        ["10"],
+        "not merged"
+    );
+    let status = s.r.status_json();
+    let bot = status["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == "bot")
+        .unwrap();
+    assert_eq!(bot["skipped_tables"].as_array().unwrap().len(), 2);
+    assert!(
+        status["problems"]
+            .to_string()
+            .contains("table scores is not synced"),
+        "{status}"
+    );
+}
+
+#[test]
+fn missing_corrupt_truncated_and_locked_peers_fail_clearly_and_leave_central_alone() {
+    let s = Setup::new("");
+    s.sync_ok();
+    let big = s.r.tmp.path().join("big.db");
+    exec(
+        &big,
+        "CREATE TABLE t (x); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) INSERT INTO t SELECT randomblob(100) FROM n;",
+    );
+
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        (
+            "missing",
+            Box::new(|p: &Path| std::fs::remove_file(p).unwrap()),
+            "not found",
+        ),
+        (
+            "random bytes",
+            Box::new(|p: &Path| std::fs::write(p, vec![0x5au8; 64 * 1024]).unwrap()),
+            "bot.db",
+        ),
+        (
+            "truncated",
+            Box::new(|p: &Path| {
+                std::fs::copy(&big, p).unwrap();
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(std::fs::metadata(p).unwrap().len() / 3).unwrap();
+            }),
+            "bot.db",
+        ),
+    ];
+    for (n, (what, damage, needle)) in cases.into_iter().enumerate() {
+        let id = 100 + n;
+        exec(
+            &s.web,
+            &format!("INSERT INTO users VALUES ({id}, 'web', NULL, 0, 't')"),
+        );
+        let saved = std::fs::read(&s.bot).unwrap();
+        damage(&s.bot);
+        let damaged = std::fs::read(&s.bot).ok();
+        let out = s.sync(&["--db", "users"]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(
+            err.contains(needle) && err.contains("users/bot"),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(
+            std::fs::read(&s.bot).ok(),
+            damaged,
+            "{what}: peer left as it was"
+        );
+        assert_eq!(
+            query(
+                &s.central(),
+                &format!("SELECT nick FROM users WHERE id = {id}")
+            ),
+            ["web"],
+            "{what}: the other pair still synced"
+        );
+        std::fs::write(&s.bot, &saved).unwrap();
+        s.sync_ok();
+    }
+
+    // Locked: a writer holds an exclusive lock longer than busy_timeout.
+    let before = std::fs::read(s.central()).unwrap();
+    let holder = Connection::open(&s.bot).unwrap();
+    holder
+        .execute_batch("BEGIN EXCLUSIVE; INSERT INTO users VALUES (8, 'x', NULL, 0, 't');")
+        .unwrap();
+    let out = s.sync(&["--peer", "bot"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("busy") && err.contains("bot.db"), "{err}");
+    assert_eq!(
+        std::fs::read(s.central()).unwrap(),
+        before,
+        "central byte-identical"
+    );
+    holder.execute_batch("COMMIT").unwrap();
+    s.sync_ok();
+    assert_eq!(
+        query(&s.central(), "SELECT nick FROM users WHERE id = 8"),
+        ["x"]
+    );
+}
+
+#[test]
+fn mass_delete_guard_stops_a_wiped_peer_unless_forced() {
+    let s = Setup::new("");
+    exec(
+        &s.bot,
+        "WITH RECURSIVE n(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM n WHERE i < 299) INSERT INTO users SELECT i, 'n' || i, NULL, 0, 't' FROM n;",
+    );
+    exec(
+        &s.web,
+        "WITH RECURSIVE n(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM n WHERE i < 299) INSERT INTO users SELECT i, 'n' || i, NULL, 0, 't' FROM n;",
+    );
+    s.sync_ok();
+    exec(&s.bot, "DELETE FROM users WHERE id > 50");
+    let before = std::fs::read(s.central()).unwrap();
+    let out = s.sync(&["--peer", "bot"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("mass-delete guard")
+            && err.contains("table users")
+            && err.contains("200 of the 203"),
+        "{err}"
+    );
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(s.central()).unwrap(), before);
+    let out = s.sync(&["--peer", "bot", "--force"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(query(&s.central(), "SELECT count(*) FROM users"), ["3"]);
+}
+
+/// Every file under `dir` (but cr0sync's own log and lock files) with its mtime and a
+/// digest of its bytes.
+fn tree(dir: &Path) -> Vec<(PathBuf, i64, i64, u64)> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<_> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|e| e.file_type().is_file())
+        .filter(|e| !e.path().to_string_lossy().contains("/root/logs/"))
+        .filter(|e| !e.path().to_string_lossy().contains("/root/locks/"))
+        .map(|e| {
+            let m = e.metadata().unwrap();
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(e.path()).unwrap().hash(&mut h);
+            (
+                e.path().to_path_buf(),
+                m.mtime(),
+                m.mtime_nsec(),
+                h.finish(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn dry_run_prints_per_table_counts_and_writes_nothing() {
+    let s = Setup::new("counters = { users = [\"coins\"] }");
+    s.sync_ok();
+    exec(&s.bot, BOT_CHANGES);
+    exec(&s.web, WEB_CHANGES);
+    let before = tree(s.r.tmp.path());
+    let out = s.sync(&["--dry-run"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("users     bot      users   +1 ~2 -0  +0 ~0 -0  0"),
+        "{text}"
+    );
+    assert!(text.contains("dry run: nothing written"), "{text}");
+    let after = tree(s.r.tmp.path());
+    assert_eq!(before, after);
+}
+
+#[test]
+fn fast_path_skips_a_pair_whose_files_did_not_change() {
+    let s = Setup::new("");
+    // Old mtimes, so the fingerprint is not racy.
+    for f in [&s.bot, &s.web] {
+        assert!(
+            Command::new("touch")
+                .args(["-d", "2020-01-01"])
+                .arg(f)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    s.sync_ok();
+    s.sync_ok();
+    let out = s.sync_ok();
+    assert_eq!(
+        out.matches("unchanged since the last sync").count(),
+        2,
+        "{out}"
+    );
+    // A change on a peer ends the fast path for that pair.
+    exec(&s.web, "INSERT INTO users VALUES (20, 'w', NULL, 0, 't')");
+    let out = s.sync_ok();
+    assert!(out.contains("website  users  +1 ~0 -0"), "{out}");
+    assert_eq!(
+        query(&s.central(), "SELECT nick FROM users WHERE id = 20"),
+        ["w"]
+    );
+    // Central changed, so the bot pair is no longer unchanged either.
+    let out = s.sync_ok();
+    assert!(out.contains("bot      users  +0 ~0 -0  +1 ~0 -0"), "{out}");
+    s.assert_converged();
+}
+
+fn backups(s: &Setup) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(s.r.path("backups/users"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn backups_are_whole_gzip_files_throttled_by_interval_and_restorable() {
+    let s = Setup::new("");
+    s.sync_ok();
+    assert!(backups(&s).is_empty(), "nothing written, nothing backed up");
+    exec(&s.bot, "INSERT INTO users VALUES (30, 'a', NULL, 0, 't')");
+    s.sync_ok();
+    let first = backups(&s);
+    let names: Vec<String> = first
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("users.central.")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.starts_with("users.website.")),
+        "{names:?}"
+    );
+    for b in &first {
+        assert!(
+            Command::new("gzip")
+                .arg("-t")
+                .arg(b)
+                .status()
+                .unwrap()
+                .success(),
+            "{}",
+            b.display()
+        );
+    }
+    // Within backup_interval (1h default): no new routine backup.
+    exec(&s.bot, "INSERT INTO users VALUES (31, 'b', NULL, 0, 't')");
+    s.sync_ok();
+    assert_eq!(backups(&s), first);
+
+    // Restore the central backup: it held rows up to 29 only (taken before id 30 arrived).
+    let central_backup = first
+        .iter()
+        .find(|p| p.to_string_lossy().contains(".central."))
+        .unwrap();
+    let out =
+        s.r.cmd()
+            .args(["db", "restore"])
+            .arg(central_backup)
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        query(&s.central(), "SELECT count(*) FROM users WHERE id >= 30"),
+        ["0"]
+    );
+    assert_eq!(integrity(&s.central()), "ok");
+    assert!(
+        backups(&s).len() > first.len(),
+        "the state before the restore was backed up"
+    );
+    // The pairs were reset: the next sync is a union, nothing is lost.
+    s.sync_ok();
+    s.sync_ok();
+    s.assert_converged();
+    assert_eq!(
+        query(&s.central(), "SELECT count(*) FROM users WHERE id >= 30"),
+        ["2"]
+    );
+
+    // clean-backups keeps backup_keep_min per target even when all are old.
+    let out =
+        s.r.cmd()
+            .args(["db", "clean-backups", "--dry-run"])
+            .output()
+            .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 backup(s) would remove"));
+}
+
+#[test]
+fn sync_from_bot_replaces_central_after_a_backup_and_resets_the_pair() {
+    let s = Setup::new("");
+    s.sync_ok();
+    exec(&s.central(), "UPDATE users SET nick = 'broken'");
+    exec(
+        &s.bot,
+        "INSERT INTO users VALUES (40, 'bot40', NULL, 0, 't')",
+    );
+    let dry =
+        s.r.cmd()
+            .args(["sync-from-bot", "--dry-run"])
+            .output()
+            .unwrap();
+    assert!(dry.status.success());
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would replace"));
+    let out =
+        s.r.cmd()
+            .args(["sync-from-bot", "--db", "users"])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(sqldiff(&s.central(), &s.bot), "");
+    assert!(
+        backups(&s)
+            .iter()
+            .any(|p| p.to_string_lossy().contains(".central."))
+    );
+    // The old central state is in the backup.
+    let b = backups(&s)
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains(".central."))
+        .unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc '{}' > '{}'",
+            b.display(),
+            s.r.tmp.path().join("old.db").display()
+        ))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    assert_eq!(
+        query(
+            &s.r.tmp.path().join("old.db"),
+            "SELECT DISTINCT nick FROM users"
+        ),
+        ["broken"]
+    );
+    s.sync_ok();
+    s.sync_ok();
+    s.assert_converged();
+}
+
+#[test]
+fn cron_database_is_silent_syncs_and_records_the_run() {
+    let s = Setup::new("");
+    let out = s.r.cmd().args(["cron", "database"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(out.stdout.is_empty() && out.stderr.is_empty());
+    s.assert_converged();
+    let status = s.r.status_json();
+    assert_eq!(status["jobs"]["database"]["last_result"], "ok");
+    assert_eq!(status["databases"].as_array().unwrap().len(), 2);
+    assert!(status["databases"][0]["last_sync"].is_string());
+    let schedule: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.r.path("state/schedule/database.json")).unwrap())
+            .unwrap();
+    assert!(schedule.to_string().contains("clean-backups"), "{schedule}");
+}
+
+#[test]
+fn a_writer_inserting_during_many_syncs_loses_nothing() {
+    let s = Setup::new("");
+    exec(&s.bot, "PRAGMA journal_mode = WAL");
+    s.sync_ok();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (bot, stop) = (s.bot.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let c = Connection::open(&bot).unwrap();
+            c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+            let mut n = 1000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.execute("INSERT INTO users VALUES (?1, 'w', NULL, 0, 't')", [n])
+                    .unwrap();
+                c.execute("UPDATE users SET coins = coins + 1 WHERE id = 1", [])
+                    .unwrap();
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            n - 1000
+        })
+    };
+    for _ in 0..25 {
+        let out = s.sync(&[]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    s.sync_ok();
+    s.sync_ok();
+    s.assert_converged();
+    assert_eq!(
+        query(&s.central(), "SELECT count(*) FROM users WHERE id >= 1000"),
+        [written.to_string()]
+    );
+    assert_eq!(
+        query(&s.central(), "SELECT coins FROM users WHERE id = 1"),
+        [(100 + written).to_string()]
+    );
+    assert_eq!(
+        journal_mode(&s.bot),
+        "wal",
+        "the peer's journal mode is never changed"
+    );
+}
+
+fn journal_mode(db: &Path) -> String {
+    query(db, "PRAGMA journal_mode").remove(0)
+}
