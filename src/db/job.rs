@@ -363,8 +363,7 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
                 last_error,
                 newest_backup: backups
                     .iter()
-                    .filter(|b| b.target == "central")
-                    .next_back()
+                    .rfind(|b| b.target == "central")
                     .map(|b| crate::ops::clock::rfc3339(b.time)),
             });
         }
