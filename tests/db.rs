@@ -413,8 +413,8 @@ fn missing_corrupt_truncated_and_locked_peers_fail_clearly_and_leave_central_alo
         "CREATE TABLE t (x); WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000) INSERT INTO t SELECT randomblob(100) FROM n;",
     );
 
-    type Damage = Box<dyn Fn(&Path)>;
-    let cases: Vec<(&str, Damage, &str)> = vec![
+    type Damage<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Damage<'_>, &str)> = vec![
         (
             "missing",
             Box::new(|p: &Path| std::fs::remove_file(p).unwrap()),
