@@ -811,3 +811,97 @@ fn a_writer_inserting_during_many_syncs_loses_nothing() {
 fn journal_mode(db: &Path) -> String {
     query(db, "PRAGMA journal_mode").remove(0)
 }
+
+#[test]
+fn sigkill_at_many_moments_then_one_sync_leaves_everything_equal_intact_and_complete() {
+    let s = Setup::new("");
+    let fill = "WITH RECURSIVE n(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM n WHERE i < 40099)
+                INSERT INTO users SELECT i, 'n' || i, 'e' || i, i, 't0' FROM n;";
+    exec(&s.bot, fill);
+    exec(&s.web, fill);
+    s.sync_ok();
+    // Disjoint work on each side: updates, inserts, deletes and multiset inserts.
+    exec(&s.bot, "UPDATE users SET nick = 'bot' || id WHERE id % 10 = 1;
+                  DELETE FROM users WHERE id % 100 = 7;
+                  WITH RECURSIVE n(i) AS (SELECT 100000 UNION ALL SELECT i + 1 FROM n WHERE i < 104999)
+                  INSERT INTO users SELECT i, 'bn' || i, NULL, 0, 't1' FROM n;
+                  WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
+                  INSERT INTO seen SELECT 'b' || i, '#c', 't' FROM n;");
+    exec(&s.web, "UPDATE users SET email = 'web' || id WHERE id % 10 = 2;
+                  WITH RECURSIVE n(i) AS (SELECT 200000 UNION ALL SELECT i + 1 FROM n WHERE i < 204999)
+                  INSERT INTO users SELECT i, 'wn' || i, NULL, 0, 't2' FROM n;
+                  WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
+                  INSERT INTO seen SELECT 'w' || i, '#c', 't' FROM n;");
+
+    let mut killed = 0;
+    let mut completed_at = None;
+    for round in 0..80u64 {
+        let mut child = std::process::Command::new(common::BIN)
+            .arg("--root")
+            .arg(&s.r.root)
+            .args(["db", "sync"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Later and later moments, 25 ms apart, until a run gets to finish: every moment
+        // of a sync's life is cut once (each killed run starts over from what the
+        // previous one left).
+        std::thread::sleep(std::time::Duration::from_millis(round * 25));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+            child.wait().unwrap();
+        } else {
+            completed_at = Some(round * 25);
+            break;
+        }
+    }
+    eprintln!("first uncut run: {completed_at:?} ms");
+    assert!(
+        killed > 10,
+        "only {killed} runs were killed: the database is too small"
+    );
+    let log = std::fs::read_to_string(s.r.path("logs/cron_database_sync.log")).unwrap();
+    eprintln!(
+        "{killed} runs killed; {} later runs completed an interrupted one",
+        log.matches("previous sync was interrupted").count()
+    );
+    s.sync_ok();
+    s.sync_ok();
+    s.assert_converged();
+    let c = s.central();
+    let one = |sql: &str| query(&c, sql).remove(0);
+    assert_eq!(
+        one("SELECT count(*) FROM users WHERE id BETWEEN 100000 AND 104999"),
+        "5000"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM users WHERE id BETWEEN 200000 AND 204999"),
+        "5000"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM users WHERE id < 100000 AND id % 100 = 7"),
+        "0"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM users WHERE id < 100000 AND id % 10 = 1 AND nick != 'bot' || id"),
+        "0"
+    );
+    assert_eq!(
+        one(
+            "SELECT count(*) FROM users WHERE id < 100000 AND id % 10 = 2 AND email != 'web' || id"
+        ),
+        "0"
+    );
+    assert_eq!(
+        one("SELECT count(*) FROM users"),
+        (3 + 40_000 - 400 + 10_000).to_string()
+    );
+    // Each multiset insert exactly once: nothing lost, nothing duplicated.
+    assert_eq!(one("SELECT count(*) FROM seen"), "1001");
+    assert_eq!(one("SELECT count(DISTINCT nick) FROM seen"), "1001");
+    // No conflicts were made up, and no record was written twice.
+    let recorded = conflicts(&s.r);
+    assert!(recorded.is_empty(), "{recorded:?}");
+}

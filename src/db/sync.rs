@@ -326,6 +326,13 @@ pub fn sync_pair(
         )
     })?;
     report.recovered = !journal.is_empty();
+    if report.recovered {
+        log::warn!(
+            "{name}/{peer_name}: the previous sync was interrupted after writing the peer; \
+             completing it ({} journal entries)",
+            journal.len()
+        );
+    }
 
     let plans = plan_tables(&conn, db, &mut report)?;
     let mut works = Vec::new();
@@ -337,21 +344,22 @@ pub fn sync_pair(
                 .unwrap_or(&[]),
             &db.updated_at,
         );
-        let journalled: Vec<Key> = journal
+        let entries: Vec<serde_json::Value> = journal
             .iter()
             .filter(|j| j.table == schema.name)
             .filter_map(|j| j.key.as_deref())
-            .filter_map(|k| {
-                serde_json::from_str(k)
-                    .ok()
-                    .as_ref()
-                    .and_then(row_from_json)
-            })
+            .filter_map(|k| serde_json::from_str(k).ok())
             .collect();
         let work = if spec.keyed() {
-            merge_keyed(&conn, schema, spec, base_state, rules, &journalled)?
+            let keys: Vec<Key> = entries.iter().filter_map(row_from_json).collect();
+            merge_keyed(&conn, schema, spec, base_state, rules, &keys)?
         } else {
-            merge_multiset(&conn, schema, spec, base_state, rules)?
+            // Multiset entries are `[row, count the peer was set to]`.
+            let counts: Vec<(Row, u64)> = entries
+                .iter()
+                .filter_map(|e| Some((row_from_json(e.get(0)?)?, e.get(1)?.as_u64()?)))
+                .collect();
+            merge_multiset(&conn, schema, spec, base_state, rules, &counts)?
         };
         works.push(work);
     }
@@ -407,6 +415,17 @@ pub fn sync_pair(
                     entries.push(Pending {
                         table: w.spec.name.clone(),
                         key: Some(serde_json::to_string(key)?),
+                        conflict: None,
+                    });
+                }
+            }
+        }
+        for w in works.iter().filter(|w| !w.keyed()) {
+            for ch in &w.to_peer {
+                if let Change::SetCount { row, new, .. } = ch {
+                    entries.push(Pending {
+                        table: w.spec.name.clone(),
+                        key: Some(serde_json::to_string(&(row, new))?),
                         conflict: None,
                     });
                 }
@@ -709,13 +728,30 @@ fn merge_multiset(
     spec: TableSpec,
     base: BaseState,
     rules: Rules,
+    journalled: &[(Row, u64)],
 ) -> Result<Work> {
-    let b = match base {
-        BaseState::Fresh => Some(snapshot::rows(conn, "b", &schema)?),
-        BaseState::Rebuild => None,
-    };
     let c = snapshot::rows(conn, "main", &schema)?;
     let p = snapshot::rows(conn, "p", &schema)?;
+    let b = match base {
+        BaseState::Fresh => {
+            let mut b = multiset(&snapshot::rows(conn, "b", &schema)?);
+            // An interrupted run set these rows' counts on the peer but did not commit the
+            // central copy. Where the peer holds that count, it already includes the
+            // central side's rows: the central count is the agreed base for that row.
+            let (cm, pm) = (multiset(&c), multiset(&p));
+            for (row, n) in journalled {
+                if pm.get(row).copied().unwrap_or(0) == *n {
+                    b.insert(row.clone(), cm.get(row).copied().unwrap_or(0));
+                }
+            }
+            Some(
+                b.into_iter()
+                    .flat_map(|(r, n)| std::iter::repeat_n(r, n as usize))
+                    .collect::<Vec<Row>>(),
+            )
+        }
+        BaseState::Rebuild => None,
+    };
     let m = merge::merge_table(&spec, rules, b.as_deref(), &c, &p);
     let (bm, cm, pm) = (b.as_deref().map(multiset), multiset(&c), multiset(&p));
     let nm = multiset(&m.new_base);
