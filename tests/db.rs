@@ -844,16 +844,16 @@ fn sigkill_at_many_moments_then_one_sync_leaves_everything_equal_intact_and_comp
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        // Later and later moments, 25 ms apart, until a run gets to finish: every moment
+        // Later and later moments, 10 ms apart, until a run gets to finish: every moment
         // of a sync's life is cut once (each killed run starts over from what the
         // previous one left).
-        std::thread::sleep(std::time::Duration::from_millis(round * 25));
+        std::thread::sleep(std::time::Duration::from_millis(round * 10));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             killed += 1;
             child.wait().unwrap();
         } else {
-            completed_at = Some(round * 25);
+            completed_at = Some(round * 10);
             break;
         }
     }

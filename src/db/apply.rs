@@ -71,7 +71,9 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
         n + 1
     );
 
-    let values = |row: &[Cell]| row.iter().map(|c| c.0.clone()).collect::<Vec<_>>();
+    fn values(row: &[Cell]) -> Vec<&rusqlite::types::Value> {
+        row.iter().map(|c| &c.0).collect()
+    }
     let mut out = Applied::default();
     for change in changes {
         match change {
@@ -135,8 +137,9 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
                         }
                     }
                 } else {
+                    let surplus = rusqlite::types::Value::Integer((old - new) as i64);
                     let mut params = values(row);
-                    params.push(rusqlite::types::Value::Integer((old - new) as i64));
+                    params.push(&surplus);
                     conn.prepare_cached(&delete_some)?
                         .execute(params_from_iter(params))
                         .with_context(|| format!("cannot delete rows from table {}", spec.name))?;
@@ -145,6 +148,40 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
         }
     }
     Ok(out)
+}
+
+/// Writes keyed changes without the optimistic check: for the merge base, which only
+/// cr0sync writes, inside the central transaction.
+pub fn overwrite(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) -> Result<()> {
+    let t = format!("{db}.{}", quote(&spec.name));
+    let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
+    let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+    let match_key: Vec<String> = spec
+        .pk
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| format!("{} IS ?{}", cols[c], i + 1))
+        .collect();
+    let upsert = format!(
+        "INSERT OR REPLACE INTO {t} ({}) VALUES ({})",
+        cols.join(", "),
+        marks.join(", ")
+    );
+    let delete = format!("DELETE FROM {t} WHERE {}", match_key.join(" AND "));
+    let mut upsert = conn.prepare(&upsert)?;
+    let mut delete = conn.prepare(&delete)?;
+    for change in changes {
+        match change {
+            Change::Upsert { new, .. } => {
+                upsert.execute(params_from_iter(new.iter().map(|c| &c.0)))?;
+            }
+            Change::Delete { key, .. } => {
+                delete.execute(params_from_iter(key.iter().map(|c| &c.0)))?;
+            }
+            Change::SetCount { .. } => anyhow::bail!("overwrite is for keyed tables"),
+        }
+    }
+    Ok(())
 }
 
 /// Whether a write changed a row. A constraint the database enforces is a skip with a

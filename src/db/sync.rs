@@ -277,6 +277,7 @@ pub fn sync_pair(
     }
 
     // 2. Snapshot of the peer.
+    let mut phases = Phases::start();
     let busy = ctx.config.general.busy_timeout.0;
     let scratch = backup::scratch_dir(ctx)?;
     let snap = scratch.join(format!("{name}.{peer_name}.snapshot.db"));
@@ -300,6 +301,7 @@ pub fn sync_pair(
         log::info!("{name}: central copy created from peer {peer_name}");
     }
 
+    phases.mark("snapshot");
     // 3. One connection: central as main, snapshot as p, base as b.
     let mut conn = open_central(&central_path, busy)?;
     conn.execute("ATTACH ?1 AS p", [path_str(&snap)?])?;
@@ -367,6 +369,7 @@ pub fn sync_pair(
     // Journalled conflicts whose resolution already reached a side are recorded now;
     // the others are found again by this run's merge.
     let recovered_conflicts = recover_conflicts(ctx, &conn, &journal)?;
+    phases.mark("diff and merge");
 
     for w in &works {
         report.tables.push(TableReport {
@@ -406,11 +409,12 @@ pub fn sync_pair(
     let write_central = works.iter().any(|w| !w.to_central.is_empty());
 
     // 4. Journal, backups, peer.
-    let mut peer_applied: Vec<Applied> = vec![Applied::default(); works.len()];
     if write_peer {
         let mut entries = Vec::new();
         for w in works.iter().filter(|w| w.keyed()) {
-            for ch in w.to_central.iter().chain(&w.to_peer) {
+            // Only keys written to the peer: a key written to the central copy alone still
+            // differs between the sides after a crash, so the next diff finds it anyway.
+            for ch in &w.to_peer {
                 if let Change::Upsert { key, .. } | Change::Delete { key, .. } = ch {
                     entries.push(Pending {
                         table: w.spec.name.clone(),
@@ -440,16 +444,59 @@ pub fn sync_pair(
         }
         base::write_pending(&conn, &entries)
             .with_context(|| format!("cannot write the merge base {}", base_path.display()))?;
+        phases.mark("journal");
         maybe_backup(ctx, name, peer_name, &peer_path, now, &mut report)?;
-        peer_applied = write_side(&peer_path, busy, &works, |w| &w.to_peer).with_context(|| {
-            format!(
-                "{name}/{peer_name}: cannot write peer {}",
-                peer_path.display()
-            )
-        })?;
     }
     if write_central {
         maybe_backup(ctx, name, "central", &central_path, now, &mut report)?;
+    }
+
+    // 4-5. The peer is written (and committed) on its own thread while this one applies
+    // the central copy's changes and the base in the central transaction; that
+    // transaction commits only after the peer committed. Rows the peer's writer changed
+    // meanwhile get their old base back before the commit.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let fresh_keyed = |w: &Work| w.keyed() && matches!(w.base, BaseState::Fresh);
+    let (peer_result, central_deferred) = std::thread::scope(|scope| -> Result<_> {
+        let peer = write_peer
+            .then(|| scope.spawn(|| write_side(&peer_path, busy, &works, |w: &Work| &w.to_peer)));
+        let mut central_deferred: Vec<BTreeSet<Key>> = Vec::new();
+        let prepared = (|| -> Result<()> {
+            for w in &works {
+                central_deferred.push(apply(&tx, "main", &w.spec, &w.to_central)?.skipped);
+            }
+            for (w, deferred) in works.iter().zip(&central_deferred) {
+                if fresh_keyed(w) {
+                    settle_base(&tx, w, rules.direction, deferred)?;
+                }
+            }
+            Ok(())
+        })();
+        let peer_result = match peer {
+            Some(handle) => handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("the peer writer thread panicked"))?,
+            None => Ok(vec![Applied::default(); works.len()]),
+        };
+        prepared?;
+        Ok((peer_result, central_deferred))
+    })?;
+    let peer_applied = peer_result.with_context(|| {
+        format!(
+            "{name}/{peer_name}: cannot write peer {}",
+            peer_path.display()
+        )
+    })?;
+    phases.mark("peer and central writes");
+    for (i, w) in works.iter().enumerate() {
+        let by_peer = &peer_applied[i].skipped;
+        let all: BTreeSet<Key> = central_deferred[i].union(by_peer).cloned().collect();
+        report.tables[i].deferred = all.len();
+        if fresh_keyed(w) {
+            revert_base(&tx, w, by_peer)?;
+        } else {
+            settle_base(&tx, w, rules.direction, &all)?;
+        }
     }
     conflicts::append(ctx, &recovered_conflicts)?;
     conflicts::append(ctx, &records)?;
@@ -461,23 +508,12 @@ pub fn sync_pair(
             r.winner
         );
     }
-
-    // 5. Central and base, atomically.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for (i, w) in works.iter().enumerate() {
-        let central_applied = apply(&tx, "main", &w.spec, &w.to_central)?;
-        let deferred: BTreeSet<Key> = central_applied
-            .skipped
-            .union(&peer_applied[i].skipped)
-            .cloned()
-            .collect();
-        report.tables[i].deferred = deferred.len();
-        settle_base(&tx, w, rules.direction, &deferred)?;
-    }
     base::clear_pending(&tx)?;
     tx.commit()
         .with_context(|| format!("cannot commit the central copy {}", central_path.display()))?;
     drop(conn);
+    phases.mark("central commit");
+    log::info!("{name}/{peer_name}: {}", phases.text());
 
     let fingerprint = Fingerprint {
         config: digest,
@@ -496,6 +532,36 @@ pub fn sync_pair(
         },
     )?;
     Ok(report)
+}
+
+/// Wall time per phase of a sync, for the log.
+struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, u128)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Phases {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, (now - self.last).as_millis()));
+        self.last = now;
+    }
+
+    fn text(&self) -> String {
+        let parts: Vec<String> = self
+            .done
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms} ms"))
+            .collect();
+        parts.join(", ")
+    }
 }
 
 struct RemoveOnDrop(PathBuf);
@@ -630,50 +696,102 @@ fn lookup(conn: &Connection, sql: &str, key: &Key) -> Result<Option<Row>> {
     ))
 }
 
-/// Keys whose rows differ between the central copy and the snapshot, found in SQL: the
-/// same comparison `sqldiff` makes (columns compared with `IS`).
-fn differing_keys(conn: &Connection, schema: &Schema, spec: &TableSpec) -> Result<Vec<Key>> {
+/// The base, central and peer rows of one key (`None`: absent).
+type Sides = [Option<Row>; 3];
+
+/// The keys whose rows differ between the central copy and the snapshot, with their base,
+/// central and peer rows, found in SQL: the comparison `sqldiff` makes (columns compared
+/// with `IS`), one pass over each side, the base consulted only for rows that differ.
+fn differing_rows(
+    conn: &Connection,
+    schema: &Schema,
+    spec: &TableSpec,
+    with_base: bool,
+) -> Result<BTreeMap<Key, Sides>> {
     let t = quote(&schema.name);
     let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
     let pk: Vec<&String> = spec.pk.iter().map(|&i| &cols[i]).collect();
-    let on_key = |a: &str, b: &str| {
+    // `=` on the key lets SQLite walk the other side's key index; a NULL key (possible
+    // in rowid tables) never matches, so its row is merely looked at again, never missed.
+    let on_key = |a: &str, b: &str| -> String {
         pk.iter()
-            .map(|c| format!("{a}.{c} IS {b}.{c}"))
+            .map(|c| format!("{a}.{c} = {b}.{c}"))
             .collect::<Vec<_>>()
             .join(" AND ")
     };
-    let same: String = cols
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !spec.pk.contains(i))
-        .map(|(_, c)| format!(" AND x.{c} IS c.{c}"))
-        .collect();
-    let select = |a: &str| {
-        pk.iter()
+    let all = |a: &str| -> String {
+        cols.iter()
             .map(|c| format!("{a}.{c}"))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let sql = format!(
-        "SELECT {} FROM main.{t} AS c WHERE NOT EXISTS \
-           (SELECT 1 FROM p.{t} AS x WHERE {}{same}) \
-         UNION ALL \
-         SELECT {} FROM p.{t} AS x WHERE NOT EXISTS \
-           (SELECT 1 FROM main.{t} AS c WHERE {})",
-        select("c"),
+    let differs: String = cols
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !spec.pk.contains(i))
+        .map(|(_, c)| format!(" OR x.{c} IS NOT c.{c}"))
+        .collect();
+    // The base row, joined only to rows that differ (after the WHERE filter).
+    let base_part = |side: &str| -> (String, String) {
+        if with_base {
+            (
+                format!(", o.{} IS NULL, {}", pk[0], all("o")),
+                format!(" LEFT JOIN b.{t} AS o ON {}", on_key("o", side)),
+            )
+        } else {
+            (String::new(), String::new())
+        }
+    };
+    let (base_cols, base_join) = base_part("c");
+    let n = cols.len();
+    let mut out = BTreeMap::new();
+    // Reads `n` cells from column `at`, or `None` if the flag column before them is set.
+    let read = |r: &rusqlite::Row, at: usize| -> rusqlite::Result<Option<Row>> {
+        if r.get::<_, bool>(at)? {
+            return Ok(None);
+        }
+        (at + 1..=at + n)
+            .map(|i| r.get(i).map(Cell))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    };
+    let changed = format!(
+        "SELECT 0, {}, x.{} IS NULL, {}{base_cols} FROM main.{t} AS c \
+         LEFT JOIN p.{t} AS x ON {}{base_join} WHERE x.{} IS NULL{differs}",
+        all("c"),
+        pk[0],
+        all("x"),
         on_key("x", "c"),
-        select("x"),
-        on_key("c", "x"),
+        pk[0],
     );
-    let mut stmt = conn.prepare(&sql)?;
-    let n = pk.len();
-    let rows = stmt.query_map([], |r| {
-        (0..n)
-            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
-            .collect::<Result<Key, _>>()
-    })?;
-    rows.collect::<Result<_, _>>()
-        .with_context(|| format!("cannot compare table {}", schema.name))
+    let mut stmt = conn.prepare(&changed)?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let c = read(r, 0)?;
+        let p = read(r, n + 1)?;
+        let b = if with_base { read(r, 2 * n + 2)? } else { None };
+        if let Some(c) = c {
+            out.insert(spec.key_of(&c), [b, Some(c), p]);
+        }
+    }
+    let (base_cols, base_join) = base_part("x");
+    let peer_only = format!(
+        "SELECT 0, {}{base_cols} FROM p.{t} AS x LEFT JOIN main.{t} AS c ON {}{base_join} \
+         WHERE c.{} IS NULL",
+        all("x"),
+        on_key("c", "x"),
+        pk[0],
+    );
+    let mut stmt = conn.prepare(&peer_only)?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let p = read(r, 0)?;
+        let b = if with_base { read(r, n + 1)? } else { None };
+        if let Some(p) = p {
+            out.insert(spec.key_of(&p), [b, None, Some(p)]);
+        }
+    }
+    Ok(out)
 }
 
 fn merge_keyed(
@@ -684,8 +802,9 @@ fn merge_keyed(
     rules: Rules,
     journalled: &[Key],
 ) -> Result<Work> {
-    let mut keys: BTreeSet<Key> = differing_keys(conn, &schema, &spec)?.into_iter().collect();
-    keys.extend(journalled.iter().cloned());
+    let fresh = matches!(base, BaseState::Fresh);
+    let mut keys = differing_rows(conn, &schema, &spec, fresh)
+        .with_context(|| format!("cannot compare table {}", schema.name))?;
     let (sql_c, sql_p, sql_b) = (
         lookup_sql(&schema, &spec, "main"),
         lookup_sql(&schema, &spec, "p"),
@@ -702,13 +821,24 @@ fn merge_keyed(
         conflicts: Vec::new(),
         counter_merges: 0,
     };
-    for key in &keys {
-        let b = match w.base {
-            BaseState::Fresh => lookup(conn, &sql_b, key)?,
-            BaseState::Rebuild => None,
-        };
-        let c = lookup(conn, &sql_c, key)?;
-        let p = lookup(conn, &sql_p, key)?;
+    for key in journalled {
+        if !keys.contains_key(key) {
+            let b = if fresh {
+                lookup(conn, &sql_b, key)?
+            } else {
+                None
+            };
+            let sides = [b, lookup(conn, &sql_c, key)?, lookup(conn, &sql_p, key)?];
+            keys.insert(key.clone(), sides);
+        }
+    }
+    for (key, [b, _, _]) in &mut keys {
+        // A NULL in the key does not match with `=`: look its base row up with `IS`.
+        if fresh && b.is_none() && key.iter().any(Cell::is_null) {
+            *b = lookup(conn, &sql_b, key)?;
+        }
+    }
+    for (key, [b, c, p]) in &keys {
         let m = merge_key(&w.spec, rules, key, b.as_ref(), c.as_ref(), p.as_ref());
         w.counter_merges += usize::from(m.counter_merged);
         w.conflicts.extend(m.conflict);
@@ -817,18 +947,68 @@ fn settle_base(
     }
     match w.base {
         BaseState::Fresh => {
-            let changes: Vec<Change> = w
-                .to_base
-                .iter()
-                .filter(|c| match c {
-                    Change::Upsert { key, .. } | Change::Delete { key, .. } => {
-                        !deferred.contains(key)
-                    }
-                    Change::SetCount { .. } => true,
-                })
-                .cloned()
-                .collect();
-            apply(conn, "b", &w.spec, &changes)?;
+            // The new base row of every settled key is what `from` now holds, so it is
+            // copied in SQL; keys with a NULL cell (which `=` never matches) go row by row.
+            let from = if direction == Direction::Pull {
+                "p"
+            } else {
+                "main"
+            };
+            let settled = w.to_base.iter().filter_map(|c| match c {
+                Change::Upsert { key, .. } | Change::Delete { key, .. } => {
+                    (!deferred.contains(key)).then_some((key, c))
+                }
+                Change::SetCount { .. } => None,
+            });
+            let (plain, nulls): (Vec<_>, Vec<_>) =
+                settled.partition(|(key, _)| !key.iter().any(Cell::is_null));
+            let nulls: Vec<Change> = nulls.into_iter().map(|(_, c)| c.clone()).collect();
+            crate::db::apply::overwrite(conn, "b", &w.spec, &nulls)?;
+            if !plain.is_empty() {
+                let pk: Vec<String> = w
+                    .spec
+                    .pk
+                    .iter()
+                    .map(|&i| quote(&w.spec.columns[i]))
+                    .collect();
+                let pk = pk.join(", ");
+                conn.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS temp.cr0sync_keys; CREATE TEMP TABLE cr0sync_keys ({pk});"
+                ))?;
+                let marks: Vec<String> = (1..=w.spec.pk.len()).map(|i| format!("?{i}")).collect();
+                let mut insert = conn.prepare(&format!(
+                    "INSERT INTO temp.cr0sync_keys VALUES ({})",
+                    marks.join(", ")
+                ))?;
+                for (key, _) in &plain {
+                    insert.execute(params_from_iter(key.iter().map(|c| &c.0)))?;
+                }
+                let same_key: Vec<String> = w
+                    .spec
+                    .pk
+                    .iter()
+                    .map(|&i| {
+                        let c = quote(&w.spec.columns[i]);
+                        format!("s.{c} = k.{c}")
+                    })
+                    .collect();
+                let same_key = same_key.join(" AND ");
+                let kcols: Vec<String> = w
+                    .spec
+                    .pk
+                    .iter()
+                    .map(|&i| format!("k.{}", quote(&w.spec.columns[i])))
+                    .collect();
+                let kcols = kcols.join(", ");
+                // Driven by the key list: one index lookup per key, never a scan.
+                conn.execute_batch(&format!(
+                    "INSERT OR REPLACE INTO b.{t} SELECT s.* FROM temp.cr0sync_keys AS k \
+                       JOIN {from}.{t} AS s ON {same_key};
+                     DELETE FROM b.{t} WHERE ({pk}) IN (SELECT {kcols} FROM temp.cr0sync_keys \
+                       AS k WHERE NOT EXISTS (SELECT 1 FROM {from}.{t} AS s WHERE {same_key}));
+                     DROP TABLE temp.cr0sync_keys;"
+                ))?;
+            }
         }
         BaseState::Rebuild => {
             let from = if direction == Direction::Pull {
@@ -853,6 +1033,37 @@ fn settle_base(
     Ok(())
 }
 
+/// Puts back the old base rows of keys the peer deferred (its writer changed them after
+/// the snapshot), so the next run sees both sides' changes again.
+fn revert_base(conn: &Connection, w: &Work, deferred: &BTreeSet<Key>) -> Result<()> {
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let mut changes = Vec::new();
+    for ch in &w.to_base {
+        let (key, old) = match ch {
+            Change::Upsert { key, old, .. } => (key, old.clone()),
+            Change::Delete { key, old } => (key, Some(old.clone())),
+            Change::SetCount { .. } => continue,
+        };
+        if !deferred.contains(key) {
+            continue;
+        }
+        changes.push(match old {
+            Some(row) => Change::Upsert {
+                key: key.clone(),
+                old: None,
+                new: row,
+            },
+            None => Change::Delete {
+                key: key.clone(),
+                old: Vec::new(),
+            },
+        });
+    }
+    crate::db::apply::overwrite(conn, "b", &w.spec, &changes)
+}
+
 /// The mass-delete guard (SPEC 3.1).
 fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &str) -> Result<()> {
     for w in works {
@@ -864,12 +1075,28 @@ fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &
             if deletes == 0 {
                 continue;
             }
+            // Count rows only as far as the verdict needs: past `limit` rows the share
+            // deleted is within max_delete (or, at 0%, the table is big enough to trip).
+            let max = u64::from(max_percent);
+            let limit = if max == 0 {
+                100
+            } else {
+                (deletes * 100).div_ceil(max).max(100)
+            };
             let rows: u64 = conn.query_row(
-                &format!("SELECT count(*) FROM {db}.{}", quote(&w.schema.name)),
+                &format!(
+                    "SELECT count(*) FROM (SELECT 1 FROM {db}.{} LIMIT {limit})",
+                    quote(&w.schema.name)
+                ),
                 [],
                 |r| r.get::<_, i64>(0),
             )? as u64;
-            if rows >= 100 && deletes * 100 > u64::from(max_percent) * rows {
+            let trips = if rows >= limit {
+                max == 0
+            } else {
+                rows >= 100 && deletes * 100 > max * rows
+            };
+            if trips {
                 anyhow::bail!(
                     "{name}/{peer}: mass-delete guard: the sync would delete {deletes} of the \
                      {rows} rows of table {} in the {side} (max_delete {max_percent}%); nothing \
