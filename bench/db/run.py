@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """bench/db: a full three-way `cr0sync db sync` against `sqldiff` on the same files.
 
-1,000,000 rows (bench/db/gen.sql); 1% of the rows changed on each side (5,000 updates,
-2,500 inserts, 2,500 deletes per side, disjoint). Each round restores the same starting
+1,000,000 rows (bench/db/gen.sql; --rows to change); 1% of the rows changed on each side
+(5,000 updates, 2,500 inserts, 2,500 deletes per side per million rows, disjoint). Each round restores the same starting
 files, then runs `sqldiff --primarykey central peer` and `cr0sync db sync` (alternating
 which goes first) and records wall time and peak RSS of each. Prints medians and ratios.
 
@@ -41,14 +41,16 @@ def sqlite(db, sql):
     subprocess.run(["sqlite3", db], input=sql.encode(), check=True)
 
 
-def side_changes(offset, insert_base):
-    # 5,000 updates, 2,500 deletes, 2,500 inserts; offset keeps the sides disjoint.
+def side_changes(offset, insert_base, rows, changed):
+    # changed/2 updates, changed/4 deletes, changed/4 inserts; offset keeps the sides
+    # disjoint.
+    every = max(rows // (changed // 2), 8)
     return f"""
     UPDATE users SET coins = coins + 1, updated_at = '2025-11-09T18:00:00Z'
-      WHERE id % 200 = {offset};
-    DELETE FROM users WHERE id % 400 = {offset + 1};
+      WHERE id % {every} = {offset};
+    DELETE FROM users WHERE id % {2 * every} = {offset + 1};
     WITH RECURSIVE n(i) AS (SELECT {insert_base} UNION ALL SELECT i + 1 FROM n
-                            WHERE i < {insert_base + 2499})
+                            WHERE i < {insert_base + changed // 4 - 1})
     INSERT INTO users SELECT i, 'new' || i, NULL, 0, 0, '2025-11-09T18:00:00Z' FROM n;
     """
 
@@ -65,6 +67,10 @@ def config(root, dbs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=1_000_000,
+                    help="table size (memory must not grow with it)")
+    ap.add_argument("--changed", type=int, default=0,
+                    help="rows changed per side (default: 1%% of --rows)")
     ap.add_argument("--bin", default=os.path.join(HERE, "..", "..", "target", "release", "cr0sync"))
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
@@ -74,9 +80,9 @@ def main():
         subprocess.run([binary, "--root", root, "init"], check=True, stdout=subprocess.DEVNULL)
         peer = os.path.join(tmp, "peer.db")
         central = os.path.join(root, "databases", "bench.db")
-        print("generating 1,000,000 rows ...", flush=True)
+        print(f"generating {args.rows:,} rows ...", flush=True)
         with open(os.path.join(HERE, "gen.sql")) as f:
-            sqlite(peer, f.read())
+            sqlite(peer, f.read().replace("1000000", str(args.rows)))
         config(root, [("bench", peer)])
         # First sync: central created from the peer, base recorded.
         run([binary, "--root", root, "db", "sync"])
@@ -85,12 +91,13 @@ def main():
         sqlite(peer, "UPDATE users SET points = points + 1 WHERE id = 1;")
         sqlite(central, "UPDATE users SET points = points + 1 WHERE id = 2;")
         run([binary, "--root", root, "db", "sync"])
-        sqlite(peer, side_changes(3, 2_000_000))
-        sqlite(central, side_changes(5, 3_000_000))
+        changed = args.changed or args.rows // 100
+        sqlite(peer, side_changes(3, 20_000_000, args.rows, changed))
+        sqlite(central, side_changes(5, 30_000_000, args.rows, changed))
         template = os.path.join(tmp, "template")
         shutil.copytree(tmp, template, ignore=shutil.ignore_patterns("template"), symlinks=True)
         size = os.path.getsize(peer) / 2**20
-        print(f"database: {size:.0f} MiB, 1% of rows changed on each side", flush=True)
+        print(f"database: {size:.0f} MiB, {changed:,} rows changed on each side", flush=True)
 
         results = {"sqldiff": [], "cr0sync": []}
         for i in range(args.rounds):

@@ -838,7 +838,9 @@ fn merge_keyed(
             *b = lookup(conn, &sql_b, key)?;
         }
     }
-    for (key, [b, c, p]) in &keys {
+    // Consumed as merged, so each key's three rows are freed once its changes are made.
+    for (key, [b, c, p]) in keys {
+        let key = &key;
         let m = merge_key(&w.spec, rules, key, b.as_ref(), c.as_ref(), p.as_ref());
         w.counter_merges += usize::from(m.counter_merged);
         w.conflicts.extend(m.conflict);
