@@ -19,6 +19,8 @@ use crate::ops::status;
 
 const MARKER: &str = ".cr0sync-demo";
 const USERS_SQL: &str = include_str!("../fixtures/users.sql");
+const BOT_CHANGES: &str = include_str!("../fixtures/bot_changes.sql");
+const WEBSITE_CHANGES: &str = include_str!("../fixtures/website_changes.sql");
 const IRC_LOG: &str = include_str!("../fixtures/logs/rizon/#cr0.log");
 
 /// The demo's directories.
@@ -57,7 +59,12 @@ impl Demo {
         format!(
             "# cr0sync demo configuration (written by `cr0sync demo`).\n\
              [general]\nbusy_timeout = \"5s\"\n\n\
+             [[database.db]]\nname = \"users\"\ncounters = {{ users = [\"coins\"] }}\n\
+             peers = [\n  {{ name = \"bot\", path = \"{bot_db}\" }},\n  \
+             {{ name = \"website\", path = \"{website_db}\" }},\n]\n\n\
              [security]\nintegrity_paths = [\"{website}\", \"shared_storage/api_keys.json\"]\n",
+            bot_db = self.bot_db().display(),
+            website_db = self.website_db().display(),
             website = self.website.display(),
         )
     }
@@ -127,6 +134,48 @@ fn create_db(path: &Path, sql: &str) -> Result<()> {
     Ok(())
 }
 
+/// The database part: a first sync, then both sides write (the same user renamed on both,
+/// coins added on both), and two syncs merge them: a conflict, a counter merge, backups.
+fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
+    let sync = |out: &mut String, title: &str| -> Result<()> {
+        let mut reports = Vec::new();
+        run_job(ctx, Job::Database, Trigger::Manual, false, |run| {
+            reports = crate::db::job::sync_pairs(run, &crate::db::job::Selection::default(), false)?;
+            Ok(())
+        })?;
+        out.push_str(&format!("$ cr0sync db sync   # {title}\n"));
+        out.push_str(&crate::commands::db::sync_table(&reports).render());
+        out.push('\n');
+        Ok(())
+    };
+    sync(out, "first sync: the central copy is created from the bot's")?;
+    create_db(&demo.bot_db(), BOT_CHANGES)?;
+    create_db(&demo.website_db(), WEBSITE_CHANGES)?;
+    out.push_str(
+        "the bot renames carol and adds 30 coins to bob; the website renames carol too,\n\
+         adds 20 coins to bob and changes alice's email\n\n",
+    );
+    sync(out, "merge: cell by cell, coins added up, the rename is a conflict")?;
+    sync(out, "the bot pair picks up what the website pair brought")?;
+    let conn = rusqlite::Connection::open(ctx.layout.central_db("users"))?;
+    let bob: i64 = conn.query_row("SELECT coins FROM users WHERE nick = 'bob'", [], |r| r.get(0))?;
+    out.push_str(&format!(
+        "bob's coins: 50 + 30 (bot) + 20 (website) = {bob} on every side\n"
+    ));
+    for c in crate::db::conflicts::read(ctx)? {
+        out.push_str(&format!(
+            "conflict in {} table {} key {}: {} wins; the losing row is kept in \
+             state/conflicts.jsonl (cr0sync db conflicts)\n",
+            c.database, c.table, c.key, c.winner
+        ));
+    }
+    for b in crate::db::backup::list(ctx, "users")? {
+        out.push_str(&format!("backup: {}\n", b.path.display()));
+    }
+    out.push('\n');
+    Ok(())
+}
+
 /// Builds the demo, runs each job once as cron would, and returns the narrative and the
 /// final status for printing.
 pub fn run(dir: &Path) -> Result<String> {
@@ -140,6 +189,7 @@ pub fn run(dir: &Path) -> Result<String> {
         demo.website.display()
     );
     let ctx = demo.context()?;
+    database_part(&demo, &ctx, &mut out)?;
     for job in Job::ALL {
         let result = run_job(&ctx, job, Trigger::Cron, false, |run| tasks(job, run));
         let line = match result {

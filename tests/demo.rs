@@ -21,7 +21,12 @@ fn demo_runs_every_job_and_prints_status() {
     for job in ["database", "logs", "security"] {
         assert!(text.contains(&format!("ran cron {job}: ok")), "{text}");
     }
-    // Both sides exist and are real SQLite databases from the fixtures.
+    // The database part: a conflict, a counter merge, backups.
+    assert!(text.contains("= 100 on every side"), "{text}");
+    assert!(text.contains("conflict in users table users key [3]: central wins"), "{text}");
+    assert!(text.contains("backup: "), "{text}");
+    // Both sides and the central copy are intact, equal real SQLite databases.
+    let central = dir.join("root/databases/users.db");
     for side in ["bot", "website"] {
         let db = dir.join(side).join("data/users.db");
         let out = std::process::Command::new("sqlite3")
@@ -29,7 +34,14 @@ fn demo_runs_every_job_and_prints_status() {
             .arg("SELECT count(*) FROM users; PRAGMA integrity_check;")
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "3\nok\n", "{side}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "4\nok\n", "{side}");
+        let diff = std::process::Command::new("sqldiff")
+            .args(["--primarykey", "--table", "users"])
+            .arg(&central)
+            .arg(&db)
+            .output()
+            .unwrap();
+        assert!(diff.status.success() && diff.stdout.is_empty(), "{side}");
     }
     // The demo root is a normal root.
     cr0sync()
