@@ -140,7 +140,8 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     let sync = |out: &mut String, title: &str| -> Result<()> {
         let mut reports = Vec::new();
         run_job(ctx, Job::Database, Trigger::Manual, false, |run| {
-            reports = crate::db::job::sync_pairs(run, &crate::db::job::Selection::default(), false)?;
+            reports =
+                crate::db::job::sync_pairs(run, &crate::db::job::Selection::default(), false)?;
             Ok(())
         })?;
         out.push_str(&format!("$ cr0sync db sync   # {title}\n"));
@@ -148,17 +149,25 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
         out.push('\n');
         Ok(())
     };
-    sync(out, "first sync: the central copy is created from the bot's")?;
+    sync(
+        out,
+        "first sync: the central copy is created from the bot's",
+    )?;
     create_db(&demo.bot_db(), BOT_CHANGES)?;
     create_db(&demo.website_db(), WEBSITE_CHANGES)?;
     out.push_str(
         "the bot renames carol and adds 30 coins to bob; the website renames carol too,\n\
          adds 20 coins to bob and changes alice's email\n\n",
     );
-    sync(out, "merge: cell by cell, coins added up, the rename is a conflict")?;
+    sync(
+        out,
+        "merge: cell by cell, coins added up, the rename is a conflict",
+    )?;
     sync(out, "the bot pair picks up what the website pair brought")?;
     let conn = rusqlite::Connection::open(ctx.layout.central_db("users"))?;
-    let bob: i64 = conn.query_row("SELECT coins FROM users WHERE nick = 'bob'", [], |r| r.get(0))?;
+    let bob: i64 = conn.query_row("SELECT coins FROM users WHERE nick = 'bob'", [], |r| {
+        r.get(0)
+    })?;
     out.push_str(&format!(
         "bob's coins: 50 + 30 (bot) + 20 (website) = {bob} on every side\n"
     ));

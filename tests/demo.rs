@@ -23,7 +23,10 @@ fn demo_runs_every_job_and_prints_status() {
     }
     // The database part: a conflict, a counter merge, backups.
     assert!(text.contains("= 100 on every side"), "{text}");
-    assert!(text.contains("conflict in users table users key [3]: central wins"), "{text}");
+    assert!(
+        text.contains("conflict in users table users key [3]: central wins"),
+        "{text}"
+    );
     assert!(text.contains("backup: "), "{text}");
     // Both sides and the central copy are intact, equal real SQLite databases.
     let central = dir.join("root/databases/users.db");

@@ -135,7 +135,7 @@ def main():
         for n in range(4):
             p = os.path.join(fast, f"peer{n}.db")
             sqlite(p, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT);"
-                      "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400000)"
+                      "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 480000)"
                       "INSERT INTO t SELECT i, hex(randomblob(50)) FROM n;")
             os.utime(p, (time.time() - 3600, time.time() - 3600))
             dbs.append((f"db{n}", p))
