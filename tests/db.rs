@@ -444,14 +444,24 @@ fn missing_corrupt_truncated_and_locked_peers_fail_clearly_and_leave_central_alo
         let saved = std::fs::read(&s.bot).unwrap();
         damage(&s.bot);
         let damaged = std::fs::read(&s.bot).ok();
-        let out = s.sync(&["--db", "users"]);
+        let central_before = std::fs::read(s.central()).unwrap();
+        let out = s.sync(&["--peer", "bot"]);
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: one line: {err}");
         assert!(
             err.contains(needle) && err.contains("users/bot"),
             "{what}: {err}"
         );
         assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(
+            std::fs::read(s.central()).unwrap(),
+            central_before,
+            "{what}: central byte-identical"
+        );
+        // A run over all pairs fails too, but the healthy pair still syncs.
+        let out = s.sync(&[]);
+        assert_eq!(out.status.code(), Some(1), "{what}");
         assert_eq!(
             std::fs::read(&s.bot).ok(),
             damaged,
@@ -558,6 +568,13 @@ fn dry_run_prints_per_table_counts_and_writes_nothing() {
     let before = tree(s.r.tmp.path());
     let out = s.sync(&["--dry-run"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
+    // The old scripts' name is the same command.
+    let alias =
+        s.r.cmd()
+            .args(["db", "bidirectional", "--dry-run"])
+            .output()
+            .unwrap();
+    assert_eq!(alias.stdout, out.stdout);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.contains("users     bot      users   +1 ~2 -0  +0 ~0 -0  0"),
@@ -763,8 +780,17 @@ fn cron_database_is_silent_syncs_and_records_the_run() {
 
 #[test]
 fn a_writer_inserting_during_many_syncs_loses_nothing() {
+    writer_during_syncs("wal");
+}
+
+#[test]
+fn a_writer_in_rollback_journal_mode_during_many_syncs_loses_nothing() {
+    writer_during_syncs("delete");
+}
+
+fn writer_during_syncs(journal: &str) {
     let s = Setup::new("");
-    exec(&s.bot, "PRAGMA journal_mode = WAL");
+    exec(&s.bot, &format!("PRAGMA journal_mode = {journal}"));
     s.sync_ok();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
@@ -803,7 +829,7 @@ fn a_writer_inserting_during_many_syncs_loses_nothing() {
     );
     assert_eq!(
         journal_mode(&s.bot),
-        "wal",
+        journal,
         "the peer's journal mode is never changed"
     );
 }
@@ -904,4 +930,50 @@ fn sigkill_at_many_moments_then_one_sync_leaves_everything_equal_intact_and_comp
     // No conflicts were made up, and no record was written twice.
     let recorded = conflicts(&s.r);
     assert!(recorded.is_empty(), "{recorded:?}");
+}
+
+#[test]
+fn a_peer_whose_writer_died_mid_transaction_is_recovered_by_sqlite_and_synced() {
+    let s = Setup::new("");
+    exec(
+        &s.bot,
+        "WITH RECURSIVE n(i) AS (SELECT 100 UNION ALL SELECT i + 1 FROM n WHERE i < 20099)
+                  INSERT INTO users SELECT i, 'n' || i, hex(randomblob(64)), 0, 't' FROM n;",
+    );
+    s.sync_ok();
+    // A writer with a tiny cache spills an uncommitted update into the file, then dies:
+    // the peer is left with a hot journal.
+    let mut writer = std::process::Command::new("sqlite3")
+        .arg(&s.bot)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = writer.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"PRAGMA cache_size = 2; BEGIN; UPDATE users SET email = 'lost';\n")
+            .unwrap();
+        stdin.flush().unwrap();
+    }
+    let journal = s.bot.with_extension("db-journal");
+    for _ in 0..200 {
+        if journal.exists() && std::fs::metadata(&journal).unwrap().len() > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    assert!(journal.exists(), "no hot journal was left");
+    s.sync_ok();
+    s.assert_converged();
+    assert_eq!(
+        query(
+            &s.central(),
+            "SELECT count(*) FROM users WHERE email = 'lost'"
+        ),
+        ["0"]
+    );
 }

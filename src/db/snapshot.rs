@@ -67,6 +67,41 @@ pub fn snapshot(path: &Path, busy_timeout: Duration) -> Result<Connection> {
 }
 
 fn copy_into(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Result<()> {
+    match copy_once(path, dest, busy_timeout) {
+        Err(e) if needs_rollback(&e) => {
+            // A writer died mid-transaction (a hot journal). A read-only connection may not
+            // roll it back; the first reader with write access must, as the bot itself
+            // would. That is SQLite's own recovery: it restores the last committed state
+            // and changes nothing else. Then copy again.
+            log::warn!(
+                "{}: an interrupted transaction left a hot journal; letting SQLite roll it back",
+                path.display()
+            );
+            let rw = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+                .with_context(|| format!("cannot open database {}", path.display()))?;
+            rw.busy_timeout(busy_timeout)?;
+            rw.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .with_context(|| format!("cannot recover database {}", path.display()))?;
+            drop(rw);
+            copy_once(path, dest, busy_timeout)
+        }
+        other => other,
+    }
+}
+
+/// SQLITE_READONLY_ROLLBACK: a hot journal that a read-only connection cannot roll back.
+fn needs_rollback(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(f, _)) if f.extended_code == 776
+        )
+    })
+}
+
+fn copy_once(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Result<()> {
     if !path.exists() {
         anyhow::bail!(
             "database not found: {} (it is never created; check the peer's path)",
