@@ -44,18 +44,34 @@ pub enum DbAction {
                   running (see --wait)."
 )]
 pub struct SyncCmd {
-    /// Only this database (repeatable)
-    #[arg(long = "db", value_name = "NAME")]
-    pub databases: Vec<String>,
-    /// Only this peer
-    #[arg(long, value_name = "NAME")]
-    pub peer: Option<String>,
+    #[command(flatten)]
+    pub pairs: PairArgs,
     /// Print per table what would change, write nothing
     #[arg(long)]
     pub dry_run: bool,
     /// Override the mass-delete guard
     #[arg(long)]
     pub force: bool,
+}
+
+/// `--db NAME... --peer NAME`, shared by the commands that work on pairs.
+#[derive(Debug, Args)]
+pub struct PairArgs {
+    /// Only this database (repeatable; default: all)
+    #[arg(long = "db", value_name = "NAME")]
+    pub databases: Vec<String>,
+    /// Only this peer (sync-from-bot: the peer to copy from)
+    #[arg(long, value_name = "NAME")]
+    pub peer: Option<String>,
+}
+
+impl PairArgs {
+    pub fn selection(&self) -> Selection {
+        Selection {
+            databases: self.databases.clone(),
+            peer: self.peer.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -103,12 +119,8 @@ pub struct CleanCmd {
                   --peer defaults to the peer named `bot`, or the only peer."
 )]
 pub struct SyncFromBotCmd {
-    /// Only this database (repeatable; default: all)
-    #[arg(long = "db", value_name = "NAME")]
-    pub databases: Vec<String>,
-    /// The peer to copy from
-    #[arg(long, value_name = "NAME")]
-    pub peer: Option<String>,
+    #[command(flatten)]
+    pub pairs: PairArgs,
     /// Say what would be replaced, write nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -142,28 +154,16 @@ pub fn sync_table(reports: &[PairReport]) -> Table {
         "NOTE",
     ]);
     for r in reports {
+        // A line about the pair as a whole.
+        let mut note = |text: &str| {
+            t.row([r.database.as_str(), r.peer.as_str(), "-", "", "", "", text]);
+        };
         if r.unchanged {
-            t.row([
-                &r.database,
-                &r.peer,
-                "-",
-                "",
-                "",
-                "",
-                "unchanged since the last sync",
-            ]);
+            note("unchanged since the last sync");
             continue;
         }
         if r.created_central {
-            t.row([
-                &r.database,
-                &r.peer,
-                "-",
-                "",
-                "",
-                "",
-                "central copy created from this peer",
-            ]);
+            note("central copy created from this peer");
         }
         let busy: Vec<_> = r
             .tables
@@ -175,7 +175,7 @@ pub fn sync_table(reports: &[PairReport]) -> Table {
             })
             .collect();
         if busy.is_empty() && !r.created_central {
-            t.row([&r.database, &r.peer, "-", "", "", "", "in sync"]);
+            note("in sync");
         }
         for tr in busy {
             let note = if tr.deferred > 0 {
@@ -227,10 +227,7 @@ pub fn sync_table(reports: &[PairReport]) -> Table {
 impl SyncCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
-        let sel = Selection {
-            databases: self.databases.clone(),
-            peer: self.peer.clone(),
-        };
+        let sel = self.pairs.selection();
         job::pairs(&ctx, &sel)?;
         let mut reports = Vec::new();
         let result = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
@@ -350,7 +347,7 @@ impl SyncFromBotCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
         let sel = Selection {
-            databases: self.databases.clone(),
+            databases: self.pairs.databases.clone(),
             peer: None,
         };
         job::pairs(&ctx, &sel)?;
@@ -363,7 +360,7 @@ impl SyncFromBotCmd {
             .collect();
         let chosen = dbs
             .iter()
-            .map(|d| job::recovery_peer(d, self.peer.as_deref()).map(|p| (*d, p)))
+            .map(|d| job::recovery_peer(d, self.pairs.peer.as_deref()).map(|p| (*d, p)))
             .collect::<Result<Vec<_>>>()?;
         let mut lines = Vec::new();
         let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
