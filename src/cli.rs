@@ -12,6 +12,7 @@ use crate::commands::{
     db::{DbCmd, SyncFromBotCmd},
     demo::DemoCmd,
     init::InitCmd,
+    logs::LogsCmd,
     run::RunCmd,
     status::StatusCmd,
 };
@@ -86,6 +87,7 @@ pub enum Command {
     Run(RunCmd),
     Cron(CronCmd),
     Db(DbCmd),
+    Logs(LogsCmd),
     SyncFromBot(SyncFromBotCmd),
     Demo(DemoCmd),
 }
@@ -98,6 +100,7 @@ impl Cli {
             Command::Run(cmd) => cmd.run(&self.global),
             Command::Cron(cmd) => cmd.run(&self.global),
             Command::Db(cmd) => cmd.run(&self.global),
+            Command::Logs(cmd) => cmd.run(&self.global),
             Command::SyncFromBot(cmd) => cmd.run(&self.global),
             Command::Demo(cmd) => cmd.run(&self.global),
         }

@@ -15,5 +15,6 @@ pub mod error;
 pub mod fsutil;
 pub mod init;
 pub mod layout;
+pub mod logs;
 pub mod ops;
 pub mod output;

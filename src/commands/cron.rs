@@ -38,7 +38,8 @@ impl CronCmd {
 pub fn tasks(job: Job, run: &mut JobRun) -> Result<()> {
     match job {
         Job::Database => crate::db::job::cron_tasks(run),
-        Job::Logs | Job::Security => {
+        Job::Logs => crate::logs::job::cron_tasks(run),
+        Job::Security => {
             log::info!("{}: no tasks configured for this job", run.job);
             Ok(())
         }

@@ -4,5 +4,6 @@ pub mod cron;
 pub mod db;
 pub mod demo;
 pub mod init;
+pub mod logs;
 pub mod run;
 pub mod status;

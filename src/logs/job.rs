@@ -1,0 +1,365 @@
+//! The log job as commands see it: syncing every stream, rotating central logs, cleaning
+//! old rotations, and the status section.
+//!
+//! Invariants:
+//! - Each stream is its own task; one stream's failure is reported and the others go on.
+//!   Within a stream, one unreadable source is reported and the other files still sync.
+//! - A stream's checkpoints are saved once per run, after every destination it appended
+//!   to was fdatasync'ed.
+//! - Rotation runs after the sync under the same lock. When it renames a stream
+//!   destination, it records at once that the destination starts again at 0.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::StreamConfig;
+use crate::context::Context;
+use crate::fsutil;
+use crate::logs::rotate::{self, is_rotation};
+use crate::logs::stream::{self, FORGET_AFTER_DAYS, StreamState, glob_match, sync_file};
+use crate::ops::runner::{JobRun, TaskDone};
+use crate::ops::status::Section;
+use crate::output::{Table, Tone, paint};
+
+fn stream_name(s: &StreamConfig) -> &str {
+    s.name.get_ref()
+}
+
+/// The source files of a stream: regular files in `from` matching `pattern`, by name.
+pub fn sources(ctx: &Context, s: &StreamConfig) -> Result<Vec<(String, PathBuf)>> {
+    let from = ctx.resolve(&s.from);
+    let entries = std::fs::read_dir(&from).with_context(|| {
+        format!(
+            "stream {}: cannot list {}. Check `from` in the configuration",
+            stream_name(s),
+            from.display()
+        )
+    })?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if glob_match(&s.pattern, &name) && e.file_type().is_ok_and(|t| t.is_file()) {
+            out.push((name, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What syncing one stream did.
+#[derive(Debug, Clone, Default)]
+pub struct StreamReport {
+    pub files: usize,
+    pub copied: u64,
+    pub lost: u64,
+    pub skipped: usize,
+    pub errors: Vec<String>,
+}
+
+/// Syncs one stream. `fast`: skip sources whose inode, size and mtime are unchanged.
+pub fn sync_stream(
+    ctx: &Context,
+    s: &StreamConfig,
+    fast: bool,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Result<StreamReport> {
+    let name = stream_name(s);
+    let to = ctx.resolve(&s.to);
+    let state_file = stream::state_name(name);
+    let mut state: StreamState = ctx.state.load(&state_file)?.unwrap_or_default();
+    let before = state.clone();
+    let mut report = StreamReport::default();
+    let sources = sources(ctx, s)?;
+    if !dry_run {
+        fsutil::ensure_dir(&to, &ctx.perms)
+            .with_context(|| format!("cannot create {}", to.display()))?;
+    }
+    for (file, path) in &sources {
+        report.files += 1;
+        let mut cp = state.files.get(file).cloned();
+        if dry_run {
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            report.copied += size.saturating_sub(cp.map_or(0, |c| c.offset));
+            continue;
+        }
+        match sync_file(path, &to.join(file), &mut cp, fast) {
+            Ok(r) => {
+                report.copied += r.copied;
+                report.lost += r.lost;
+                report.skipped += usize::from(r.skipped);
+                if let Some(cp) = cp {
+                    state.files.insert(file.clone(), cp);
+                }
+            }
+            Err(e) => {
+                log::error!("stream {name}: {e:#}");
+                report.errors.push(format!("{e:#}"));
+            }
+        }
+    }
+    // Sources that disappeared keep their checkpoint for a week.
+    let present: std::collections::BTreeSet<&String> = sources.iter().map(|(n, _)| n).collect();
+    state.files.retain(|file, cp| {
+        if present.contains(file) {
+            return true;
+        }
+        let since = *cp.missing_since.get_or_insert(now);
+        let keep = now - since < chrono::Duration::days(FORGET_AFTER_DAYS);
+        if !keep {
+            log::info!("stream {name}: {file} is gone for {FORGET_AFTER_DAYS} days; checkpoint dropped");
+        }
+        keep
+    });
+    if !dry_run && state != before {
+        ctx.state.save(&state_file, &state)?;
+    }
+    if let Some(first) = report.errors.first() {
+        anyhow::bail!(
+            "stream {name}: {} of {} file(s) failed; first: {first}",
+            report.errors.len(),
+            report.files
+        );
+    }
+    Ok(report)
+}
+
+/// Syncs every stream as one task each.
+pub fn sync_streams(run: &mut JobRun, fast: bool) {
+    let ctx = run.ctx;
+    for s in &ctx.config.logs.stream {
+        let (dry, now) = (run.dry_run, run.now);
+        run.task(&format!("sync {}", stream_name(s)), |_| {
+            let r = sync_stream(ctx, s, fast, dry, now)?;
+            let mut detail = format!(
+                "{} file(s), {} byte(s) {}copied",
+                r.files,
+                r.copied,
+                if dry { "would be " } else { "" }
+            );
+            if r.skipped > 0 {
+                detail.push_str(&format!(", {} unchanged", r.skipped));
+            }
+            if r.lost > 0 {
+                detail.push_str(&format!(
+                    ", {} byte(s) of rotated files could not be finished (see the log)",
+                    r.lost
+                ));
+            }
+            Ok(TaskDone::new(detail))
+        });
+    }
+}
+
+/// Files `logs rotate` considers: every stream destination and every `[logs].rotate` match.
+pub fn rotation_targets(ctx: &Context) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut add_dir = |dir: &Path, pattern: &str| {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                let plain = !is_rotation(&n) && !n.ends_with(".tmp") && !n.contains(".tmp.");
+                if plain && glob_match(pattern, &n) && e.file_type().is_ok_and(|t| t.is_file()) {
+                    out.push(e.path());
+                }
+            }
+        }
+    };
+    for s in &ctx.config.logs.stream {
+        add_dir(&ctx.resolve(&s.to), &s.pattern);
+    }
+    let logs = ctx.layout.logs_dir();
+    for g in &ctx.config.logs.rotate {
+        let (dir, pattern) = match g.rsplit_once('/') {
+            Some((d, p)) => (logs.join(d), p.to_string()),
+            None => (logs.clone(), g.clone()),
+        };
+        add_dir(&dir, &pattern);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Rotates every target larger than `rotate_size`; returns (file, size) of each.
+pub fn rotate_all(ctx: &Context, dry_run: bool) -> Result<Vec<(PathBuf, u64)>> {
+    let limit = ctx.config.logs.rotate_size.0;
+    let mut done = Vec::new();
+    let mut errors = Vec::new();
+    for path in rotation_targets(ctx) {
+        if !dry_run && let Err(e) = rotate::finish_leftover(&path, &ctx.perms) {
+            errors.push(format!("{e:#}"));
+        }
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if size <= limit {
+            continue;
+        }
+        if dry_run {
+            done.push((path, size));
+            continue;
+        }
+        let result = rotate::rotate_file(&path, ctx.config.logs.rotate_keep, &ctx.perms, || {
+            destination_restarted(ctx, &path)
+        });
+        match result {
+            Ok(gz) => {
+                log::info!("rotated {} ({size} bytes) to {}", path.display(), gz.display());
+                done.push((path, size));
+            }
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    if let Some(first) = errors.first() {
+        anyhow::bail!("{} rotation(s) failed; first: {first}", errors.len());
+    }
+    Ok(done)
+}
+
+/// A stream destination was renamed away: its checkpoint's destination length is now 0.
+fn destination_restarted(ctx: &Context, dest: &Path) -> Result<()> {
+    for s in &ctx.config.logs.stream {
+        let to = ctx.resolve(&s.to);
+        let Some(file) = dest.strip_prefix(&to).ok().and_then(|f| f.to_str()) else {
+            continue;
+        };
+        let name = stream::state_name(stream_name(s));
+        let mut state: StreamState = ctx.state.load(&name)?.unwrap_or_default();
+        if let Some(cp) = state.files.get_mut(file) {
+            cp.dest_len = 0;
+            ctx.state.save(&name, &state)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes rotations (`*.N.gz`) under `logs/` older than `rotated_max_age`.
+pub fn clean_rotations(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Vec<PathBuf>> {
+    let max_age = chrono::Duration::from_std(ctx.config.logs.rotated_max_age.0)
+        .unwrap_or(chrono::Duration::MAX);
+    let mut removed = Vec::new();
+    let mut dirs: Vec<PathBuf> = vec![ctx.layout.logs_dir()];
+    dirs.extend(ctx.config.logs.stream.iter().map(|s| ctx.resolve(&s.to)));
+    for dir in dirs {
+        for e in walkdir::WalkDir::new(&dir).into_iter().flatten() {
+            let name = e.file_name().to_string_lossy();
+            if !e.file_type().is_file() || !is_rotation(&name) || removed.contains(&e.path().to_path_buf()) {
+                continue;
+            }
+            let Some(modified) = e.metadata().ok().and_then(|m| m.modified().ok()) else {
+                continue;
+            };
+            let modified: DateTime<Utc> = modified.into();
+            if now - modified > max_age {
+                if !dry_run {
+                    std::fs::remove_file(e.path())
+                        .with_context(|| format!("cannot remove {}", e.path().display()))?;
+                }
+                removed.push(e.path().to_path_buf());
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The cron job's tasks: sync (fast path), rotate, and daily cleanup.
+pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
+    sync_streams(run, true);
+    run.task("rotate", |run| {
+        let done = rotate_all(run.ctx, run.dry_run)?;
+        Ok(TaskDone::new(format!("{} file(s) rotated", done.len())))
+    });
+    run.periodic("clean-rotations", std::time::Duration::from_secs(86_400), |run| {
+        let removed = clean_rotations(run.ctx, run.dry_run, run.now)?;
+        Ok(TaskDone::new(format!("{} old rotation(s) removed", removed.len())))
+    });
+    Ok(())
+}
+
+/// One stream in `logs status` and the `streams` status section.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamStatus {
+    pub stream: String,
+    pub from: String,
+    pub to: String,
+    pub files: usize,
+    pub bytes_copied: u64,
+    pub bytes_behind: u64,
+    pub error: Option<String>,
+}
+
+pub fn stream_statuses(ctx: &Context) -> Result<Vec<StreamStatus>> {
+    let mut out = Vec::new();
+    for s in &ctx.config.logs.stream {
+        let state: StreamState = ctx
+            .state
+            .load(&stream::state_name(stream_name(s)))?
+            .unwrap_or_default();
+        let mut st = StreamStatus {
+            stream: stream_name(s).to_string(),
+            from: ctx.resolve(&s.from).display().to_string(),
+            to: ctx.resolve(&s.to).display().to_string(),
+            files: 0,
+            bytes_copied: state.files.values().map(|c| c.dest_len).sum(),
+            bytes_behind: 0,
+            error: None,
+        };
+        match sources(ctx, s) {
+            Ok(files) => {
+                st.files = files.len();
+                for (name, path) in files {
+                    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    let done = state
+                        .files
+                        .get(&name)
+                        .filter(|c| {
+                            std::fs::metadata(&path)
+                                .map(|m| {
+                                    use std::os::unix::fs::MetadataExt;
+                                    m.ino() == c.ino
+                                })
+                                .unwrap_or(false)
+                        })
+                        .map_or(0, |c| c.offset);
+                    st.bytes_behind += size.saturating_sub(done);
+                }
+            }
+            Err(e) => st.error = Some(format!("{e:#}")),
+        }
+        out.push(st);
+    }
+    Ok(out)
+}
+
+/// The `streams` section of `status`.
+pub fn section(ctx: &Context) -> Result<Section> {
+    let streams = stream_statuses(ctx)?;
+    let mut table = Table::new(["STREAM", "FILES", "COPIED", "BEHIND", "STATE"]);
+    let mut problems = Vec::new();
+    for s in &streams {
+        let state = match &s.error {
+            Some(e) => {
+                problems.push(format!("stream {}: {e}", s.stream));
+                paint("error", Tone::Bad)
+            }
+            None if s.bytes_behind > 0 => paint("behind", Tone::Warn),
+            None => paint("ok", Tone::Good),
+        };
+        table.row([
+            s.stream.clone(),
+            s.files.to_string(),
+            s.bytes_copied.to_string(),
+            s.bytes_behind.to_string(),
+            state,
+        ]);
+    }
+    Ok(Section {
+        key: "streams",
+        title: "Log streams",
+        json: serde_json::to_value(&streams)?,
+        table,
+        problems,
+    })
+}

@@ -1,0 +1,7 @@
+//! The log job (SPEC 4): IRC logs copied into the central store exactly once, across
+//! rotation, truncation and crashes (`stream`), and rotation of central logs (`rotate`).
+//! `job` wires them to commands, cron and status.
+
+pub mod job;
+pub mod rotate;
+pub mod stream;
