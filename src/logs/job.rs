@@ -54,7 +54,7 @@ pub fn sources(ctx: &Context, s: &StreamConfig) -> Result<Vec<(String, PathBuf)>
 pub struct StreamReport {
     pub files: usize,
     pub copied: u64,
-    pub lost: u64,
+    pub unfinished: usize,
     pub skipped: usize,
     pub errors: Vec<String>,
 }
@@ -89,7 +89,7 @@ pub fn sync_stream(
         match sync_file(path, &to.join(file), &mut cp, fast) {
             Ok(r) => {
                 report.copied += r.copied;
-                report.lost += r.lost;
+                report.unfinished += r.unfinished;
                 report.skipped += usize::from(r.skipped);
                 if let Some(cp) = cp {
                     state.files.insert(file.clone(), cp);
@@ -110,7 +110,9 @@ pub fn sync_stream(
         let since = *cp.missing_since.get_or_insert(now);
         let keep = now - since < chrono::Duration::days(FORGET_AFTER_DAYS);
         if !keep {
-            log::info!("stream {name}: {file} is gone for {FORGET_AFTER_DAYS} days; checkpoint dropped");
+            log::info!(
+                "stream {name}: {file} is gone for {FORGET_AFTER_DAYS} days; checkpoint dropped"
+            );
         }
         keep
     });
@@ -143,10 +145,10 @@ pub fn sync_streams(run: &mut JobRun, fast: bool) {
             if r.skipped > 0 {
                 detail.push_str(&format!(", {} unchanged", r.skipped));
             }
-            if r.lost > 0 {
+            if r.unfinished > 0 {
                 detail.push_str(&format!(
-                    ", {} byte(s) of rotated files could not be finished (see the log)",
-                    r.lost
+                    ", {} rotated file(s) could not be finished (see the log)",
+                    r.unfinished
                 ));
             }
             Ok(TaskDone::new(detail))
@@ -206,7 +208,11 @@ pub fn rotate_all(ctx: &Context, dry_run: bool) -> Result<Vec<(PathBuf, u64)>> {
         });
         match result {
             Ok(gz) => {
-                log::info!("rotated {} ({size} bytes) to {}", path.display(), gz.display());
+                log::info!(
+                    "rotated {} ({size} bytes) to {}",
+                    path.display(),
+                    gz.display()
+                );
                 done.push((path, size));
             }
             Err(e) => errors.push(format!("{e:#}")),
@@ -245,7 +251,10 @@ pub fn clean_rotations(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Resu
     for dir in dirs {
         for e in walkdir::WalkDir::new(&dir).into_iter().flatten() {
             let name = e.file_name().to_string_lossy();
-            if !e.file_type().is_file() || !is_rotation(&name) || removed.contains(&e.path().to_path_buf()) {
+            if !e.file_type().is_file()
+                || !is_rotation(&name)
+                || removed.contains(&e.path().to_path_buf())
+            {
                 continue;
             }
             let Some(modified) = e.metadata().ok().and_then(|m| m.modified().ok()) else {
@@ -271,10 +280,17 @@ pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
         let done = rotate_all(run.ctx, run.dry_run)?;
         Ok(TaskDone::new(format!("{} file(s) rotated", done.len())))
     });
-    run.periodic("clean-rotations", std::time::Duration::from_secs(86_400), |run| {
-        let removed = clean_rotations(run.ctx, run.dry_run, run.now)?;
-        Ok(TaskDone::new(format!("{} old rotation(s) removed", removed.len())))
-    });
+    run.periodic(
+        "clean-rotations",
+        std::time::Duration::from_secs(86_400),
+        |run| {
+            let removed = clean_rotations(run.ctx, run.dry_run, run.now)?;
+            Ok(TaskDone::new(format!(
+                "{} old rotation(s) removed",
+                removed.len()
+            )))
+        },
+    );
     Ok(())
 }
 

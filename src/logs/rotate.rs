@@ -42,7 +42,10 @@ fn gz_len(gz: &Path) -> Result<u64> {
 fn add_member(raw: &Path, from: u64, out: &mut File) -> Result<u64> {
     let mut src = File::open(raw)?;
     src.seek(SeekFrom::Start(from))?;
-    let mut gz = GzEncoder::new(BufWriter::with_capacity(1 << 20, &mut *out), Compression::new(6));
+    let mut gz = GzEncoder::new(
+        BufWriter::with_capacity(1 << 20, &mut *out),
+        Compression::new(6),
+    );
     let n = std::io::copy(&mut BufReader::with_capacity(1 << 20, src), &mut gz)?;
     gz.finish()?.flush()?;
     Ok(n)
@@ -170,7 +173,10 @@ mod tests {
         // Killed after the .gz was installed, while the raw file had grown.
         fs::write(with_suffix(&log, ".1"), b"one\ntwo\nthree\n").unwrap();
         assert!(finish_leftover(&log, &perms).unwrap());
-        assert_eq!(read_rotation(&rotated(&log, 1)).unwrap(), b"one\ntwo\nthree\n");
+        assert_eq!(
+            read_rotation(&rotated(&log, 1)).unwrap(),
+            b"one\ntwo\nthree\n"
+        );
         assert!(!with_suffix(&log, ".1").exists());
     }
 }

@@ -67,8 +67,8 @@ pub fn state_name(stream: &str) -> String {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FileReport {
     pub copied: u64,
-    /// Bytes of a rotated or truncated old file that could not be copied.
-    pub lost: u64,
+    /// Rotated or truncated old files that could not be found to be finished.
+    pub unfinished: usize,
     pub skipped: bool,
 }
 
@@ -152,8 +152,12 @@ fn siblings(dir: &Path, name: &str) -> Vec<PathBuf> {
         .filter(|e| {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            n != name && n.starts_with(name) && !n.ends_with(".gz") && !n.ends_with(".xz")
-                && !n.ends_with(".bz2") && !n.ends_with(".zst")
+            n != name
+                && n.starts_with(name)
+                && !n.ends_with(".gz")
+                && !n.ends_with(".xz")
+                && !n.ends_with(".bz2")
+                && !n.ends_with(".zst")
         })
         .map(|e| e.path())
         .collect();
@@ -295,8 +299,10 @@ pub fn sync_file(
         }
         Some(c) => {
             let mut f = File::open(src).map_err(read_err(src))?;
-            let same_start =
-                fingerprint(&mut f, c.fp_len).map_err(read_err(src))?.as_deref() == Some(&c.fp);
+            let same_start = fingerprint(&mut f, c.fp_len)
+                .map_err(read_err(src))?
+                .as_deref()
+                == Some(&c.fp);
             if meta.len() < c.offset || !same_start {
                 log::info!("{}: truncated in place since the last run", src.display());
                 finish_old(dir, &name, c, false, &mut out, &mut report)?;
@@ -316,7 +322,9 @@ pub fn sync_file(
     // The checkpoint describes the file as it was copied.
     let mut f = File::open(src).map_err(read_err(src))?;
     let fp_len = offset.min(FINGERPRINT_LEN);
-    let fp = fingerprint(&mut f, fp_len).map_err(read_err(src))?.unwrap_or_default();
+    let fp = fingerprint(&mut f, fp_len)
+        .map_err(read_err(src))?
+        .unwrap_or_default();
     let m = f.metadata().map_err(read_err(src))?;
     *cp = Some(Checkpoint {
         dev: m.dev(),
@@ -362,13 +370,14 @@ fn finish_old(
             }
         }
         None => {
-            let missing = cp.size.saturating_sub(cp.offset);
-            report.lost += missing;
+            report.unfinished += 1;
             log::warn!(
                 "{name}: rotated, and the old file is gone or compressed, so it cannot be \
-                 finished: {missing} byte(s) after offset {} (as last seen) were not copied. \
-                 Check {} for a compressed rotation",
+                 finished: what it got after offset {} (at least {} byte(s) when last seen, \
+                 plus anything written since) was not copied. Check {} for a compressed \
+                 rotation",
                 cp.offset,
+                cp.size.saturating_sub(cp.offset),
                 dir.display()
             );
         }

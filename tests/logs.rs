@@ -1,0 +1,365 @@
+//! End-to-end tests of the log job (SPEC 4) with real files, the real `logrotate`, gzip.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{Root, stderr_of};
+
+struct Setup {
+    r: Root,
+    src: PathBuf,
+}
+
+const LOG: &str = "#cr0.log";
+
+impl Setup {
+    fn new(extra: &str) -> Setup {
+        let r = Root::new();
+        let src = r.tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        r.write_config(&format!(
+            "[logs]\nrotate_size = \"1KiB\"\nrotate_keep = 3\n{extra}\n\
+             [[logs.stream]]\nname = \"rizon\"\nfrom = \"{}\"\nto = \"logs/irc_networks/rizon\"\n",
+            src.display()
+        ));
+        Setup { r, src }
+    }
+
+    fn source(&self, name: &str) -> PathBuf {
+        self.src.join(name)
+    }
+
+    fn dest(&self, name: &str) -> PathBuf {
+        self.r.path("logs/irc_networks/rizon").join(name)
+    }
+
+    fn append(&self, name: &str, bytes: &[u8]) {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.source(name))
+            .unwrap();
+        f.write_all(bytes).unwrap();
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.r.cmd().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr_of(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn sync(&self) -> String {
+        self.run(&["logs", "sync"])
+    }
+
+    fn dest_bytes(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dest(name)).unwrap_or_default()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.r.path("logs/cron_log_sync.log")).unwrap_or_default()
+    }
+}
+
+fn line(i: usize) -> String {
+    format!(
+        "[2025-11-09 18:45:{:02}] <nick{}> message number {i}\n",
+        i % 60,
+        i % 7
+    )
+}
+
+#[test]
+fn complete_lines_only_bytes_as_they_are() {
+    let s = Setup::new("");
+    let long = vec![b'x'; 3 << 20];
+    let mut bytes = b"ok\r\n\xff\xfe invalid utf-8\n".to_vec();
+    bytes.extend_from_slice(&long);
+    bytes.extend_from_slice(b"\nthen a partial");
+    s.append(LOG, &bytes);
+    s.sync();
+    let want_len = bytes.len() - b"then a partial".len();
+    assert_eq!(s.dest_bytes(LOG), &bytes[..want_len], "partial line waits");
+    s.append(LOG, b" line\n");
+    s.sync();
+    bytes.extend_from_slice(b" line\n");
+    assert_eq!(s.dest_bytes(LOG), bytes);
+    // Nothing new: nothing copied, the source is not even opened (fast path).
+    assert!(s.sync().contains("0 byte(s) copied, 1 unchanged"));
+    assert!(!s.run(&["logs", "sync-all"]).contains("unchanged"));
+    assert_eq!(s.dest_bytes(LOG), bytes);
+}
+
+#[test]
+fn rename_rotation_finishes_the_old_file_then_copies_the_new_one() {
+    let s = Setup::new("");
+    s.append(LOG, line(1).as_bytes());
+    s.sync();
+    s.append(LOG, line(2).as_bytes());
+    std::fs::rename(s.source(LOG), s.source(&format!("{LOG}.1"))).unwrap();
+    s.append(LOG, line(3).as_bytes());
+    s.sync();
+    assert_eq!(
+        String::from_utf8(s.dest_bytes(LOG)).unwrap(),
+        line(1) + &line(2) + &line(3)
+    );
+}
+
+#[test]
+fn a_compressed_rotation_cannot_be_finished_and_the_log_says_so() {
+    let s = Setup::new("");
+    s.append(LOG, line(1).as_bytes());
+    s.sync();
+    s.append(LOG, line(2).as_bytes());
+    let old = s.source(&format!("{LOG}.1"));
+    std::fs::rename(s.source(LOG), &old).unwrap();
+    assert!(Command::new("gzip").arg(&old).status().unwrap().success());
+    s.append(LOG, line(3).as_bytes());
+    let out = s.sync();
+    assert!(out.contains("could not be finished"), "{out}");
+    assert!(
+        s.log_text().contains("cannot be finished"),
+        "{}",
+        s.log_text()
+    );
+    assert_eq!(
+        String::from_utf8(s.dest_bytes(LOG)).unwrap(),
+        line(1) + &line(3)
+    );
+}
+
+#[test]
+fn truncation_in_place_copytruncate_and_shell_redirect() {
+    let s = Setup::new("");
+    s.append(LOG, line(1).as_bytes());
+    s.sync();
+    // copytruncate: the copy holds what was written since the last run.
+    s.append(LOG, line(2).as_bytes());
+    std::fs::copy(s.source(LOG), s.source(&format!("{LOG}.1"))).unwrap();
+    std::fs::File::create(s.source(LOG)).unwrap();
+    s.append(LOG, line(3).as_bytes());
+    s.sync();
+    // `> file` with nothing new before it, then a longer rewrite.
+    std::fs::File::create(s.source(LOG)).unwrap();
+    s.append(LOG, (line(4) + &line(5) + &line(6)).as_bytes());
+    s.sync();
+    let want: String = (1..=6).map(line).collect();
+    assert_eq!(String::from_utf8(s.dest_bytes(LOG)).unwrap(), want);
+}
+
+fn logrotate(s: &Setup, mode: &str) {
+    let conf = s.r.tmp.path().join("logrotate.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "\"{}/*.log\" {{\n  rotate 5\n  {mode}\n  missingok\n}}\n",
+            s.src.display()
+        ),
+    )
+    .unwrap();
+    let state = s.r.tmp.path().join("logrotate.state");
+    let out = Command::new("logrotate")
+        .arg("-f")
+        .arg("-s")
+        .arg(&state)
+        .arg(&conf)
+        .output()
+        .expect("logrotate (apt install logrotate)");
+    assert!(out.status.success(), "logrotate: {}", stderr_of(&out));
+}
+
+#[test]
+fn real_logrotate_in_create_and_copytruncate_modes() {
+    for mode in ["create", "copytruncate"] {
+        let s = Setup::new("");
+        // cr0sync has seen the file before the first rotation.
+        let mut want = line(99);
+        s.append(LOG, want.as_bytes());
+        s.sync();
+        for round in 0..4 {
+            for i in 0..5 {
+                let l = line(round * 10 + i);
+                s.append(LOG, l.as_bytes());
+                want.push_str(&l);
+            }
+            if round % 2 == 1 {
+                s.sync();
+            }
+            logrotate(&s, mode);
+            let l = line(round * 10 + 9);
+            s.append(LOG, l.as_bytes());
+            want.push_str(&l);
+            s.sync();
+        }
+        assert_eq!(
+            String::from_utf8(s.dest_bytes(LOG)).unwrap(),
+            want,
+            "{mode}"
+        );
+    }
+}
+
+#[test]
+fn vanished_sources_keep_their_checkpoint_for_seven_days() {
+    let s = Setup::new("");
+    s.append("gone.log", line(1).as_bytes());
+    s.sync();
+    std::fs::remove_file(s.source("gone.log")).unwrap();
+    let state = || std::fs::read_to_string(s.r.path("state/logs/rizon.json")).unwrap();
+    let at = |t: &str| {
+        let out =
+            s.r.cmd()
+                .env("CR0SYNC_NOW", t)
+                .args(["logs", "sync"])
+                .output()
+                .unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    };
+    at("2030-01-01T00:00:00Z");
+    assert!(state().contains("gone.log"));
+    at("2030-01-07T00:00:00Z");
+    assert!(state().contains("gone.log"), "6 days: kept");
+    at("2030-01-08T00:00:01Z");
+    assert!(!state().contains("gone.log"), "7 days: dropped");
+}
+
+#[test]
+fn rotate_compresses_shifts_and_keeps_everything_copied() {
+    let s = Setup::new("");
+    let mut want = Vec::new();
+    for round in 0..6 {
+        for i in 0..30 {
+            let l = line(round * 100 + i);
+            s.append(LOG, l.as_bytes());
+            want.extend_from_slice(l.as_bytes());
+        }
+        s.sync();
+        let out = s.run(&["logs", "rotate", "--dry-run"]);
+        assert!(out.contains("would rotate"), "{out}");
+        let out = s.run(&["logs", "rotate"]);
+        assert!(out.contains("1 file(s) rotated"), "{out}");
+    }
+    s.append(LOG, line(999).as_bytes());
+    want.extend_from_slice(line(999).as_bytes());
+    s.sync();
+    // keep = 3: rotations 1..3 exist, each passes gzip -t; older ones were dropped.
+    let mut have = Vec::new();
+    for n in (1..=3).rev() {
+        let gz = s.dest(&format!("{LOG}.{n}.gz"));
+        assert!(
+            Command::new("gzip")
+                .arg("-t")
+                .arg(&gz)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let out = Command::new("gzip").arg("-dc").arg(&gz).output().unwrap();
+        have.extend_from_slice(&out.stdout);
+    }
+    assert!(!s.dest(&format!("{LOG}.4.gz")).exists());
+    have.extend_from_slice(&s.dest_bytes(LOG));
+    assert!(
+        want.ends_with(&have),
+        "the three rotations and the live file are the newest bytes"
+    );
+    // Every rotation holds whole lines.
+    assert_eq!(have.last(), Some(&b'\n'));
+}
+
+#[test]
+fn sigkill_during_the_copy_of_a_large_source_then_one_run_leaves_it_exact() {
+    let s = Setup::new("");
+    // A checkpoint exists, then ~60 MB of new lines arrive, so a copy takes a while.
+    s.append(LOG, line(0).as_bytes());
+    s.sync();
+    {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(s.source(LOG))
+            .unwrap();
+        let mut f = std::io::BufWriter::new(file);
+        for i in 0..1_000_000 {
+            f.write_all(line(i).as_bytes()).unwrap();
+        }
+    }
+    let mut killed = 0;
+    for round in 0..2000u64 {
+        let mut child = Command::new(common::BIN)
+            .arg("--root")
+            .arg(&s.r.root)
+            .args(["logs", "sync-all"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Later and later moments (start-up, copy, fdatasync, checkpoint), until a run
+        // gets to finish: the copy restarts from the checkpoint each time, so every
+        // moment of it is cut once.
+        std::thread::sleep(std::time::Duration::from_micros(round * 300));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            killed += 1;
+            child.wait().unwrap();
+        } else {
+            break;
+        }
+        // The source keeps growing between kills.
+        s.append(LOG, line(2_000_000 + round as usize).as_bytes());
+    }
+    eprintln!("{killed} runs killed");
+    assert!(killed >= 10, "only {killed} runs were killed");
+    let log = std::fs::read_to_string(s.r.path("logs/cron_log_sync.log")).unwrap_or_default();
+    let cut = log.matches("cut back").count();
+    eprintln!("{cut} runs cut back a destination");
+    assert!(cut > 0, "no run was killed between appending and recording");
+    s.sync();
+    assert_eq!(s.dest_bytes(LOG), std::fs::read(s.source(LOG)).unwrap());
+}
+
+#[test]
+fn cron_logs_is_silent_and_status_shows_the_stream() {
+    let s = Setup::new("");
+    s.append(LOG, line(1).as_bytes());
+    s.append(LOG, b"partial");
+    let out = s.r.cmd().args(["cron", "logs"]).output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}",
+        stderr_of(&out)
+    );
+    let st = s.r.status_json();
+    assert_eq!(st["streams"][0]["stream"], "rizon");
+    assert_eq!(st["streams"][0]["files"], 1);
+    assert_eq!(st["streams"][0]["bytes_behind"], 7);
+    assert_eq!(st["streams"][0]["bytes_copied"], line(1).len());
+    let schedule = std::fs::read_to_string(s.r.path("state/schedule/logs.json")).unwrap();
+    assert!(schedule.contains("clean-rotations"), "{schedule}");
+}
+
+#[test]
+fn daily_cleanup_removes_old_rotations_only() {
+    let s = Setup::new("rotated_max_age = \"30d\"");
+    let dir = s.r.path("logs/api");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, age_days) in [("a.log.1.gz", 40), ("a.log.2.gz", 10), ("a.log", 100)] {
+        std::fs::write(dir.join(name), b"x").unwrap();
+        let t = format!("{} days ago", age_days);
+        assert!(
+            Command::new("touch")
+                .args(["-d", &t])
+                .arg(dir.join(name))
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    let out = s.r.cmd().args(["cron", "logs"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!dir.join("a.log.1.gz").exists());
+    assert!(dir.join("a.log.2.gz").exists() && dir.join("a.log").exists());
+}
