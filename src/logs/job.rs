@@ -156,33 +156,75 @@ pub fn sync_streams(run: &mut JobRun, fast: bool) {
     }
 }
 
-/// Files `logs rotate` considers: every stream destination and every `[logs].rotate` match.
-pub fn rotation_targets(ctx: &Context) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut add_dir = |dir: &Path, pattern: &str| {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for e in entries.flatten() {
+/// A file `logs rotate` considers, with its size and whether a killed rotation left its
+/// raw `name.1` behind (both read from one directory listing: no extra stat per file).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub path: PathBuf,
+    pub size: u64,
+    pub leftover: bool,
+}
+
+/// Every stream destination and every `[logs].rotate` match.
+pub fn rotation_targets(ctx: &Context) -> Vec<Target> {
+    let mut out: Vec<Target> = Vec::new();
+    // `known`: sizes cr0sync recorded itself (stream destinations have no other writer),
+    // so those files need no stat.
+    let mut add_dir =
+        |dir: &Path, pattern: &str, known: &std::collections::BTreeMap<String, u64>| {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            let entries: Vec<_> = entries.flatten().collect();
+            let names: std::collections::HashSet<String> = entries
+                .iter()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            for e in &entries {
                 let n = e.file_name().to_string_lossy().into_owned();
                 let plain = !is_rotation(&n) && !n.ends_with(".tmp") && !n.contains(".tmp.");
-                if plain && glob_match(pattern, &n) && e.file_type().is_ok_and(|t| t.is_file()) {
-                    out.push(e.path());
+                if !plain || !glob_match(pattern, &n) {
+                    continue;
                 }
+                let size = match known.get(&n) {
+                    Some(&size) if e.file_type().is_ok_and(|t| t.is_file()) => size,
+                    _ => match e.metadata() {
+                        Ok(meta) if meta.is_file() => meta.len(),
+                        _ => continue,
+                    },
+                };
+                out.push(Target {
+                    path: e.path(),
+                    size,
+                    leftover: names.contains(&format!("{n}.1")),
+                });
             }
-        }
-    };
+        };
     for s in &ctx.config.logs.stream {
-        add_dir(&ctx.resolve(&s.to), &s.pattern);
+        let state: StreamState = ctx
+            .state
+            .load(&stream::state_name(stream_name(s)))
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let known = state
+            .files
+            .iter()
+            .map(|(name, cp)| (name.clone(), cp.dest_len))
+            .collect();
+        add_dir(&ctx.resolve(&s.to), &s.pattern, &known);
     }
     let logs = ctx.layout.logs_dir();
+    let none = std::collections::BTreeMap::new();
     for g in &ctx.config.logs.rotate {
         let (dir, pattern) = match g.rsplit_once('/') {
             Some((d, p)) => (logs.join(d), p.to_string()),
             None => (logs.clone(), g.clone()),
         };
-        add_dir(&dir, &pattern);
+        add_dir(&dir, &pattern, &none);
     }
-    out.sort();
-    out.dedup();
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.dedup_by(|a, b| a.path == b.path);
     out
 }
 
@@ -191,11 +233,18 @@ pub fn rotate_all(ctx: &Context, dry_run: bool) -> Result<Vec<(PathBuf, u64)>> {
     let limit = ctx.config.logs.rotate_size.0;
     let mut done = Vec::new();
     let mut errors = Vec::new();
-    for path in rotation_targets(ctx) {
-        if !dry_run && let Err(e) = rotate::finish_leftover(&path, &ctx.perms) {
+    for Target {
+        path,
+        size,
+        leftover,
+    } in rotation_targets(ctx)
+    {
+        if leftover
+            && !dry_run
+            && let Err(e) = rotate::finish_leftover(&path, &ctx.perms)
+        {
             errors.push(format!("{e:#}"));
         }
-        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         if size <= limit {
             continue;
         }
