@@ -62,8 +62,11 @@ impl Demo {
              [[database.db]]\nname = \"users\"\ncounters = {{ users = [\"coins\"] }}\n\
              peers = [\n  {{ name = \"bot\", path = \"{bot_db}\" }},\n  \
              {{ name = \"website\", path = \"{website_db}\" }},\n]\n\n\
+             [[logs.stream]]\nname = \"rizon\"\nfrom = \"{bot_logs}\"\n\
+             to = \"logs/irc_networks/rizon\"\n\n\
              [security]\nintegrity_paths = [\"{website}\", \"shared_storage/api_keys.json\"]\n",
             bot_db = self.bot_db().display(),
+            bot_logs = self.bot_logs().display(),
             website_db = self.website_db().display(),
             website = self.website.display(),
         )
@@ -185,6 +188,44 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// The log part: the bot's channel log is copied, the bot rotates it (rename, as
+/// logrotate's `create` does) and writes on, and the next run finishes the old file
+/// before starting the new one: every line exactly once.
+fn logs_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
+    let sync = |out: &mut String| -> Result<()> {
+        let report = run_job(ctx, Job::Logs, Trigger::Manual, false, |run| {
+            crate::logs::job::sync_streams(run, true);
+            Ok(())
+        })?;
+        for t in &report.tasks {
+            out.push_str(&format!("$ cr0sync logs sync   # {}: {}\n", t.name, t.detail));
+        }
+        Ok(())
+    };
+    let live = demo.bot_logs().join("#cr0.log");
+    let append = |path: &Path, text: &str| -> Result<()> {
+        use std::io::Write;
+        let mut f = fs::OpenOptions::new().create(true).append(true).open(path)?;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    };
+    sync(out)?;
+    append(&live, "[2025-11-09 18:46:00] <bob> written just before the rotation\n")?;
+    fs::rename(&live, demo.bot_logs().join("#cr0.log.1"))?;
+    append(&live, "[2025-11-09 18:47:00] <alice> first line of the new file\n")?;
+    out.push_str("the bot's log is rotated: #cr0.log -> #cr0.log.1, a new #cr0.log begins\n");
+    sync(out)?;
+    let copied = fs::read(ctx.layout.logs_dir().join("irc_networks/rizon/#cr0.log"))?;
+    let mut source = fs::read(demo.bot_logs().join("#cr0.log.1"))?;
+    source.extend(fs::read(&live)?);
+    out.push_str(&format!(
+        "central copy: {} lines, {} the old and the new source together, each line once\n\n",
+        copied.iter().filter(|&&b| b == b'\n').count(),
+        if copied == source { "exactly" } else { "NOT" }
+    ));
+    Ok(())
+}
+
 /// Builds the demo, runs each job once as cron would, and returns the narrative and the
 /// final status for printing.
 pub fn run(dir: &Path) -> Result<String> {
@@ -199,6 +240,7 @@ pub fn run(dir: &Path) -> Result<String> {
     );
     let ctx = demo.context()?;
     database_part(&demo, &ctx, &mut out)?;
+    logs_part(&demo, &ctx, &mut out)?;
     for job in Job::ALL {
         let result = run_job(&ctx, job, Trigger::Cron, false, |run| tasks(job, run));
         let line = match result {
