@@ -198,21 +198,33 @@ fn logs_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
             Ok(())
         })?;
         for t in &report.tasks {
-            out.push_str(&format!("$ cr0sync logs sync   # {}: {}\n", t.name, t.detail));
+            out.push_str(&format!(
+                "$ cr0sync logs sync   # {}: {}\n",
+                t.name, t.detail
+            ));
         }
         Ok(())
     };
     let live = demo.bot_logs().join("#cr0.log");
     let append = |path: &Path, text: &str| -> Result<()> {
         use std::io::Write;
-        let mut f = fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         f.write_all(text.as_bytes())?;
         Ok(())
     };
     sync(out)?;
-    append(&live, "[2025-11-09 18:46:00] <bob> written just before the rotation\n")?;
+    append(
+        &live,
+        "[2025-11-09 18:46:00] <bob> written just before the rotation\n",
+    )?;
     fs::rename(&live, demo.bot_logs().join("#cr0.log.1"))?;
-    append(&live, "[2025-11-09 18:47:00] <alice> first line of the new file\n")?;
+    append(
+        &live,
+        "[2025-11-09 18:47:00] <alice> first line of the new file\n",
+    )?;
     out.push_str("the bot's log is rotated: #cr0.log -> #cr0.log.1, a new #cr0.log begins\n");
     sync(out)?;
     let copied = fs::read(ctx.layout.logs_dir().join("irc_networks/rizon/#cr0.log"))?;

@@ -29,7 +29,10 @@ fn demo_runs_every_job_and_prints_status() {
     );
     assert!(text.contains("backup: "), "{text}");
     // The log part: a source rotated between runs, every line exactly once.
-    assert!(text.contains("exactly the old and the new source together"), "{text}");
+    assert!(
+        text.contains("exactly the old and the new source together"),
+        "{text}"
+    );
     // Both sides and the central copy are intact, equal real SQLite databases.
     let central = dir.join("root/databases/users.db");
     for side in ["bot", "website"] {
