@@ -379,3 +379,28 @@ fn daily_cleanup_removes_old_rotations_only() {
     assert!(!dir.join("a.log.1.gz").exists());
     assert!(dir.join("a.log.2.gz").exists() && dir.join("a.log").exists());
 }
+
+#[test]
+fn a_stream_whose_directory_is_missing_fails_clearly_and_the_others_still_sync() {
+    let s = Setup::new("");
+    s.append(LOG, line(1).as_bytes());
+    let cfg = std::fs::read_to_string(s.r.path("cr0sync.toml")).unwrap();
+    s.r.write_config(&format!(
+        "{cfg}\n[[logs.stream]]\nname = \"gone\"\nfrom = \"/nonexistent/logs\"\nto = \"logs/irc_networks/gone\"\n"
+    ));
+    let out = s.r.cmd().args(["logs", "sync"]).output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("stream gone: cannot list /nonexistent/logs") && err.contains("Try:"),
+        "{err}"
+    );
+    assert_eq!(
+        s.dest_bytes(LOG),
+        line(1).as_bytes(),
+        "the healthy stream synced"
+    );
+    let st = s.r.status_json();
+    assert!(st["problems"].to_string().contains("stream gone"), "{st}");
+}

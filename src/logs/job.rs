@@ -31,11 +31,12 @@ fn stream_name(s: &StreamConfig) -> &str {
 /// The source files of a stream: regular files in `from` matching `pattern`, by name.
 pub fn sources(ctx: &Context, s: &StreamConfig) -> Result<Vec<(String, PathBuf)>> {
     let from = ctx.resolve(&s.from);
-    let entries = std::fs::read_dir(&from).with_context(|| {
-        format!(
-            "stream {}: cannot list {}. Check `from` in the configuration",
+    let entries = std::fs::read_dir(&from).map_err(|e| {
+        anyhow::anyhow!(
+            "stream {}: cannot list {}: {}. Try: check `from` in the configuration",
             stream_name(s),
-            from.display()
+            from.display(),
+            crate::error::io_text(&e)
         )
     })?;
     let mut out = Vec::new();
@@ -406,7 +407,7 @@ pub fn section(ctx: &Context) -> Result<Section> {
     for s in &streams {
         let state = match &s.error {
             Some(e) => {
-                problems.push(format!("stream {}: {e}", s.stream));
+                problems.push(e.clone());
                 paint("error", Tone::Bad)
             }
             None if s.bytes_behind > 0 => paint("behind", Tone::Warn),
