@@ -14,6 +14,7 @@ use crate::commands::{
     init::InitCmd,
     logs::LogsCmd,
     run::RunCmd,
+    security::SecurityCmd,
     status::StatusCmd,
 };
 use crate::context::{Context, Location};
@@ -88,6 +89,7 @@ pub enum Command {
     Cron(CronCmd),
     Db(DbCmd),
     Logs(LogsCmd),
+    Security(SecurityCmd),
     SyncFromBot(SyncFromBotCmd),
     Demo(DemoCmd),
 }
@@ -101,6 +103,7 @@ impl Cli {
             Command::Cron(cmd) => cmd.run(&self.global),
             Command::Db(cmd) => cmd.run(&self.global),
             Command::Logs(cmd) => cmd.run(&self.global),
+            Command::Security(cmd) => cmd.run(&self.global),
             Command::SyncFromBot(cmd) => cmd.run(&self.global),
             Command::Demo(cmd) => cmd.run(&self.global),
         }

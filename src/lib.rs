@@ -18,3 +18,4 @@ pub mod layout;
 pub mod logs;
 pub mod ops;
 pub mod output;
+pub mod security;

@@ -39,9 +39,6 @@ pub fn tasks(job: Job, run: &mut JobRun) -> Result<()> {
     match job {
         Job::Database => crate::db::job::cron_tasks(run),
         Job::Logs => crate::logs::job::cron_tasks(run),
-        Job::Security => {
-            log::info!("{}: no tasks configured for this job", run.job);
-            Ok(())
-        }
+        Job::Security => crate::security::job::cron_tasks(run),
     }
 }

@@ -6,4 +6,5 @@ pub mod demo;
 pub mod init;
 pub mod logs;
 pub mod run;
+pub mod security;
 pub mod status;

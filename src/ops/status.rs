@@ -32,7 +32,11 @@ pub struct Section {
 pub type SectionFn = fn(&Context) -> Result<Section>;
 
 /// The sections after the jobs, in display order. Job modules add theirs here.
-pub const SECTIONS: &[SectionFn] = &[crate::db::job::section, crate::logs::job::section];
+pub const SECTIONS: &[SectionFn] = &[
+    crate::db::job::section,
+    crate::logs::job::section,
+    crate::security::job::section,
+];
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Holder {
