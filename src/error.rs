@@ -77,6 +77,10 @@ pub enum Error {
     /// Several independent tasks of one run failed: one line each, exit 1.
     #[error("{}", .0.join("\n"))]
     Several(Vec<String>),
+
+    /// A security finding that stops a command, such as a tampered baseline: exit 4.
+    #[error("{0}")]
+    Security(String),
 }
 
 fn root_flag(root: &Option<PathBuf>) -> String {
@@ -112,6 +116,7 @@ impl Error {
             }
             Error::LockHeld { .. } => ExitCode::LockHeld,
             Error::Several(_) => ExitCode::Runtime,
+            Error::Security(_) => ExitCode::Findings,
         }
     }
 }

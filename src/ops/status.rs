@@ -35,6 +35,7 @@ pub type SectionFn = fn(&Context) -> Result<Section>;
 pub const SECTIONS: &[SectionFn] = &[
     crate::db::job::section,
     crate::logs::job::section,
+    crate::security::job::integrity_section,
     crate::security::job::section,
 ];
 

@@ -11,7 +11,7 @@ use crate::context::Context;
 use crate::ops::runner::{JobRun, TaskDone};
 use crate::ops::status::Section;
 use crate::output::{Table, Tone, paint};
-use crate::security::{events, sessions};
+use crate::security::{events, integrity, sessions};
 
 pub fn cleanup_sessions_task(run: &mut JobRun) -> Result<TaskDone> {
     let c = sessions::cleanup(run.ctx, run.dry_run, run.now)?;
@@ -38,14 +38,102 @@ pub fn archive_events_task(run: &mut JobRun) -> Result<TaskDone> {
     )))
 }
 
+/// The integrity check as a task. With `print`, new findings are printed (cron mails
+/// them); the run's outcome is "findings" (exit 4) when there are new ones. Under cron, a
+/// root without a baseline records its first one (trust on first use) and says so in
+/// the log.
+pub fn integrity_task(run: &mut JobRun, print: bool, first_use: bool) -> Result<TaskDone> {
+    if first_use && !run.ctx.layout.file_hashes().exists() {
+        if run.dry_run {
+            return Ok(TaskDone::new(
+                "no baseline yet; a real run records the first one",
+            ));
+        }
+        let (n, unreadable) = integrity::baseline(run.ctx, None, run.now)?;
+        log::warn!(
+            "no integrity baseline yet: recorded one of {n} file(s) ({} unreadable); later \
+             checks compare with it",
+            unreadable.len()
+        );
+        return Ok(TaskDone::new(format!(
+            "first baseline recorded: {n} file(s)"
+        )));
+    }
+    let report = integrity::check(run.ctx, run.dry_run, run.now)?;
+    let new: Vec<&integrity::Finding> = report.new_findings().collect();
+    if print {
+        for f in &new {
+            println!("integrity: {} {}: {}", f.kind, f.path, f.detail);
+        }
+    }
+    Ok(TaskDone {
+        detail: format!(
+            "{} file(s), {} read, {} finding(s), {} new",
+            report.files,
+            report.hashed,
+            report.findings.len(),
+            new.len()
+        ),
+        findings: !new.is_empty(),
+    })
+}
+
 /// The cron job's tasks, each on its schedule.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
     let sec = &run.ctx.config.security;
-    let (sessions_every, archive_every): (Duration, Duration) =
-        (sec.session_cleanup_interval.0, sec.event_archive_interval.0);
+    let (check_every, sessions_every, archive_every): (Duration, Duration, Duration) = (
+        sec.integrity_interval.0,
+        sec.session_cleanup_interval.0,
+        sec.event_archive_interval.0,
+    );
+    run.periodic("integrity-check", check_every, |run| {
+        integrity_task(run, true, true)
+    });
     run.periodic("cleanup-sessions", sessions_every, cleanup_sessions_task);
     run.periodic("archive-events", archive_every, archive_events_task);
     Ok(())
+}
+
+/// The `integrity` section of `status`: last check and open findings.
+pub fn integrity_section(ctx: &Context) -> Result<Section> {
+    let last = integrity::last_check(ctx)?;
+    let baseline = ctx.layout.file_hashes().exists();
+    let mut table = Table::new(["BASELINE", "LAST CHECK", "FILES", "OPEN FINDINGS"]);
+    let mut problems = Vec::new();
+    let open = last.as_ref().map_or(0, |l| l.open_findings);
+    if open > 0 {
+        problems.push(format!(
+            "{open} integrity finding(s) open. See: cr0sync security check; accept a change \
+             with cr0sync security baseline --accept PATH"
+        ));
+    }
+    table.row([
+        if baseline {
+            "yes".to_string()
+        } else {
+            paint("none", Tone::Warn)
+        },
+        last.as_ref()
+            .map_or("-".into(), |l| crate::ops::clock::rfc3339(l.time)),
+        last.as_ref().map_or("-".into(), |l| l.files.to_string()),
+        if open > 0 {
+            paint(&open.to_string(), Tone::Bad)
+        } else {
+            "0".into()
+        },
+    ]);
+    Ok(Section {
+        key: "integrity",
+        title: "Integrity",
+        json: json!({
+            "baseline": baseline,
+            "last_check": last.as_ref().map(|l| crate::ops::clock::rfc3339(l.time)),
+            "files": last.as_ref().map(|l| l.files),
+            "open_findings": open,
+        }),
+        table,
+        problems,
+    })
 }
 
 /// The `sessions` section of `status`: active and expired entries, read without locking.

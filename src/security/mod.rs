@@ -4,5 +4,6 @@
 //! built yet (issue 5 is open).
 
 pub mod events;
+pub mod integrity;
 pub mod job;
 pub mod sessions;

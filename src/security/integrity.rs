@@ -1,0 +1,646 @@
+//! File integrity (SPEC 5.1, 5.2): a signed baseline of the watched files, and a check
+//! that reports what changed, each finding once.
+//!
+//! Invariants:
+//! - The baseline (`shared_storage/file_hashes.json`) is written atomically and carries an
+//!   HMAC-SHA256 of its body under `state/integrity.key`. A baseline whose HMAC does not
+//!   verify is never trusted: the check stops with a security event and exit 4.
+//! - Symlinks are recorded as links (their target), never followed; special files are
+//!   recorded by metadata, never read.
+//! - A file is read only if its size, mtime, ctime or inode differ from when it was last
+//!   hashed, if it was modified within a second of being hashed ("racy"), or, for a bounded
+//!   share of the oldest each run, if its last hash is older than `full_rehash`. A check
+//!   of an unchanged tree reads no file contents.
+//! - A finding is reported (event, exit 4, cron output) once, until it goes away or the
+//!   baseline is updated.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::context::Context;
+use crate::error::{Error, io_text};
+use crate::fsutil;
+use crate::logs::stream::glob_match;
+use crate::security::events::{self, Event};
+
+const CACHE: &str = "security/integrity-cache.json";
+const REPORTED: &str = "security/integrity-reported.json";
+const LAST_CHECK: &str = "security/integrity-last-check.json";
+
+/// One watched path's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// `file`, `symlink` or `special`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+    pub ino: u64,
+    /// When the content was last hashed (for `full_rehash` and racy entries).
+    pub hashed_at_ns: i128,
+}
+
+impl Entry {
+    fn same_stat(&self, m: &Meta) -> bool {
+        self.size == m.size
+            && self.mtime_ns == m.mtime_ns
+            && self.ctime_ns == m.ctime_ns
+            && self.ino == m.ino
+    }
+
+    fn racy(&self) -> bool {
+        self.kind == "file" && self.mtime_ns >= self.hashed_at_ns - 1_000_000_000
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Body {
+    version: u32,
+    created: DateTime<Utc>,
+    files: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Signed {
+    version: u32,
+    created: DateTime<Utc>,
+    files: BTreeMap<String, Entry>,
+    hmac: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// HMAC-SHA256 (RFC 2104).
+fn hmac(key: &[u8], msg: &[u8]) -> String {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let (mut ipad, mut opad) = ([0x36u8; 64], [0x5cu8; 64]);
+    for i in 0..64 {
+        ipad[i] ^= k[i];
+        opad[i] ^= k[i];
+    }
+    let inner = Sha256::new()
+        .chain_update(ipad)
+        .chain_update(msg)
+        .finalize();
+    hex(&Sha256::new()
+        .chain_update(opad)
+        .chain_update(inner)
+        .finalize())
+}
+
+fn key(ctx: &Context) -> Result<Vec<u8>> {
+    let path = ctx.layout.integrity_key();
+    let key = std::fs::read(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the integrity key {}: {}. Try: cr0sync init",
+            path.display(),
+            io_text(&e)
+        )
+    })?;
+    Ok(key.trim_ascii().to_vec())
+}
+
+/// Metadata of one path, as the baseline records it.
+#[derive(Debug, Clone)]
+struct Meta {
+    kind: &'static str,
+    size: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    target: Option<String>,
+}
+
+fn meta_of(path: &Path) -> std::io::Result<Meta> {
+    let m = std::fs::symlink_metadata(path)?;
+    let ft = m.file_type();
+    let kind = if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_file() {
+        "file"
+    } else {
+        "special"
+    };
+    let target = if ft.is_symlink() {
+        Some(std::fs::read_link(path)?.to_string_lossy().into_owned())
+    } else {
+        None
+    };
+    Ok(Meta {
+        kind,
+        size: m.len(),
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+        ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        ino: m.ino(),
+        target,
+    })
+}
+
+/// Whether `rel` (a path relative to a watched root, `/`-separated) matches a pattern with
+/// `**` (any number of directories), `*` and `?`.
+pub fn excluded(pattern: &str, rel: &str) -> bool {
+    fn go(p: &[&str], n: &[&str]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some(&"**") => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            Some(seg) => !n.is_empty() && glob_match(seg, n[0]) && go(&p[1..], &n[1..]),
+        }
+    }
+    let p: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+    let n: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
+    go(&p, &n)
+}
+
+/// The watched paths with their metadata; paths that cannot be read are returned apart.
+fn walk(ctx: &Context) -> (BTreeMap<String, Meta>, Vec<(String, String)>) {
+    let mut out = BTreeMap::new();
+    let mut unreadable = Vec::new();
+    let patterns = &ctx.config.security.integrity_exclude;
+    for root in &ctx.config.security.integrity_paths {
+        let root = ctx.resolve(root);
+        let walker = walkdir::WalkDir::new(&root).follow_links(false).into_iter();
+        let walker = walker.filter_entry(|e| {
+            let rel = e
+                .path()
+                .strip_prefix(&root)
+                .unwrap_or(e.path())
+                .to_string_lossy()
+                .into_owned();
+            rel.is_empty() || !patterns.iter().any(|p| excluded(p, &rel))
+        });
+        for entry in walker {
+            match entry {
+                Ok(e) if e.file_type().is_dir() => {}
+                Ok(e) => {
+                    let key = e.path().to_string_lossy().into_owned();
+                    match meta_of(e.path()) {
+                        Ok(m) => {
+                            out.insert(key, m);
+                        }
+                        Err(err) => unreadable.push((key, io_text(&err))),
+                    }
+                }
+                Err(err) => {
+                    let path = err
+                        .path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    let why = err
+                        .io_error()
+                        .map(io_text)
+                        .unwrap_or_else(|| err.to_string());
+                    unreadable.push((path, why));
+                }
+            }
+        }
+    }
+    (out, unreadable)
+}
+
+/// SHA-256 of a file, streamed with a large buffer.
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Hashes `paths` on every core. Returns path -> hash or error text.
+fn hash_all(paths: &[String]) -> BTreeMap<String, Result<String, String>> {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(BTreeMap::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(paths.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = paths.get(i) else { break };
+                    let r = sha256_file(Path::new(p)).map_err(|e| io_text(&e));
+                    if let Ok(mut o) = out.lock() {
+                        o.insert(p.clone(), r);
+                    }
+                }
+            });
+        }
+    });
+    out.into_inner().unwrap_or_default()
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn entry(m: &Meta, sha256: Option<String>, hashed_at_ns: i128) -> Entry {
+    Entry {
+        kind: m.kind.to_string(),
+        sha256,
+        target: m.target.clone(),
+        size: m.size,
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+        mtime_ns: m.mtime_ns,
+        ctime_ns: m.ctime_ns,
+        ino: m.ino,
+        hashed_at_ns,
+    }
+}
+
+/// Entries for the current tree. `previous` entries whose metadata is unchanged (and not
+/// racy, and not due for a full rehash per `due`) are reused without reading the file.
+fn scan(
+    ctx: &Context,
+    previous: &BTreeMap<String, Entry>,
+    due: &BTreeSet<String>,
+) -> (BTreeMap<String, Entry>, Vec<(String, String)>, usize) {
+    let (tree, mut unreadable) = walk(ctx);
+    let stamp = now_ns();
+    let mut out = BTreeMap::new();
+    let mut to_hash = Vec::new();
+    for (path, m) in &tree {
+        if m.kind != "file" {
+            out.insert(path.clone(), entry(m, None, stamp));
+            continue;
+        }
+        match previous.get(path) {
+            Some(e) if e.kind == "file" && e.same_stat(m) && !e.racy() && !due.contains(path) => {
+                out.insert(
+                    path.clone(),
+                    Entry {
+                        mode: m.mode,
+                        uid: m.uid,
+                        gid: m.gid,
+                        ..e.clone()
+                    },
+                );
+            }
+            _ => to_hash.push(path.clone()),
+        }
+    }
+    let hashed = to_hash.len();
+    for (path, result) in hash_all(&to_hash) {
+        match result {
+            Ok(h) => {
+                out.insert(path.clone(), entry(&tree[&path], Some(h), stamp));
+            }
+            Err(why) => unreadable.push((path, why)),
+        }
+    }
+    (out, unreadable, hashed)
+}
+
+/// Writes the baseline for the current tree (all files hashed). With `accept`, only that
+/// path's entry is updated in the existing (verified) baseline.
+pub fn baseline(
+    ctx: &Context,
+    accept: Option<&Path>,
+    now: DateTime<Utc>,
+) -> Result<(usize, Vec<(String, String)>)> {
+    let key = key(ctx)?;
+    let files = match accept {
+        None => {
+            let (files, unreadable, _) = scan(ctx, &BTreeMap::new(), &BTreeSet::new());
+            write_baseline(ctx, &key, files.clone(), now)?;
+            ctx.state.remove(REPORTED)?;
+            ctx.state.save(CACHE, &files)?;
+            return Ok((files.len(), unreadable));
+        }
+        Some(path) => {
+            let mut files = load_baseline(ctx, &key)?;
+            let p = std::path::absolute(path)?.to_string_lossy().into_owned();
+            match meta_of(Path::new(&p)) {
+                Ok(m) => {
+                    let h = if m.kind == "file" {
+                        Some(
+                            sha256_file(Path::new(&p))
+                                .map_err(|e| anyhow::anyhow!("cannot read {p}: {}", io_text(&e)))?,
+                        )
+                    } else {
+                        None
+                    };
+                    files.insert(p.clone(), entry(&m, h, now_ns()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    files.remove(&p);
+                }
+                Err(e) => anyhow::bail!("cannot read {p}: {}", io_text(&e)),
+            }
+            let mut reported: BTreeSet<String> = ctx.state.load(REPORTED)?.unwrap_or_default();
+            reported.retain(|f| !f.ends_with(&format!(" {p}")));
+            ctx.state.save(REPORTED, &reported)?;
+            files
+        }
+    };
+    let n = files.len();
+    write_baseline(ctx, &key, files, now)?;
+    Ok((n, Vec::new()))
+}
+
+fn write_baseline(
+    ctx: &Context,
+    key: &[u8],
+    files: BTreeMap<String, Entry>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let body = Body {
+        version: 1,
+        created: now,
+        files,
+    };
+    let mac = hmac(key, &serde_json::to_vec(&body)?);
+    let signed = Signed {
+        version: body.version,
+        created: body.created,
+        files: body.files,
+        hmac: mac,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&signed)?;
+    bytes.push(b'\n');
+    let path = ctx.layout.file_hashes();
+    fsutil::atomic_write(&path, &bytes, ctx.perms.file_mode, &ctx.perms)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Reads and verifies the baseline; an unsigned or edited one is an `Error::Security`.
+fn load_baseline(ctx: &Context, key: &[u8]) -> Result<BTreeMap<String, Entry>> {
+    let path = ctx.layout.file_hashes();
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "no integrity baseline yet ({}). Try: cr0sync security baseline",
+            path.display()
+        ),
+        Err(e) => anyhow::bail!("cannot read {}: {}", path.display(), io_text(&e)),
+    };
+    let untrusted = |why: &str| -> anyhow::Error {
+        let _ = events::append(
+            ctx,
+            &[Event {
+                time: crate::ops::clock::now(),
+                kind: "integrity.baseline_untrusted".into(),
+                path: Some(path.display().to_string()),
+                detail: why.into(),
+            }],
+        );
+        Error::Security(format!(
+            "the integrity baseline {} is {why}; it is not trusted. Try: find out who changed \
+             it, then record a new one with cr0sync security baseline",
+            path.display()
+        ))
+        .into()
+    };
+    let Ok(signed) = serde_json::from_slice::<Signed>(&bytes) else {
+        return Err(untrusted("not a signed baseline"));
+    };
+    let body = Body {
+        version: signed.version,
+        created: signed.created,
+        files: signed.files,
+    };
+    if hmac(key, &serde_json::to_vec(&body)?) != signed.hmac {
+        return Err(untrusted("edited (its HMAC does not verify)"));
+    }
+    Ok(body.files)
+}
+
+/// One finding of a check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// `added`, `removed`, `modified`, `changed` or `unreadable`.
+    pub kind: String,
+    pub path: String,
+    pub detail: String,
+    /// Not reported by an earlier check.
+    pub new: bool,
+}
+
+impl Finding {
+    fn id(&self) -> String {
+        format!("{} {}", self.kind, self.path)
+    }
+}
+
+/// What a check found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub files: usize,
+    pub hashed: usize,
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    pub fn new_findings(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(|f| f.new)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LastCheck {
+    pub time: DateTime<Utc>,
+    pub files: usize,
+    pub open_findings: usize,
+}
+
+fn compare(
+    base: &BTreeMap<String, Entry>,
+    now: &BTreeMap<String, Entry>,
+) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for (path, b) in base {
+        let Some(n) = now.get(path) else {
+            out.push((
+                "removed".into(),
+                path.clone(),
+                format!("{} was in the baseline", b.kind),
+            ));
+            continue;
+        };
+        if b.kind != n.kind {
+            out.push((
+                "changed".into(),
+                path.clone(),
+                format!("{} became a {}", b.kind, n.kind),
+            ));
+        } else if b.sha256 != n.sha256 {
+            out.push((
+                "modified".into(),
+                path.clone(),
+                "content differs from the baseline".into(),
+            ));
+        }
+        let mut what = Vec::new();
+        if b.mode != n.mode {
+            what.push(format!("mode {:o} -> {:o}", b.mode, n.mode));
+        }
+        if (b.uid, b.gid) != (n.uid, n.gid) {
+            what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, n.uid, n.gid));
+        }
+        if b.kind == n.kind && b.target != n.target {
+            what.push(format!(
+                "link target {} -> {}",
+                b.target.as_deref().unwrap_or("?"),
+                n.target.as_deref().unwrap_or("?")
+            ));
+        }
+        if !what.is_empty() {
+            out.push(("changed".into(), path.clone(), what.join(", ")));
+        }
+    }
+    for path in now.keys().filter(|p| !base.contains_key(*p)) {
+        out.push(("added".into(), path.clone(), "not in the baseline".into()));
+    }
+    out
+}
+
+/// Compares the tree with the baseline. New findings become security events. With
+/// `dry_run`, nothing is written (no events, no state).
+pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report> {
+    let key = key(ctx)?;
+    let base = load_baseline(ctx, &key)?;
+    let cache: BTreeMap<String, Entry> = ctx.state.load(CACHE)?.unwrap_or_default();
+    let previous = if cache.is_empty() {
+        base.clone()
+    } else {
+        cache
+    };
+
+    // A bounded share of the oldest hashes is redone each run.
+    let rehash_ns = ctx.config.security.full_rehash.0.as_nanos() as i128;
+    let interval = ctx.config.security.integrity_interval.0.as_nanos().max(1) as i128;
+    let runs = (rehash_ns / interval).max(1) as usize;
+    let stale: Vec<(&String, i128)> = previous
+        .iter()
+        .filter(|(_, e)| e.kind == "file" && now_ns() - e.hashed_at_ns > rehash_ns)
+        .map(|(p, e)| (p, e.hashed_at_ns))
+        .collect();
+    let share = previous.len().div_ceil(runs).max(1);
+    let mut stale = stale;
+    stale.sort_by_key(|(_, t)| *t);
+    let due: BTreeSet<String> = stale
+        .into_iter()
+        .take(share)
+        .map(|(p, _)| p.clone())
+        .collect();
+
+    let (current, unreadable, hashed) = scan(ctx, &previous, &due);
+    let reported: BTreeSet<String> = ctx.state.load(REPORTED)?.unwrap_or_default();
+    let mut findings: Vec<Finding> = compare(&base, &current)
+        .into_iter()
+        .map(|(kind, path, detail)| Finding {
+            kind,
+            path,
+            detail,
+            new: false,
+        })
+        .collect();
+    findings.extend(unreadable.into_iter().map(|(path, why)| Finding {
+        kind: "unreadable".into(),
+        path,
+        detail: why,
+        new: false,
+    }));
+    for f in &mut findings {
+        f.new = !reported.contains(&f.id());
+    }
+    if !dry_run {
+        let new_events: Vec<Event> = findings
+            .iter()
+            .filter(|f| f.new)
+            .map(|f| Event {
+                time: now,
+                kind: format!("integrity.{}", f.kind),
+                path: Some(f.path.clone()),
+                detail: f.detail.clone(),
+            })
+            .collect();
+        events::append(ctx, &new_events)?;
+        let open: BTreeSet<String> = findings.iter().map(Finding::id).collect();
+        ctx.state.save(REPORTED, &open)?;
+        ctx.state.save(CACHE, &current)?;
+        ctx.state.save(
+            LAST_CHECK,
+            &LastCheck {
+                time: now,
+                files: current.len(),
+                open_findings: findings.len(),
+            },
+        )?;
+    }
+    Ok(Report {
+        files: current.len(),
+        hashed,
+        findings,
+    })
+}
+
+pub fn last_check(ctx: &Context) -> Result<Option<LastCheck>> {
+    ctx.state.load(LAST_CHECK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231_test_case_2() {
+        assert_eq!(
+            hmac(b"Jefe", b"what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn exclude_patterns_with_double_star() {
+        assert!(excluded("**/*.log", "a.log"));
+        assert!(excluded("**/*.log", "x/y/a.log"));
+        assert!(!excluded("**/*.log", "x/a.log.1"));
+        assert!(excluded("**/cache/**", "cache/x"));
+        assert!(excluded("**/cache/**", "a/cache/b/c"));
+        assert!(excluded("**/cache/**", "a/cache"));
+        assert!(!excluded("**/cache/**", "a/cached/b"));
+        assert!(excluded("uploads/*", "uploads/f"));
+        assert!(!excluded("uploads/*", "x/uploads/f"));
+    }
+}
