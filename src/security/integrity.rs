@@ -550,9 +550,10 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
     let rehash_ns = ctx.config.security.full_rehash.0.as_nanos() as i128;
     let interval = ctx.config.security.integrity_interval.0.as_nanos().max(1) as i128;
     let runs = (rehash_ns / interval).max(1) as usize;
+    let now_at = now.timestamp_nanos_opt().map_or_else(now_ns, i128::from);
     let stale: Vec<(&String, i128)> = previous
         .iter()
-        .filter(|(_, e)| e.kind == "file" && now_ns() - e.hashed_at_ns > rehash_ns)
+        .filter(|(_, e)| e.kind == "file" && now_at - e.hashed_at_ns > rehash_ns)
         .map(|(p, e)| (p, e.hashed_at_ns))
         .collect();
     let share = previous.len().div_ceil(runs).max(1);
