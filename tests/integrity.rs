@@ -420,7 +420,7 @@ fn full_rehash_is_spread_over_runs() {
         assert!(out.status.success(), "{}", stderr_of(&out));
         let text = String::from_utf8(out.stdout).unwrap();
         reads.push(
-            text.split(", ").nth(0).unwrap().to_string()
+            text.split(", ").next().unwrap().to_string()
                 + " / "
                 + text
                     .split(" read")
