@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -77,12 +77,13 @@ struct Body {
     files: BTreeMap<String, Entry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Signed {
-    version: u32,
-    created: DateTime<Utc>,
-    files: BTreeMap<String, Entry>,
+/// The file: the baseline's exact bytes and their HMAC, so verifying needs no
+/// re-serialization.
+#[derive(Debug, Deserialize)]
+struct Signed<'a> {
     hmac: String,
+    #[serde(borrow)]
+    baseline: &'a serde_json::value::RawValue,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -181,50 +182,90 @@ pub fn excluded(pattern: &str, rel: &str) -> bool {
     go(&p, &n)
 }
 
-/// The watched paths with their metadata; paths that cannot be read are returned apart.
-fn walk(ctx: &Context) -> (BTreeMap<String, Meta>, Vec<(String, String)>) {
-    let mut out = BTreeMap::new();
-    let mut unreadable = Vec::new();
-    let patterns = &ctx.config.security.integrity_exclude;
-    for root in &ctx.config.security.integrity_paths {
-        let root = ctx.resolve(root);
-        let walker = walkdir::WalkDir::new(&root).follow_links(false).into_iter();
-        let walker = walker.filter_entry(|e| {
-            let rel = e
-                .path()
-                .strip_prefix(&root)
-                .unwrap_or(e.path())
-                .to_string_lossy()
-                .into_owned();
-            rel.is_empty() || !patterns.iter().any(|p| excluded(p, &rel))
-        });
-        for entry in walker {
-            match entry {
-                Ok(e) if e.file_type().is_dir() => {}
-                Ok(e) => {
-                    let key = e.path().to_string_lossy().into_owned();
-                    match meta_of(e.path()) {
-                        Ok(m) => {
-                            out.insert(key, m);
-                        }
-                        Err(err) => unreadable.push((key, io_text(&err))),
+type Walked = (BTreeMap<String, Meta>, Vec<(String, String)>);
+
+/// Walks `start` (a watched root or one of its children) below `root`.
+fn walk_one(root: &Path, start: &Path, patterns: &[String], out: &mut Walked) {
+    let walker = walkdir::WalkDir::new(start).follow_links(false).into_iter();
+    let walker = walker.filter_entry(|e| {
+        let rel = e
+            .path()
+            .strip_prefix(root)
+            .unwrap_or(e.path())
+            .to_string_lossy()
+            .into_owned();
+        rel.is_empty() || !patterns.iter().any(|p| excluded(p, &rel))
+    });
+    for entry in walker {
+        match entry {
+            Ok(e) if e.file_type().is_dir() => {}
+            Ok(e) => {
+                let key = e.path().to_string_lossy().into_owned();
+                match meta_of(e.path()) {
+                    Ok(m) => {
+                        out.0.insert(key, m);
                     }
+                    Err(err) => out.1.push((key, io_text(&err))),
                 }
-                Err(err) => {
-                    let path = err
-                        .path()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default();
-                    let why = err
-                        .io_error()
-                        .map(io_text)
-                        .unwrap_or_else(|| err.to_string());
-                    unreadable.push((path, why));
-                }
+            }
+            Err(err) => {
+                let path = err
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let why = err
+                    .io_error()
+                    .map(io_text)
+                    .unwrap_or_else(|| err.to_string());
+                out.1.push((path, why));
             }
         }
     }
-    (out, unreadable)
+}
+
+/// The watched paths with their metadata; paths that cannot be read are returned apart.
+/// The children of each watched directory are walked on every core at once.
+fn walk(ctx: &Context) -> Walked {
+    let patterns = &ctx.config.security.integrity_exclude;
+    let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut out: Walked = (BTreeMap::new(), Vec::new());
+    for root in &ctx.config.security.integrity_paths {
+        let root = ctx.resolve(root);
+        let is_dir = std::fs::symlink_metadata(&root)
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        match std::fs::read_dir(&root) {
+            Ok(entries) if is_dir => {
+                for e in entries.flatten() {
+                    jobs.push((root.clone(), e.path()));
+                }
+            }
+            _ => walk_one(&root, &root, patterns, &mut out),
+        }
+    }
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let next = AtomicUsize::new(0);
+    let parts: Vec<Walked> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine: Walked = (BTreeMap::new(), Vec::new());
+                    while let Some((root, start)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        walk_one(root, start, patterns, &mut mine);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    for (files, bad) in parts {
+        out.0.extend(files);
+        out.1.extend(bad);
+    }
+    out
 }
 
 /// SHA-256 of a file, streamed with a large buffer.
@@ -288,33 +329,36 @@ fn entry(m: &Meta, sha256: Option<String>, hashed_at_ns: i128) -> Entry {
     }
 }
 
-/// Entries for the current tree. `previous` entries whose metadata is unchanged (and not
-/// racy, and not due for a full rehash per `due`) are reused without reading the file.
-fn scan(
-    ctx: &Context,
-    previous: &BTreeMap<String, Entry>,
-    due: &BTreeSet<String>,
-) -> (BTreeMap<String, Entry>, Vec<(String, String)>, usize) {
+/// The current tree: entries built this run (new, changed, hashed), and the paths whose
+/// previous entry still holds (same size, mtime, ctime and inode; not racy; not due).
+struct Scan {
+    fresh: BTreeMap<String, Entry>,
+    reused: Vec<String>,
+    unreadable: Vec<(String, String)>,
+    hashed: usize,
+}
+
+/// Scans the tree. `previous` entries whose metadata is unchanged are reused without
+/// reading the file (a chmod or chown changes the ctime, so a reused entry's mode and
+/// owner are current too).
+fn scan(ctx: &Context, previous: &BTreeMap<&str, &Entry>, due: &BTreeSet<&str>) -> Scan {
     let (tree, mut unreadable) = walk(ctx);
     let stamp = now_ns();
-    let mut out = BTreeMap::new();
+    let mut fresh = BTreeMap::new();
+    let mut reused = Vec::new();
     let mut to_hash = Vec::new();
     for (path, m) in &tree {
-        if m.kind != "file" {
-            out.insert(path.clone(), entry(m, None, stamp));
-            continue;
-        }
-        match previous.get(path) {
-            Some(e) if e.kind == "file" && e.same_stat(m) && !e.racy() && !due.contains(path) => {
-                out.insert(
-                    path.clone(),
-                    Entry {
-                        mode: m.mode,
-                        uid: m.uid,
-                        gid: m.gid,
-                        ..e.clone()
-                    },
-                );
+        match previous.get(path.as_str()) {
+            Some(e)
+                if e.kind == m.kind
+                    && e.same_stat(m)
+                    && e.target == m.target
+                    && !(m.kind == "file" && (e.racy() || due.contains(path.as_str()))) =>
+            {
+                reused.push(path.clone());
+            }
+            _ if m.kind != "file" => {
+                fresh.insert(path.clone(), entry(m, None, 0));
             }
             _ => to_hash.push(path.clone()),
         }
@@ -323,12 +367,17 @@ fn scan(
     for (path, result) in hash_all(&to_hash) {
         match result {
             Ok(h) => {
-                out.insert(path.clone(), entry(&tree[&path], Some(h), stamp));
+                fresh.insert(path.clone(), entry(&tree[&path], Some(h), stamp));
             }
             Err(why) => unreadable.push((path, why)),
         }
     }
-    (out, unreadable, hashed)
+    Scan {
+        fresh,
+        reused,
+        unreadable,
+        hashed,
+    }
 }
 
 /// Writes the baseline for the current tree (all files hashed). With `accept`, only that
@@ -341,10 +390,14 @@ pub fn baseline(
     let key = key(ctx)?;
     let files = match accept {
         None => {
-            let (files, unreadable, _) = scan(ctx, &BTreeMap::new(), &BTreeSet::new());
+            let Scan {
+                fresh: files,
+                unreadable,
+                ..
+            } = scan(ctx, &BTreeMap::new(), &BTreeSet::new());
             write_baseline(ctx, &key, files.clone(), now)?;
             ctx.state.remove(REPORTED)?;
-            ctx.state.save(CACHE, &files)?;
+            ctx.state.remove(CACHE)?;
             return Ok((files.len(), unreadable));
         }
         Some(path) => {
@@ -384,19 +437,14 @@ fn write_baseline(
     files: BTreeMap<String, Entry>,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    let body = Body {
+    let body = serde_json::to_string(&Body {
         version: 1,
         created: now,
         files,
-    };
-    let mac = hmac(key, &serde_json::to_vec(&body)?);
-    let signed = Signed {
-        version: body.version,
-        created: body.created,
-        files: body.files,
-        hmac: mac,
-    };
-    let mut bytes = serde_json::to_vec_pretty(&signed)?;
+    })?;
+    let mac = hmac(key, body.as_bytes());
+    // Compact: a large tree's baseline parses faster (`jq .` shows it indented).
+    let mut bytes = format!("{{\"hmac\":\"{mac}\",\"baseline\":{body}}}").into_bytes();
     bytes.push(b'\n');
     let path = ctx.layout.file_hashes();
     fsutil::atomic_write(&path, &bytes, ctx.perms.file_mode, &ctx.perms)
@@ -434,14 +482,11 @@ fn load_baseline(ctx: &Context, key: &[u8]) -> Result<BTreeMap<String, Entry>> {
     let Ok(signed) = serde_json::from_slice::<Signed>(&bytes) else {
         return Err(untrusted("not a signed baseline"));
     };
-    let body = Body {
-        version: signed.version,
-        created: signed.created,
-        files: signed.files,
-    };
-    if hmac(key, &serde_json::to_vec(&body)?) != signed.hmac {
+    if hmac(key, signed.baseline.get().as_bytes()) != signed.hmac {
         return Err(untrusted("edited (its HMAC does not verify)"));
     }
+    let body: Body = serde_json::from_str(signed.baseline.get())
+        .map_err(|_| untrusted("signed but unreadable"))?;
     Ok(body.files)
 }
 
@@ -485,11 +530,11 @@ pub struct LastCheck {
 
 fn compare(
     base: &BTreeMap<String, Entry>,
-    now: &BTreeMap<String, Entry>,
+    now: &BTreeMap<&str, &Entry>,
 ) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for (path, b) in base {
-        let Some(n) = now.get(path) else {
+        let Some(n) = now.get(path.as_str()) else {
             out.push((
                 "removed".into(),
                 path.clone(),
@@ -528,8 +573,12 @@ fn compare(
             out.push(("changed".into(), path.clone(), what.join(", ")));
         }
     }
-    for path in now.keys().filter(|p| !base.contains_key(*p)) {
-        out.push(("added".into(), path.clone(), "not in the baseline".into()));
+    for path in now.keys().filter(|p| !base.contains_key(**p as &str)) {
+        out.push((
+            "added".into(),
+            path.to_string(),
+            "not in the baseline".into(),
+        ));
     }
     out
 }
@@ -539,33 +588,40 @@ fn compare(
 pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report> {
     let key = key(ctx)?;
     let base = load_baseline(ctx, &key)?;
-    let cache: BTreeMap<String, Entry> = ctx.state.load(CACHE)?.unwrap_or_default();
-    let previous = if cache.is_empty() {
-        base.clone()
-    } else {
-        cache
-    };
+    // The cache holds only what differs from the baseline (files hashed since, changed
+    // ones, and those whose hash was redone), so an unchanged tree has an empty cache.
+    let cache: BTreeMap<String, Option<Entry>> = ctx.state.load(CACHE)?.unwrap_or_default();
+    let mut previous: BTreeMap<&str, &Entry> = base.iter().map(|(p, e)| (p.as_str(), e)).collect();
+    for (path, e) in &cache {
+        match e {
+            Some(e) => previous.insert(path.as_str(), e),
+            None => previous.remove(path.as_str()),
+        };
+    }
 
     // A bounded share of the oldest hashes is redone each run.
     let rehash_ns = ctx.config.security.full_rehash.0.as_nanos() as i128;
     let interval = ctx.config.security.integrity_interval.0.as_nanos().max(1) as i128;
     let runs = (rehash_ns / interval).max(1) as usize;
     let now_at = now.timestamp_nanos_opt().map_or_else(now_ns, i128::from);
-    let stale: Vec<(&String, i128)> = previous
+    let mut stale: Vec<(&str, i128)> = previous
         .iter()
         .filter(|(_, e)| e.kind == "file" && now_at - e.hashed_at_ns > rehash_ns)
-        .map(|(p, e)| (p, e.hashed_at_ns))
+        .map(|(p, e)| (*p, e.hashed_at_ns))
         .collect();
     let share = previous.len().div_ceil(runs).max(1);
-    let mut stale = stale;
     stale.sort_by_key(|(_, t)| *t);
-    let due: BTreeSet<String> = stale
-        .into_iter()
-        .take(share)
-        .map(|(p, _)| p.clone())
-        .collect();
+    let due: BTreeSet<&str> = stale.into_iter().take(share).map(|(p, _)| p).collect();
 
-    let (current, unreadable, hashed) = scan(ctx, &previous, &due);
+    let scanned = scan(ctx, &previous, &due);
+    let mut current: BTreeMap<&str, &Entry> =
+        scanned.fresh.iter().map(|(p, e)| (p.as_str(), e)).collect();
+    for p in &scanned.reused {
+        if let Some(e) = previous.get(p.as_str()) {
+            current.insert(p.as_str(), e);
+        }
+    }
+    let (unreadable, hashed) = (scanned.unreadable.clone(), scanned.hashed);
     let reported: BTreeSet<String> = ctx.state.load(REPORTED)?.unwrap_or_default();
     let mut findings: Vec<Finding> = compare(&base, &current)
         .into_iter()
@@ -598,8 +654,22 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
             .collect();
         events::append(ctx, &new_events)?;
         let open: BTreeSet<String> = findings.iter().map(Finding::id).collect();
-        ctx.state.save(REPORTED, &open)?;
-        ctx.state.save(CACHE, &current)?;
+        if open != reported {
+            ctx.state.save(REPORTED, &open)?;
+        }
+        let mut delta: BTreeMap<String, Option<Entry>> = current
+            .iter()
+            .filter(|(p, e)| base.get(**p) != Some(**e))
+            .map(|(p, e)| (p.to_string(), Some((*e).clone())))
+            .collect();
+        delta.extend(
+            base.keys()
+                .filter(|p| !current.contains_key(p.as_str()))
+                .map(|p| (p.clone(), None)),
+        );
+        if delta != cache {
+            ctx.state.save(CACHE, &delta)?;
+        }
         ctx.state.save(
             LAST_CHECK,
             &LastCheck {
