@@ -238,6 +238,51 @@ fn logs_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// The security part: a baseline of the website, a tampered file found (once), accepted
+/// by the operator; expired API sessions removed in place.
+fn security_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
+    use crate::security::{integrity, sessions};
+    let sessions_file = ctx.layout.api_sessions();
+    fs::write(
+        &sessions_file,
+        "{\n  \"sessions\": {\n    \"s1\": { \"user\": \"alice\", \"expires_at\": \"2020-01-01T00:00:00Z\" },\n    \
+         \"s2\": { \"user\": \"bob\", \"expires_at\": \"2099-01-01T00:00:00Z\" }\n  },\n  \
+         \"rate_limits\": {\n    \"203.0.113.7\": { \"count\": 41, \"window_start\": \"2020-01-01T00:00:00Z\", \"window_seconds\": 60 }\n  }\n}\n",
+    )?;
+    let page = demo.website.join("html/index.php");
+    let mut found = Vec::new();
+    run_job(ctx, Job::Security, Trigger::Manual, false, |run| {
+        let (n, _) = integrity::baseline(run.ctx, None, run.now)?;
+        out.push_str(&format!(
+            "$ cr0sync security baseline   # {n} file(s) recorded, signed\n"
+        ));
+        fs::write(&page, "<?php echo 'cr0 website'; eval($_GET['x']);\n")?;
+        out.push_str("someone edits website/html/index.php\n");
+        let report = integrity::check(run.ctx, false, run.now)?;
+        for f in report.new_findings() {
+            found.push(format!("  {} {}", f.kind, f.path));
+        }
+        let again = integrity::check(run.ctx, false, run.now)?;
+        out.push_str(&format!(
+            "$ cr0sync security check   # exit 4, {} new finding(s):\n{}\n\
+             a second check reports it again as open but not new ({} new): cron mails once\n",
+            found.len(),
+            found.join("\n"),
+            again.new_findings().count()
+        ));
+        integrity::baseline(run.ctx, Some(&page), run.now)?;
+        out.push_str("$ cr0sync security baseline --accept .../index.php   # the operator made that change\n");
+        let c = sessions::cleanup(run.ctx, false, run.now)?;
+        out.push_str(&format!(
+            "$ cr0sync security cleanup-sessions   # removed {} expired session(s), {} rate-limit \
+             window(s); {} session(s) active; the file was rewritten in place\n\n",
+            c.sessions_expired, c.rate_limits_expired, c.sessions_active
+        ));
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// Builds the demo, runs each job once as cron would, and returns the narrative and the
 /// final status for printing.
 pub fn run(dir: &Path) -> Result<String> {
@@ -253,6 +298,7 @@ pub fn run(dir: &Path) -> Result<String> {
     let ctx = demo.context()?;
     database_part(&demo, &ctx, &mut out)?;
     logs_part(&demo, &ctx, &mut out)?;
+    security_part(&demo, &ctx, &mut out)?;
     for job in Job::ALL {
         let result = run_job(&ctx, job, Trigger::Cron, false, |run| tasks(job, run));
         let line = match result {

@@ -231,9 +231,16 @@ fn walk(ctx: &Context) -> Walked {
     let mut out: Walked = (BTreeMap::new(), Vec::new());
     for root in &ctx.config.security.integrity_paths {
         let root = ctx.resolve(root);
-        let is_dir = std::fs::symlink_metadata(&root)
-            .map(|m| m.is_dir())
-            .unwrap_or(false);
+        let is_dir = match std::fs::symlink_metadata(&root) {
+            Ok(m) => m.is_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Not there (yet): nothing to record; if the baseline had it, the check
+                // reports it as removed.
+                log::info!("integrity path {} does not exist", root.display());
+                continue;
+            }
+            Err(_) => false,
+        };
         match std::fs::read_dir(&root) {
             Ok(entries) if is_dir => {
                 for e in entries.flatten() {
