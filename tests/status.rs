@@ -116,3 +116,35 @@ fn status_on_a_read_only_root_still_works() {
         "{err}"
     );
 }
+
+#[test]
+fn metrics_files_are_written_for_node_exporter() {
+    let r = common::Root::new();
+    let metrics = r.tmp.path().join("metrics");
+    r.write_config(&format!(
+        "[general]\nmetrics_dir = \"{}\"\n",
+        metrics.display()
+    ));
+    for job in ["database", "logs", "security"] {
+        let out = r.cmd().args(["cron", job]).output().unwrap();
+        assert!(out.status.success(), "{}", common::stderr_of(&out));
+        let text = std::fs::read_to_string(metrics.join(format!("cr0sync_{job}.prom"))).unwrap();
+        for name in [
+            "cr0sync_last_run_timestamp_seconds",
+            "cr0sync_last_success_timestamp_seconds",
+            "cr0sync_run_duration_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {name} gauge\n{name}{{job=\"{job}\"}} ")),
+                "{text}"
+            );
+        }
+    }
+    let security = std::fs::read_to_string(metrics.join("cr0sync_security.prom")).unwrap();
+    assert!(
+        security.contains("cr0sync_integrity_findings_open{job=\"security\"} 0"),
+        "{security}"
+    );
+    // No temporary file left next to them.
+    assert_eq!(std::fs::read_dir(&metrics).unwrap().count(), 3);
+}

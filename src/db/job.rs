@@ -93,8 +93,11 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
     let mut reports = Vec::new();
     for (db, peer) in pairs(ctx, sel)? {
         let now = run.now;
-        run.task(&task_name(db, peer), |_| {
+        run.task(&task_name(db, peer), |run| {
             let report = sync::sync_pair(ctx, db, peer, opts, now)?;
+            let (c, p, k) = report.changes();
+            run.gauge("cr0sync_db_rows_changed", (c + p) as f64);
+            run.gauge("cr0sync_db_conflicts_recorded", k as f64);
             let done = TaskDone::new(report.summary());
             reports.push(report);
             Ok(done)

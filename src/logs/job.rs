@@ -135,8 +135,9 @@ pub fn sync_streams(run: &mut JobRun, fast: bool) {
     let ctx = run.ctx;
     for s in &ctx.config.logs.stream {
         let (dry, now) = (run.dry_run, run.now);
-        run.task(&format!("sync {}", stream_name(s)), |_| {
+        run.task(&format!("sync {}", stream_name(s)), |run| {
             let r = sync_stream(ctx, s, fast, dry, now)?;
+            run.gauge("cr0sync_logs_bytes_copied", r.copied as f64);
             let mut detail = format!(
                 "{} file(s), {} byte(s) {}copied",
                 r.files,

@@ -89,11 +89,23 @@ pub struct JobRun<'a> {
     tasks: Vec<TaskRecord>,
     errors: Vec<anyhow::Error>,
     findings: bool,
+    /// Job-specific gauges for the metrics file (added up when set twice).
+    gauges: std::collections::BTreeMap<&'static str, f64>,
     schedule: Schedule,
     _lock: JobLock,
 }
 
 impl JobRun<'_> {
+    /// Adds `value` to a job-specific gauge of this run's metrics file (SPEC 6.4).
+    pub fn gauge(&mut self, name: &'static str, value: f64) {
+        *self.gauges.entry(name).or_insert(0.0) += value;
+    }
+
+    /// Sets a job-specific gauge (a level rather than a count of this run).
+    pub fn set_gauge(&mut self, name: &'static str, value: f64) {
+        self.gauges.insert(name, value);
+    }
+
     /// Runs a task every run. Its error is logged and recorded; the run goes on.
     pub fn task(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<TaskDone>) {
         let result = f(self);
@@ -141,6 +153,58 @@ impl JobRun<'_> {
             }
         }
     }
+}
+
+/// Writes `cr0sync_<job>.prom` for node_exporter's textfile collector, atomically.
+fn write_metrics(
+    ctx: &Context,
+    dir: &std::path::Path,
+    job: Job,
+    record: &RunRecord,
+    gauges: &std::collections::BTreeMap<&'static str, f64>,
+) -> Result<()> {
+    let secs = |t: DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, value: f64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{job=\"{}\"}} {value}\n",
+            job.name()
+        ));
+    };
+    gauge(
+        "cr0sync_last_run_timestamp_seconds",
+        "When the last run finished.",
+        secs(record.finished),
+    );
+    gauge(
+        "cr0sync_last_success_timestamp_seconds",
+        "When the last successful run finished (0: never).",
+        record.last_success.map_or(0.0, secs),
+    );
+    gauge(
+        "cr0sync_run_duration_seconds",
+        "How long the last run took.",
+        record.duration_ms as f64 / 1000.0,
+    );
+    gauge(
+        "cr0sync_run_failed",
+        "1 if the last run failed.",
+        f64::from(u8::from(record.result == RunResult::Error)),
+    );
+    for (name, value) in gauges {
+        gauge(name, "Counted by the last run (see the README).", *value);
+    }
+    crate::fsutil::ensure_dir(dir, &ctx.perms)?;
+    let path = dir.join(format!("cr0sync_{}.prom", job.name()));
+    crate::fsutil::atomic_write(&path, out.as_bytes(), ctx.perms.file_mode, &ctx.perms).map_err(
+        |e| {
+            anyhow::anyhow!(
+                "cannot write metrics {}: {}",
+                path.display(),
+                crate::error::io_text(&e)
+            )
+        },
+    )
 }
 
 /// What a successful task reports.
@@ -228,6 +292,7 @@ pub fn run_job(
         tasks: Vec::new(),
         errors: Vec::new(),
         findings: false,
+        gauges: std::collections::BTreeMap::new(),
         schedule,
         _lock: lock,
     };
@@ -261,6 +326,9 @@ pub fn run_job(
             },
         };
         ctx.state.save(&record_file(job), &record)?;
+        if let Some(dir) = &ctx.config.general.metrics_dir {
+            write_metrics(ctx, &ctx.resolve(dir), job, &record, &run.gauges)?;
+        }
     }
     log::info!(
         "{}: {} task(s) in {} ms",

@@ -693,6 +693,14 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
     })
 }
 
+/// How many findings the last check left open.
+pub fn open_findings(ctx: &Context) -> Result<usize> {
+    Ok(ctx
+        .state
+        .load::<BTreeSet<String>>(REPORTED)?
+        .map_or(0, |s| s.len()))
+}
+
 pub fn last_check(ctx: &Context) -> Result<Option<LastCheck>> {
     ctx.state.load(LAST_CHECK)
 }

@@ -61,6 +61,7 @@ pub fn integrity_task(run: &mut JobRun, print: bool, first_use: bool) -> Result<
     }
     let report = integrity::check(run.ctx, run.dry_run, run.now)?;
     let new: Vec<&integrity::Finding> = report.new_findings().collect();
+    run.gauge("cr0sync_integrity_findings_new", new.len() as f64);
     if print {
         for f in &new {
             println!("integrity: {} {}: {}", f.kind, f.path, f.detail);
@@ -90,6 +91,9 @@ pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
         integrity_task(run, true, true)
     });
     run.periodic("cleanup-sessions", sessions_every, cleanup_sessions_task);
+    // Every run, due or not, so the metric never disappears between checks.
+    let open = integrity::open_findings(run.ctx).unwrap_or(0);
+    run.set_gauge("cr0sync_integrity_findings_open", open as f64);
     run.periodic("archive-events", archive_every, archive_events_task);
     Ok(())
 }
