@@ -109,17 +109,14 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
 /// The cron job's tasks: sync every pair, then weekly backup cleanup.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
     sync_pairs(run, &Selection::default(), false)?;
-    run.periodic(
-        "clean-backups",
-        std::time::Duration::from_secs(7 * 86_400),
-        |run| {
-            let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
-            Ok(TaskDone::new(format!(
-                "{} expired backup(s) removed",
-                removed.len()
-            )))
-        },
-    );
+    let every = Job::Database.interval(&run.ctx.config, "clean-backups");
+    run.periodic("clean-backups", every, |run| {
+        let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
+        Ok(TaskDone::new(format!(
+            "{} expired backup(s) removed",
+            removed.len()
+        )))
+    });
     Ok(())
 }
 

@@ -312,7 +312,8 @@ pub fn sync_pair(
         if !base_path.exists() {
             // ATTACH inherits the central connection's no-create flag: create it here.
             if let Some(dir) = base_path.parent() {
-                fsutil::ensure_dir(dir, &ctx.perms)?;
+                fsutil::ensure_dir(dir, &ctx.perms)
+                    .with_context(|| format!("cannot create directory {}", dir.display()))?;
             }
             Connection::open(&base_path)?.close().map_err(|(_, e)| e)?;
             ctx.perms.apply_file(&base_path)?;

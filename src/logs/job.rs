@@ -331,17 +331,14 @@ pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
         let done = rotate_all(run.ctx, run.dry_run)?;
         Ok(TaskDone::new(format!("{} file(s) rotated", done.len())))
     });
-    run.periodic(
-        "clean-rotations",
-        std::time::Duration::from_secs(86_400),
-        |run| {
-            let removed = clean_rotations(run.ctx, run.dry_run, run.now)?;
-            Ok(TaskDone::new(format!(
-                "{} old rotation(s) removed",
-                removed.len()
-            )))
-        },
-    );
+    let every = crate::ops::job::Job::Logs.interval(&run.ctx.config, "clean-rotations");
+    run.periodic("clean-rotations", every, |run| {
+        let removed = clean_rotations(run.ctx, run.dry_run, run.now)?;
+        Ok(TaskDone::new(format!(
+            "{} old rotation(s) removed",
+            removed.len()
+        )))
+    });
     Ok(())
 }
 

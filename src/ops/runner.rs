@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -194,7 +194,8 @@ fn write_metrics(
     for (name, value) in gauges {
         gauge(name, "Counted by the last run (see the README).", *value);
     }
-    crate::fsutil::ensure_dir(dir, &ctx.perms)?;
+    crate::fsutil::ensure_dir(dir, &ctx.perms)
+        .with_context(|| format!("cannot create directory {}", dir.display()))?;
     let path = dir.join(format!("cr0sync_{}.prom", job.name()));
     crate::fsutil::atomic_write(&path, out.as_bytes(), ctx.perms.file_mode, &ctx.perms).map_err(
         |e| {

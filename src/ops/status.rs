@@ -54,6 +54,8 @@ pub struct JobStatus {
     pub locked_by: Option<Holder>,
     pub last_success: Option<String>,
     pub error: Option<String>,
+    /// Periodic tasks and when each is next due (`now` if it never succeeded).
+    pub next_due: BTreeMap<&'static str, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +67,17 @@ pub struct Report {
 }
 
 pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
+    let schedule = crate::ops::schedule::Schedule::load(&ctx.state, job)?;
+    let next_due: BTreeMap<&'static str, String> = job
+        .periodic(&ctx.config)
+        .into_iter()
+        .map(|(task, every)| {
+            let due = schedule
+                .next_due(task, every)
+                .map_or_else(|| "now".to_string(), crate::ops::clock::rfc3339);
+            (task, due)
+        })
+        .collect();
     let record: Option<RunRecord> = ctx.state.load(&record_file(job))?;
     let skip: Option<SkipRecord> = ctx.state.load(&skip_file(job))?;
     let locked_by = lock::holder(&ctx.layout, job).map(|h| Holder {
@@ -85,6 +98,7 @@ pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
             locked_by,
             last_success: record.as_ref().and_then(|r| r.last_success).map(ts),
             error: None,
+            next_due: next_due.clone(),
         },
         (Some(r), _) => JobStatus {
             last_run: Some(ts(r.started)),
@@ -96,6 +110,7 @@ pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
             locked_by,
             last_success: r.last_success.map(ts),
             error: r.error.clone(),
+            next_due: next_due.clone(),
         },
         (None, _) => JobStatus {
             last_run: None,
@@ -104,6 +119,7 @@ pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
             locked_by,
             last_success: None,
             error: None,
+            next_due,
         },
     };
     Ok(status)
@@ -172,7 +188,14 @@ impl Report {
 
     pub fn to_human(&self) -> String {
         let mut out = format!("root    {}\nconfig  {}\n\n", self.root, self.config);
-        let mut t = Table::new(["JOB", "LAST RUN", "RESULT", "DURATION", "LOCKED BY"]);
+        let mut t = Table::new([
+            "JOB",
+            "LAST RUN",
+            "RESULT",
+            "DURATION",
+            "LOCKED BY",
+            "NEXT DUE",
+        ]);
         for (name, j) in &self.jobs {
             let tone = match j.last_result {
                 "ok" => Tone::Good,
@@ -187,6 +210,11 @@ impl Report {
                 j.locked_by
                     .as_ref()
                     .map_or("-".into(), |h| format!("pid {} since {}", h.pid, h.started)),
+                j.next_due
+                    .iter()
+                    .map(|(task, due)| format!("{task} {due}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ]);
         }
         out.push_str(&t.render());

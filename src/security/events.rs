@@ -46,7 +46,8 @@ pub fn append(ctx: &Context, events: &[Event]) -> Result<()> {
     }
     let path = ctx.layout.security_events();
     if let Some(dir) = path.parent() {
-        fsutil::ensure_dir(dir, &ctx.perms)?;
+        fsutil::ensure_dir(dir, &ctx.perms)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
     }
     let mut text = Vec::new();
     for e in events {
@@ -163,7 +164,8 @@ pub fn archive(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Archi
         return Ok(out);
     }
     let dir = ctx.layout.security_archive_dir();
-    fsutil::ensure_dir(&dir, &ctx.perms)?;
+    fsutil::ensure_dir(&dir, &ctx.perms)
+        .with_context(|| format!("cannot create directory {}", dir.display()))?;
     let archives = by_month
         .keys()
         .map(|n| {

@@ -2,8 +2,6 @@
 //! one run (both on their schedules under `cron security`), and the `sessions` status
 //! section. The integrity tasks join here when they are built.
 
-use std::time::Duration;
-
 use anyhow::Result;
 use serde_json::json;
 
@@ -81,11 +79,12 @@ pub fn integrity_task(run: &mut JobRun, print: bool, first_use: bool) -> Result<
 
 /// The cron job's tasks, each on its schedule.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
-    let sec = &run.ctx.config.security;
-    let (check_every, sessions_every, archive_every): (Duration, Duration, Duration) = (
-        sec.integrity_interval.0,
-        sec.session_cleanup_interval.0,
-        sec.event_archive_interval.0,
+    let job = crate::ops::job::Job::Security;
+    let every = |task| job.interval(&run.ctx.config, task);
+    let (check_every, sessions_every, archive_every) = (
+        every("integrity-check"),
+        every("cleanup-sessions"),
+        every("archive-events"),
     );
     run.periodic("integrity-check", check_every, |run| {
         integrity_task(run, true, true)
