@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 
 use crate::commands::{
+    completions::{CompletionsCmd, ManCmd},
     cron::CronCmd,
     db::{DbCmd, SyncFromBotCmd},
     demo::DemoCmd,
@@ -92,6 +93,8 @@ pub enum Command {
     Security(SecurityCmd),
     SyncFromBot(SyncFromBotCmd),
     Demo(DemoCmd),
+    Completions(CompletionsCmd),
+    Man(ManCmd),
 }
 
 impl Cli {
@@ -106,6 +109,8 @@ impl Cli {
             Command::Security(cmd) => cmd.run(&self.global),
             Command::SyncFromBot(cmd) => cmd.run(&self.global),
             Command::Demo(cmd) => cmd.run(&self.global),
+            Command::Completions(cmd) => cmd.run(),
+            Command::Man(cmd) => cmd.run(),
         }
     }
 }

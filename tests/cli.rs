@@ -28,3 +28,48 @@ fn usage_errors_exit_2() {
     cr0sync().args(["cron", "nonsense"]).assert().code(2);
     cr0sync().assert().code(2);
 }
+
+#[test]
+fn completions_and_man_page_are_generated_from_the_commands() {
+    let out = common::cr0sync()
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        script.contains("_cr0sync")
+            && script.contains("sync-from-bot")
+            && script.contains("cleanup-sessions")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cr0sync.bash");
+    std::fs::write(&file, &script).unwrap();
+    assert!(
+        std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&file)
+            .status()
+            .unwrap()
+            .success(),
+        "valid bash"
+    );
+    for shell in ["zsh", "fish"] {
+        assert!(
+            common::cr0sync()
+                .args(["completions", shell])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        );
+    }
+    let out = common::cr0sync().arg("man").output().unwrap();
+    assert!(out.status.success());
+    let man = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        man.contains(".TH cr0sync 1") && man.contains("sync\\-from\\-bot"),
+        "{}",
+        &man[..200]
+    );
+}

@@ -1,5 +1,6 @@
 //! One file per subcommand: argument struct and a thin `run` that calls the library.
 
+pub mod completions;
 pub mod cron;
 pub mod db;
 pub mod demo;

@@ -1,0 +1,55 @@
+//! `cr0sync completions SHELL` and `cr0sync man`: generated from the clap definition, so
+//! they always match the commands (SPEC 6.4).
+
+use anyhow::Result;
+use clap::{Args, CommandFactory};
+
+use crate::cli::Cli;
+use crate::error::Outcome;
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Print a shell completion script",
+    after_help = "Example:\n  cr0sync completions bash | sudo tee /usr/share/bash-completion/completions/cr0sync\n  \
+                  cr0sync completions zsh > ~/.zfunc/_cr0sync"
+)]
+pub struct CompletionsCmd {
+    /// bash, zsh, fish, elvish or powershell
+    pub shell: clap_complete::Shell,
+}
+
+impl CompletionsCmd {
+    pub fn run(&self) -> Result<Outcome> {
+        let mut cmd = Cli::command();
+        let mut text = Vec::new();
+        clap_complete::generate(self.shell, &mut cmd, "cr0sync", &mut text);
+        print_all(&text)
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Print the man page (roff)",
+    after_help = "Example:\n  cr0sync man | sudo tee /usr/local/share/man/man1/cr0sync.1 && man cr0sync"
+)]
+pub struct ManCmd {}
+
+impl ManCmd {
+    pub fn run(&self) -> Result<Outcome> {
+        let mut text = Vec::new();
+        clap_mangen::Man::new(Cli::command()).render(&mut text)?;
+        print_all(&text)
+    }
+}
+
+/// Writes to stdout; a reader that closed the pipe early (`| head`) is not an error.
+fn print_all(bytes: &[u8]) -> Result<Outcome> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Outcome::Success),
+        other => {
+            other?;
+            Ok(Outcome::Success)
+        }
+    }
+}
