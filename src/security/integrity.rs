@@ -14,7 +14,7 @@
 //! - A finding is reported (event, exit 4, cron output) once, until it goes away or the
 //!   baseline is updated.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -140,7 +140,11 @@ struct Meta {
 }
 
 fn meta_of(path: &Path) -> std::io::Result<Meta> {
-    let m = std::fs::symlink_metadata(path)?;
+    meta_from(path, std::fs::symlink_metadata(path)?)
+}
+
+/// `m` is the path's own metadata (not followed).
+fn meta_from(path: &Path, m: std::fs::Metadata) -> std::io::Result<Meta> {
     let ft = m.file_type();
     let kind = if ft.is_symlink() {
         "symlink"
@@ -170,54 +174,88 @@ fn meta_of(path: &Path) -> std::io::Result<Meta> {
 /// Whether `rel` (a path relative to a watched root, `/`-separated) matches a pattern with
 /// `**` (any number of directories), `*` and `?`.
 pub fn excluded(pattern: &str, rel: &str) -> bool {
-    fn go(p: &[&str], n: &[&str]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some(&"**") => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            Some(seg) => !n.is_empty() && glob_match(seg, n[0]) && go(&p[1..], &n[1..]),
+    let p = segments(pattern);
+    let n = segments(rel);
+    matches_segments(&p, &n)
+}
+
+fn segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+fn matches_segments(p: &[&str], n: &[&str]) -> bool {
+    match p.first() {
+        None => n.is_empty(),
+        Some(&"**") => {
+            matches_segments(&p[1..], n) || (!n.is_empty() && matches_segments(p, &n[1..]))
         }
+        Some(seg) => !n.is_empty() && glob_match(seg, n[0]) && matches_segments(&p[1..], &n[1..]),
     }
-    let p: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
-    let n: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
-    go(&p, &n)
 }
 
 type Walked = (BTreeMap<String, Meta>, Vec<(String, String)>);
 
-/// Walks `start` (a watched root or one of its children) below `root`.
-fn walk_one(root: &Path, start: &Path, patterns: &[String], out: &mut Walked) {
-    let walker = walkdir::WalkDir::new(start).follow_links(false).into_iter();
-    let walker = walker.filter_entry(|e| {
-        let rel = e
-            .path()
-            .strip_prefix(root)
-            .unwrap_or(e.path())
-            .to_string_lossy()
-            .into_owned();
-        rel.is_empty() || !patterns.iter().any(|p| excluded(p, &rel))
-    });
-    for entry in walker {
-        match entry {
-            Ok(e) if e.file_type().is_dir() => {}
-            Ok(e) => {
-                let key = e.path().to_string_lossy().into_owned();
-                match meta_of(e.path()) {
-                    Ok(m) => {
-                        out.0.insert(key, m);
-                    }
-                    Err(err) => out.1.push((key, io_text(&err))),
-                }
+/// Walks `start` (a watched root or one of its children) below `root`. Entries are
+/// stat'ed relative to their directory (`DirEntry::metadata` is `fstatat` on the open
+/// directory), as `find` does, rather than by full path; links are never followed.
+fn walk_one(root: &Path, start: &Path, patterns: &[Vec<&str>], out: &mut Walked) {
+    let skip = |p: &Path| {
+        if patterns.is_empty() {
+            return false;
+        }
+        let rel = p.strip_prefix(root).unwrap_or(p).to_string_lossy();
+        let n = segments(&rel);
+        !n.is_empty() && patterns.iter().any(|pat| matches_segments(pat, &n))
+    };
+    if skip(start) {
+        return;
+    }
+    let meta = match std::fs::symlink_metadata(start) {
+        Ok(m) => m,
+        Err(e) => {
+            out.1.push((start.display().to_string(), io_text(&e)));
+            return;
+        }
+    };
+    if !meta.is_dir() {
+        match meta_from(start, meta) {
+            Ok(m) => {
+                out.0.insert(start.to_string_lossy().into_owned(), m);
             }
-            Err(err) => {
-                let path = err
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                let why = err
-                    .io_error()
-                    .map(io_text)
-                    .unwrap_or_else(|| err.to_string());
-                out.1.push((path, why));
+            Err(e) => out.1.push((start.display().to_string(), io_text(&e))),
+        }
+        return;
+    }
+    let mut dirs = vec![start.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                out.1.push((dir.display().to_string(), io_text(&e)));
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    out.1.push((dir.display().to_string(), io_text(&e)));
+                    continue;
+                }
+            };
+            let path = entry.path();
+            if skip(&path) {
+                continue;
+            }
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => dirs.push(path),
+                Ok(m) => match meta_from(&path, m) {
+                    Ok(meta) => {
+                        out.0.insert(path.to_string_lossy().into_owned(), meta);
+                    }
+                    Err(e) => out.1.push((path.display().to_string(), io_text(&e))),
+                },
+                Err(e) => out.1.push((path.display().to_string(), io_text(&e))),
             }
         }
     }
@@ -226,7 +264,14 @@ fn walk_one(root: &Path, start: &Path, patterns: &[String], out: &mut Walked) {
 /// The watched paths with their metadata; paths that cannot be read are returned apart.
 /// The children of each watched directory are walked on every core at once.
 fn walk(ctx: &Context) -> Walked {
-    let patterns = &ctx.config.security.integrity_exclude;
+    let patterns: Vec<Vec<&str>> = ctx
+        .config
+        .security
+        .integrity_exclude
+        .iter()
+        .map(|p| segments(p))
+        .collect();
+    let patterns = &patterns;
     let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut out: Walked = (BTreeMap::new(), Vec::new());
     for root in &ctx.config.security.integrity_paths {
@@ -348,7 +393,7 @@ struct Scan {
 /// Scans the tree. `previous` entries whose metadata is unchanged are reused without
 /// reading the file (a chmod or chown changes the ctime, so a reused entry's mode and
 /// owner are current too).
-fn scan(ctx: &Context, previous: &BTreeMap<&str, &Entry>, due: &BTreeSet<&str>) -> Scan {
+fn scan(ctx: &Context, previous: &HashMap<&str, &Entry>, due: &HashSet<&str>) -> Scan {
     let (tree, mut unreadable) = walk(ctx);
     let stamp = now_ns();
     let mut fresh = BTreeMap::new();
@@ -401,7 +446,7 @@ pub fn baseline(
                 fresh: files,
                 unreadable,
                 ..
-            } = scan(ctx, &BTreeMap::new(), &BTreeSet::new());
+            } = scan(ctx, &HashMap::new(), &HashSet::new());
             write_baseline(ctx, &key, files.clone(), now)?;
             ctx.state.remove(REPORTED)?;
             ctx.state.remove(CACHE)?;
@@ -537,7 +582,7 @@ pub struct LastCheck {
 
 fn compare(
     base: &BTreeMap<String, Entry>,
-    now: &BTreeMap<&str, &Entry>,
+    now: &HashMap<&str, &Entry>,
 ) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for (path, b) in base {
@@ -598,7 +643,7 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
     // The cache holds only what differs from the baseline (files hashed since, changed
     // ones, and those whose hash was redone), so an unchanged tree has an empty cache.
     let cache: BTreeMap<String, Option<Entry>> = ctx.state.load(CACHE)?.unwrap_or_default();
-    let mut previous: BTreeMap<&str, &Entry> = base.iter().map(|(p, e)| (p.as_str(), e)).collect();
+    let mut previous: HashMap<&str, &Entry> = base.iter().map(|(p, e)| (p.as_str(), e)).collect();
     for (path, e) in &cache {
         match e {
             Some(e) => previous.insert(path.as_str(), e),
@@ -618,10 +663,10 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
         .collect();
     let share = previous.len().div_ceil(runs).max(1);
     stale.sort_by_key(|(_, t)| *t);
-    let due: BTreeSet<&str> = stale.into_iter().take(share).map(|(p, _)| p).collect();
+    let due: HashSet<&str> = stale.into_iter().take(share).map(|(p, _)| p).collect();
 
     let scanned = scan(ctx, &previous, &due);
-    let mut current: BTreeMap<&str, &Entry> =
+    let mut current: HashMap<&str, &Entry> =
         scanned.fresh.iter().map(|(p, e)| (p.as_str(), e)).collect();
     for p in &scanned.reused {
         if let Some(e) = previous.get(p.as_str()) {
@@ -645,6 +690,7 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
         detail: why,
         new: false,
     }));
+    findings.sort_by(|a, b| (&a.path, &a.kind).cmp(&(&b.path, &b.kind)));
     for f in &mut findings {
         f.new = !reported.contains(&f.id());
     }
