@@ -70,6 +70,17 @@ impl Entry {
     }
 }
 
+/// The baseline as read: a hash map, so loading a large tree does not pay for ordered
+/// insertion of long, similar paths (the written file is ordered; the HMAC covers its bytes).
+#[derive(Debug, Deserialize)]
+struct BodyRead {
+    #[allow(dead_code)]
+    version: u32,
+    #[allow(dead_code)]
+    created: DateTime<Utc>,
+    files: HashMap<String, Entry>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Body {
     version: u32,
@@ -193,7 +204,7 @@ fn matches_segments(p: &[&str], n: &[&str]) -> bool {
     }
 }
 
-type Walked = (BTreeMap<String, Meta>, Vec<(String, String)>);
+type Walked = (HashMap<String, Meta>, Vec<(String, String)>);
 
 /// Walks `start` (a watched root or one of its children) below `root`. Entries are
 /// stat'ed relative to their directory (`DirEntry::metadata` is `fstatat` on the open
@@ -273,7 +284,7 @@ fn walk(ctx: &Context) -> Walked {
         .collect();
     let patterns = &patterns;
     let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let mut out: Walked = (BTreeMap::new(), Vec::new());
+    let mut out: Walked = (HashMap::new(), Vec::new());
     for root in &ctx.config.security.integrity_paths {
         let root = ctx.resolve(root);
         let is_dir = match std::fs::symlink_metadata(&root) {
@@ -303,7 +314,7 @@ fn walk(ctx: &Context) -> Walked {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut mine: Walked = (BTreeMap::new(), Vec::new());
+                    let mut mine: Walked = (HashMap::new(), Vec::new());
                     while let Some((root, start)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
                         walk_one(root, start, patterns, &mut mine);
                     }
@@ -453,7 +464,8 @@ pub fn baseline(
             return Ok((files.len(), unreadable));
         }
         Some(path) => {
-            let mut files = load_baseline(ctx, &key)?;
+            let mut files: BTreeMap<String, Entry> =
+                load_baseline(ctx, &key)?.into_iter().collect();
             let p = std::path::absolute(path)?.to_string_lossy().into_owned();
             match meta_of(Path::new(&p)) {
                 Ok(m) => {
@@ -504,7 +516,7 @@ fn write_baseline(
 }
 
 /// Reads and verifies the baseline; an unsigned or edited one is an `Error::Security`.
-fn load_baseline(ctx: &Context, key: &[u8]) -> Result<BTreeMap<String, Entry>> {
+fn load_baseline(ctx: &Context, key: &[u8]) -> Result<HashMap<String, Entry>> {
     let path = ctx.layout.file_hashes();
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -537,7 +549,7 @@ fn load_baseline(ctx: &Context, key: &[u8]) -> Result<BTreeMap<String, Entry>> {
     if hmac(key, signed.baseline.get().as_bytes()) != signed.hmac {
         return Err(untrusted("edited (its HMAC does not verify)"));
     }
-    let body: Body = serde_json::from_str(signed.baseline.get())
+    let body: BodyRead = serde_json::from_str(signed.baseline.get())
         .map_err(|_| untrusted("signed but unreadable"))?;
     Ok(body.files)
 }
@@ -581,7 +593,7 @@ pub struct LastCheck {
 }
 
 fn compare(
-    base: &BTreeMap<String, Entry>,
+    base: &HashMap<String, Entry>,
     now: &HashMap<&str, &Entry>,
 ) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
@@ -710,11 +722,19 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
         if open != reported {
             ctx.state.save(REPORTED, &open)?;
         }
-        let mut delta: BTreeMap<String, Option<Entry>> = current
+        // Only fresh entries can differ from the baseline, besides cache entries still
+        // reused: no lookup of the whole tree in the baseline.
+        let mut delta: BTreeMap<String, Option<Entry>> = scanned
+            .fresh
             .iter()
-            .filter(|(p, e)| base.get(**p) != Some(**e))
-            .map(|(p, e)| (p.to_string(), Some((*e).clone())))
+            .filter(|(p, e)| base.get(*p) != Some(*e))
+            .map(|(p, e)| (p.clone(), Some(e.clone())))
             .collect();
+        for p in &scanned.reused {
+            if let Some(Some(e)) = cache.get(p) {
+                delta.insert(p.clone(), Some(e.clone()));
+            }
+        }
         delta.extend(
             base.keys()
                 .filter(|p| !current.contains_key(p.as_str()))
