@@ -404,8 +404,8 @@ struct Scan {
 /// Scans the tree. `previous` entries whose metadata is unchanged are reused without
 /// reading the file (a chmod or chown changes the ctime, so a reused entry's mode and
 /// owner are current too).
-fn scan(ctx: &Context, previous: &HashMap<&str, &Entry>, due: &HashSet<&str>) -> Scan {
-    let (tree, mut unreadable) = walk(ctx);
+fn scan(walked: Walked, previous: &HashMap<&str, &Entry>, due: &HashSet<&str>) -> Scan {
+    let (tree, mut unreadable) = walked;
     let stamp = now_ns();
     let mut fresh = BTreeMap::new();
     let mut reused = Vec::new();
@@ -457,7 +457,7 @@ pub fn baseline(
                 fresh: files,
                 unreadable,
                 ..
-            } = scan(ctx, &HashMap::new(), &HashSet::new());
+            } = scan(walk(ctx), &HashMap::new(), &HashSet::new());
             write_baseline(ctx, &key, files.clone(), now)?;
             ctx.state.remove(REPORTED)?;
             ctx.state.remove(CACHE)?;
@@ -651,7 +651,14 @@ fn compare(
 /// `dry_run`, nothing is written (no events, no state).
 pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report> {
     let key = key(ctx)?;
-    let base = load_baseline(ctx, &key)?;
+    // The walk (on its own threads) and reading the baseline overlap.
+    let (base, walked) = std::thread::scope(|scope| {
+        let walker = scope.spawn(|| walk(ctx));
+        let base = load_baseline(ctx, &key);
+        (base, walker.join())
+    });
+    let base = base?;
+    let walked = walked.map_err(|_| anyhow::anyhow!("the integrity walk panicked"))?;
     // The cache holds only what differs from the baseline (files hashed since, changed
     // ones, and those whose hash was redone), so an unchanged tree has an empty cache.
     let cache: BTreeMap<String, Option<Entry>> = ctx.state.load(CACHE)?.unwrap_or_default();
@@ -677,7 +684,7 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
     stale.sort_by_key(|(_, t)| *t);
     let due: HashSet<&str> = stale.into_iter().take(share).map(|(p, _)| p).collect();
 
-    let scanned = scan(ctx, &previous, &due);
+    let scanned = scan(walked, &previous, &due);
     let mut current: HashMap<&str, &Entry> =
         scanned.fresh.iter().map(|(p, e)| (p.as_str(), e)).collect();
     for p in &scanned.reused {
