@@ -32,6 +32,25 @@ impl Setup {
         Setup { r, www }
     }
 
+    /// Gives every watched file an old mtime, so no entry is racy.
+    fn age_files(&self) {
+        let touched = Command::new("find")
+            .arg(&self.www)
+            .args([
+                "-type",
+                "f",
+                "-exec",
+                "touch",
+                "-d",
+                "2020-01-01",
+                "{}",
+                "+",
+            ])
+            .status()
+            .unwrap();
+        assert!(touched.success());
+    }
+
     fn run(&self, args: &[&str]) -> std::process::Output {
         self.r.cmd().args(args).output().unwrap()
     }
@@ -213,21 +232,7 @@ fn an_unchanged_tree_is_not_read_again() {
         std::fs::write(s.www.join(format!("f{i}.html")), format!("{i}\n")).unwrap();
     }
     // Old mtimes, so no entry is racy.
-    let touched = Command::new("find")
-        .arg(&s.www)
-        .args([
-            "-type",
-            "f",
-            "-exec",
-            "touch",
-            "-d",
-            "2020-01-01",
-            "{}",
-            "+",
-        ])
-        .status()
-        .unwrap();
-    assert!(touched.success());
+    s.age_files();
     s.baseline();
     let out = s.run(&["security", "check"]);
     assert!(out.status.success());
@@ -394,21 +399,7 @@ fn full_rehash_is_spread_over_runs() {
     for i in 0..10 {
         std::fs::write(s.www.join(format!("f{i}")), format!("{i}\n")).unwrap();
     }
-    let touched = Command::new("find")
-        .arg(&s.www)
-        .args([
-            "-type",
-            "f",
-            "-exec",
-            "touch",
-            "-d",
-            "2020-01-01",
-            "{}",
-            "+",
-        ])
-        .status()
-        .unwrap();
-    assert!(touched.success());
+    s.age_files();
     s.baseline();
     // Two hours later every hash is stale: 12 files, 3 runs per full_rehash, so at most 4
     // files are read per run, the oldest first.
