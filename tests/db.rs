@@ -859,31 +859,13 @@ fn sigkill_at_many_moments_then_one_sync_leaves_everything_equal_intact_and_comp
                   WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
                   INSERT INTO seen SELECT 'w' || i, '#c', 't' FROM n;");
 
-    let mut killed = 0;
-    let mut completed_at = None;
-    for round in 0..80u64 {
-        let mut child = std::process::Command::new(common::BIN)
-            .arg("--root")
-            .arg(&s.r.root)
-            .args(["db", "sync"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Later and later moments, 10 ms apart, until a run gets to finish: every moment
-        // of a sync's life is cut once (each killed run starts over from what the
-        // previous one left).
-        std::thread::sleep(std::time::Duration::from_millis(round * 10));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            killed += 1;
-            child.wait().unwrap();
-        } else {
-            completed_at = Some(round * 10);
-            break;
-        }
-    }
-    eprintln!("first uncut run: {completed_at:?} ms");
+    let killed = common::kill_at_later_and_later_moments(
+        &s.r.root,
+        &["db", "sync"],
+        std::time::Duration::from_millis(10),
+        80,
+        |_| {},
+    );
     assert!(
         killed > 10,
         "only {killed} runs were killed: the database is too small"

@@ -303,30 +303,14 @@ fn sigkill_during_the_copy_of_a_large_source_then_one_run_leaves_it_exact() {
             f.write_all(line(i).as_bytes()).unwrap();
         }
     }
-    let mut killed = 0;
-    for round in 0..2000u64 {
-        let mut child = Command::new(common::BIN)
-            .arg("--root")
-            .arg(&s.r.root)
-            .args(["logs", "sync-all"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Later and later moments (start-up, copy, fdatasync, checkpoint), until a run
-        // gets to finish: the copy restarts from the checkpoint each time, so every
-        // moment of it is cut once.
-        std::thread::sleep(std::time::Duration::from_micros(round * 300));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            killed += 1;
-            child.wait().unwrap();
-        } else {
-            break;
-        }
-        // The source keeps growing between kills.
-        s.append(LOG, line(2_000_000 + round as usize).as_bytes());
-    }
+    // The source keeps growing between kills.
+    let killed = common::kill_at_later_and_later_moments(
+        &s.r.root,
+        &["logs", "sync-all"],
+        std::time::Duration::from_micros(300),
+        2000,
+        |round| s.append(LOG, line(2_000_000 + round as usize).as_bytes()),
+    );
     eprintln!("{killed} runs killed");
     assert!(killed >= 10, "only {killed} runs were killed");
     let log = std::fs::read_to_string(s.r.path("logs/cron_log_sync.log")).unwrap_or_default();

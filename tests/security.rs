@@ -289,25 +289,13 @@ fn sigkill_during_archiving_then_one_run_loses_and_duplicates_nothing() {
         text.push_str(&event(&t, i));
     }
     std::fs::write(&events, &text).unwrap();
-    let mut killed = 0;
-    for round in 0..400u64 {
-        let mut child = Command::new(common::BIN)
-            .arg("--root")
-            .arg(&r.root)
-            .args(["security", "archive-events"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_micros(round * 3000));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap();
-            killed += 1;
-            child.wait().unwrap();
-        } else {
-            break;
-        }
-    }
+    let killed = common::kill_at_later_and_later_moments(
+        &r.root,
+        &["security", "archive-events"],
+        Duration::from_millis(3),
+        400,
+        |_| {},
+    );
     let log = std::fs::read_to_string(r.path("logs/cron_security.log")).unwrap_or_default();
     eprintln!(
         "{killed} runs killed; {} undone after appending to an archive",

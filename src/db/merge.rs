@@ -402,7 +402,8 @@ fn merge_multiset(rules: Rules, base: Option<&[Row]>, central: &[Row], peer: &[R
 }
 
 /// Applies changes to an in-memory table: the reference semantics the SQLite apply step
-/// must match, used by the property tests and the dry run.
+/// must match, used by the property tests.
+#[cfg(test)]
 pub fn apply_in_memory(spec: &TableSpec, rows: &[Row], changes: &[Change]) -> Vec<Row> {
     if spec.keyed() {
         let mut m = by_key(spec, rows);

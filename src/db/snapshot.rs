@@ -5,7 +5,9 @@
 //! - A live database is never copied as a file: the backup API copies every page in one
 //!   step (`sqlite3_backup_step(-1)`), under one read lock, including commits still in the
 //!   `-wal`. The source is opened read-only, so its journal mode and schema are never
-//!   changed, and the read lock is held only for the copy, not for the diff.
+//!   changed, and the read lock is held only for the copy, not for the diff. The one
+//!   exception is SQLite's own recovery: a hot journal left by a writer that died must be
+//!   rolled back by a read-write connection before anyone can read (no create, no write).
 //! - A busy source is retried until `busy_timeout`, then reported naming the file.
 //! - A missing file is an error naming it; it is never created (read-only open).
 //! - SQLite's own tables (`sqlite_%`) are never listed.
@@ -59,7 +61,8 @@ pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<(
     Ok(())
 }
 
-/// Copies the database at `path` into memory in one step.
+/// Copies the database at `path` into memory in one step (for tests).
+#[cfg(test)]
 pub fn snapshot(path: &Path, busy_timeout: Duration) -> Result<Connection> {
     let mut mem = Connection::open_in_memory()?;
     copy_into(path, &mut mem, busy_timeout)?;

@@ -1172,12 +1172,12 @@ fn recover_conflicts(
         return Ok(Vec::new());
     }
     let known = conflicts::ids(ctx)?;
+    let schemas = snapshot::schemas(conn, "main")?;
     let mut out = Vec::new();
     for r in records {
         if known.contains(&r.id) {
             continue;
         }
-        let schemas = snapshot::schemas(conn, "main")?;
         let Some(schema) = schemas.iter().find(|s| s.name == r.table) else {
             out.push(r);
             continue;

@@ -374,19 +374,17 @@ pub fn stream_statuses(ctx: &Context) -> Result<Vec<StreamStatus>> {
             Ok(files) => {
                 st.files = files.len();
                 for (name, path) in files {
-                    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    use std::os::unix::fs::MetadataExt;
+                    let Ok(meta) = std::fs::metadata(&path) else {
+                        continue;
+                    };
+                    // The checkpoint counts only while it describes this very file.
                     let done = state
                         .files
                         .get(&name)
-                        .filter(|c| {
-                            std::fs::metadata(&path)
-                                .map(|m| {
-                                    use std::os::unix::fs::MetadataExt;
-                                    m.ino() == c.ino
-                                })
-                                .unwrap_or(false)
-                        })
+                        .filter(|c| c.ino == meta.ino())
                         .map_or(0, |c| c.offset);
+                    let size = meta.len();
                     st.bytes_behind += size.saturating_sub(done);
                 }
             }

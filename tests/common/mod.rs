@@ -132,3 +132,36 @@ pub fn expect_failure(root: &Path, args: &[&str], code: i32, needles: &[&str]) -
     }
     err
 }
+
+/// Runs `cr0sync --root ROOT ARGS...` again and again and SIGKILLs each run a little later
+/// than the one before (`step` more each time), until a run finishes by itself. Each
+/// killed run starts from what the previous one left, so every moment of a run's life is
+/// cut once. `between(round)` runs after each killed run. Returns how many were killed.
+pub fn kill_at_later_and_later_moments(
+    root: &Path,
+    args: &[&str],
+    step: std::time::Duration,
+    max_rounds: u32,
+    mut between: impl FnMut(u32),
+) -> usize {
+    let mut killed = 0;
+    for round in 0..max_rounds {
+        let mut child = Command::new(BIN)
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn cr0sync");
+        std::thread::sleep(step * round);
+        if child.try_wait().expect("try_wait").is_some() {
+            break;
+        }
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        killed += 1;
+        between(round);
+    }
+    killed
+}
