@@ -274,11 +274,16 @@ fn symlink_loops_and_links_outside_are_recorded_not_followed() {
 fn an_unreadable_file_is_reported_and_the_rest_is_checked() {
     let s = Setup::new();
     common::open_up(s.r.tmp.path());
+    let known = s.www.join("sub/known.php");
+    std::fs::write(&known, "<?php known();\n").unwrap();
     s.baseline();
-    // Run as `nobody`, for whom one file is unreadable (root reads everything).
+    // Run as `nobody`, for whom two files are unreadable (root reads everything): one
+    // added since the baseline, one in it.
     let secret = s.www.join("sub/secret.php");
     std::fs::write(&secret, "x").unwrap();
-    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for f in [&secret, &known] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     std::fs::write(s.www.join("index.php"), "<?php changed();\n").unwrap();
     if !common::is_root() {
         return;
@@ -304,8 +309,15 @@ fn an_unreadable_file_is_reported_and_the_rest_is_checked() {
     assert_eq!(out.status.code(), Some(4), "{}", stderr_of(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let k = kinds(&report);
+    for f in [&secret, &known] {
+        assert!(
+            k.contains(&("unreadable".into(), f.display().to_string())),
+            "{k:?}"
+        );
+    }
+    // A file that is there but cannot be read is unreadable, not removed.
     assert!(
-        k.contains(&("unreadable".into(), secret.display().to_string())),
+        !k.contains(&("removed".into(), known.display().to_string())),
         "{k:?}"
     );
     assert!(

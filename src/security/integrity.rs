@@ -14,7 +14,7 @@
 //! - A finding is reported (event, exit 4, cron output) once, until it goes away or the
 //!   baseline is updated.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -37,11 +37,29 @@ const CACHE: &str = "security/integrity-cache.json";
 const REPORTED: &str = "security/integrity-reported.json";
 const LAST_CHECK: &str = "security/integrity-last-check.json";
 
+/// What a watched path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    File,
+    Symlink,
+    Special,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::File => "file",
+            Kind::Symlink => "symlink",
+            Kind::Special => "special",
+        })
+    }
+}
+
 /// One watched path's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// `file`, `symlink` or `special`.
-    pub kind: String,
+    pub kind: Kind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,11 +68,11 @@ pub struct Entry {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    pub mtime_ns: i128,
-    pub ctime_ns: i128,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
     pub ino: u64,
     /// When the content was last hashed (for `full_rehash` and racy entries).
-    pub hashed_at_ns: i128,
+    pub hashed_at_ns: i64,
 }
 
 impl Entry {
@@ -66,26 +84,101 @@ impl Entry {
     }
 
     fn racy(&self) -> bool {
-        self.kind == "file" && self.mtime_ns >= self.hashed_at_ns - 1_000_000_000
+        self.kind == Kind::File && self.mtime_ns >= self.hashed_at_ns - 1_000_000_000
     }
 }
 
-/// The baseline as read: a hash map, so loading a large tree does not pay for ordered
-/// insertion of long, similar paths (the written file is ordered; the HMAC covers its bytes).
+/// Entries by path, sorted by path (byte order) with one entry per path: the order the
+/// baseline is written in, so the check joins the baseline, the cache and the walked tree
+/// by merging sorted lists instead of hashing every path into maps.
+type Files = Vec<(String, Entry)>;
+
+/// The baseline as read.
 #[derive(Debug, Deserialize)]
 struct BodyRead {
     #[allow(dead_code)]
     version: u32,
     #[allow(dead_code)]
     created: DateTime<Utc>,
-    files: HashMap<String, Entry>,
+    #[serde(deserialize_with = "sorted_files")]
+    files: Files,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Body {
+/// The baseline as written: `files` is a JSON object keyed by path, in path order.
+#[derive(Debug, Serialize)]
+struct BodyWrite<'a> {
     version: u32,
     created: DateTime<Utc>,
-    files: BTreeMap<String, Entry>,
+    #[serde(serialize_with = "files_as_object")]
+    files: &'a [(String, Entry)],
+}
+
+fn files_as_object<S: serde::Serializer>(
+    files: &&[(String, Entry)],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_map(files.iter().map(|(p, e)| (p, e)))
+}
+
+/// Reads the `files` object in file order (written sorted; sorted here if it is not).
+fn sorted_files<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Files, D::Error> {
+    struct InOrder;
+    impl<'de> serde::de::Visitor<'de> for InOrder {
+        type Value = Files;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object of paths")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Files, A::Error> {
+            let mut files = Vec::with_capacity(map.size_hint().unwrap_or(0));
+            while let Some(pair) = map.next_entry()? {
+                files.push(pair);
+            }
+            Ok(files)
+        }
+    }
+    let mut files = d.deserialize_map(InOrder)?;
+    if !files.windows(2).all(|w| w[0].0 < w[1].0) {
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        files.dedup_by(|a, b| a.0 == b.0);
+    }
+    Ok(files)
+}
+
+/// Calls `f` once per key of two lists sorted by key, with the item of each list that has
+/// it.
+fn join<'x, 'y, A, B>(
+    a: &'x [A],
+    key_a: impl Fn(&A) -> &str,
+    b: &'y [B],
+    key_b: impl Fn(&B) -> &str,
+    mut f: impl FnMut(Option<&'x A>, Option<&'y B>),
+) {
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let order = match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) => key_a(x).cmp(key_b(y)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                f(a.get(i), None);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                f(None, b.get(j));
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                f(a.get(i), b.get(j));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
 }
 
 /// The file: the baseline's exact bytes and their HMAC, so verifying needs no
@@ -139,13 +232,13 @@ fn key(ctx: &Context) -> Result<Vec<u8>> {
 /// Metadata of one path, as the baseline records it.
 #[derive(Debug, Clone)]
 struct Meta {
-    kind: &'static str,
+    kind: Kind,
     size: u64,
     mode: u32,
     uid: u32,
     gid: u32,
-    mtime_ns: i128,
-    ctime_ns: i128,
+    mtime_ns: i64,
+    ctime_ns: i64,
     ino: u64,
     target: Option<String>,
 }
@@ -158,11 +251,11 @@ fn meta_of(path: &Path) -> std::io::Result<Meta> {
 fn meta_from(path: &Path, m: std::fs::Metadata) -> std::io::Result<Meta> {
     let ft = m.file_type();
     let kind = if ft.is_symlink() {
-        "symlink"
+        Kind::Symlink
     } else if ft.is_file() {
-        "file"
+        Kind::File
     } else {
-        "special"
+        Kind::Special
     };
     let target = if ft.is_symlink() {
         Some(std::fs::read_link(path)?.to_string_lossy().into_owned())
@@ -175,8 +268,8 @@ fn meta_from(path: &Path, m: std::fs::Metadata) -> std::io::Result<Meta> {
         mode: m.mode() & 0o7777,
         uid: m.uid(),
         gid: m.gid(),
-        mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
-        ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+        ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
         ino: m.ino(),
         target,
     })
@@ -204,7 +297,19 @@ fn matches_segments(p: &[&str], n: &[&str]) -> bool {
     }
 }
 
-type Walked = (HashMap<String, Meta>, Vec<(String, String)>);
+fn path_string(path: PathBuf) -> String {
+    path.into_os_string()
+        .into_string()
+        .unwrap_or_else(|p| p.to_string_lossy().into_owned())
+}
+
+/// The watched tree: paths with their metadata, sorted by path, one entry per path; and
+/// the paths that could not be read, with why.
+#[derive(Default)]
+struct Walked {
+    files: Vec<(String, Meta)>,
+    unreadable: Vec<(String, String)>,
+}
 
 /// Walks `start` (a watched root or one of its children) below `root`. Entries are
 /// stat'ed relative to their directory (`DirEntry::metadata` is `fstatat` on the open
@@ -224,16 +329,17 @@ fn walk_one(root: &Path, start: &Path, patterns: &[Vec<&str>], out: &mut Walked)
     let meta = match std::fs::symlink_metadata(start) {
         Ok(m) => m,
         Err(e) => {
-            out.1.push((start.display().to_string(), io_text(&e)));
+            out.unreadable
+                .push((start.display().to_string(), io_text(&e)));
             return;
         }
     };
     if !meta.is_dir() {
         match meta_from(start, meta) {
-            Ok(m) => {
-                out.0.insert(start.to_string_lossy().into_owned(), m);
-            }
-            Err(e) => out.1.push((start.display().to_string(), io_text(&e))),
+            Ok(m) => out.files.push((path_string(start.to_path_buf()), m)),
+            Err(e) => out
+                .unreadable
+                .push((start.display().to_string(), io_text(&e))),
         }
         return;
     }
@@ -242,7 +348,8 @@ fn walk_one(root: &Path, start: &Path, patterns: &[Vec<&str>], out: &mut Walked)
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) => {
-                out.1.push((dir.display().to_string(), io_text(&e)));
+                out.unreadable
+                    .push((dir.display().to_string(), io_text(&e)));
                 continue;
             }
         };
@@ -250,7 +357,8 @@ fn walk_one(root: &Path, start: &Path, patterns: &[Vec<&str>], out: &mut Walked)
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
-                    out.1.push((dir.display().to_string(), io_text(&e)));
+                    out.unreadable
+                        .push((dir.display().to_string(), io_text(&e)));
                     continue;
                 }
             };
@@ -261,19 +369,21 @@ fn walk_one(root: &Path, start: &Path, patterns: &[Vec<&str>], out: &mut Walked)
             match entry.metadata() {
                 Ok(m) if m.is_dir() => dirs.push(path),
                 Ok(m) => match meta_from(&path, m) {
-                    Ok(meta) => {
-                        out.0.insert(path.to_string_lossy().into_owned(), meta);
-                    }
-                    Err(e) => out.1.push((path.display().to_string(), io_text(&e))),
+                    Ok(meta) => out.files.push((path_string(path), meta)),
+                    Err(e) => out
+                        .unreadable
+                        .push((path.display().to_string(), io_text(&e))),
                 },
-                Err(e) => out.1.push((path.display().to_string(), io_text(&e))),
+                Err(e) => out
+                    .unreadable
+                    .push((path.display().to_string(), io_text(&e))),
             }
         }
     }
 }
 
-/// The watched paths with their metadata; paths that cannot be read are returned apart.
-/// The children of each watched directory are walked on every core at once.
+/// The watched paths with their metadata, sorted; paths that cannot be read are returned
+/// apart. The children of each watched directory are walked on every core at once.
 fn walk(ctx: &Context) -> Walked {
     let patterns: Vec<Vec<&str>> = ctx
         .config
@@ -284,7 +394,7 @@ fn walk(ctx: &Context) -> Walked {
         .collect();
     let patterns = &patterns;
     let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
-    let mut out: Walked = (HashMap::new(), Vec::new());
+    let mut out = Walked::default();
     for root in &ctx.config.security.integrity_paths {
         let root = ctx.resolve(root);
         let is_dir = match std::fs::symlink_metadata(&root) {
@@ -314,7 +424,7 @@ fn walk(ctx: &Context) -> Walked {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(|| {
-                    let mut mine: Walked = (HashMap::new(), Vec::new());
+                    let mut mine = Walked::default();
                     while let Some((root, start)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
                         walk_one(root, start, patterns, &mut mine);
                     }
@@ -324,10 +434,13 @@ fn walk(ctx: &Context) -> Walked {
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     });
-    for (files, bad) in parts {
-        out.0.extend(files);
-        out.1.extend(bad);
+    for part in parts {
+        out.files.extend(part.files);
+        out.unreadable.extend(part.unreadable);
     }
+    // Overlapping watched paths find some paths twice.
+    out.files.sort_by(|a, b| a.0.cmp(&b.0));
+    out.files.dedup_by(|a, b| a.0 == b.0);
     out
 }
 
@@ -345,40 +458,45 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
     }
 }
 
-/// Hashes `paths` on every core. Returns path -> hash or error text.
-fn hash_all(paths: &[String]) -> BTreeMap<String, Result<String, String>> {
+/// Hashes `paths` on every core. Returns each path's hash or error text, in order.
+fn hash_all(paths: &[&str]) -> Vec<Result<String, String>> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8);
     let next = AtomicUsize::new(0);
-    let out = Mutex::new(BTreeMap::new());
+    let done = Mutex::new(Vec::with_capacity(paths.len()));
     std::thread::scope(|scope| {
-        for _ in 0..workers.min(paths.len().max(1)) {
+        for _ in 0..workers.min(paths.len()) {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(p) = paths.get(i) else { break };
                     let r = sha256_file(Path::new(p)).map_err(|e| io_text(&e));
-                    if let Ok(mut o) = out.lock() {
-                        o.insert(p.clone(), r);
+                    if let Ok(mut d) = done.lock() {
+                        d.push((i, r));
                     }
                 }
             });
         }
     });
-    out.into_inner().unwrap_or_default()
+    let mut done = done.into_inner().unwrap_or_default();
+    done.sort_by_key(|(i, _)| *i);
+    let mut results: Vec<Result<String, String>> = done.into_iter().map(|(_, r)| r).collect();
+    // A worker that panicked left its paths without a result.
+    results.resize(paths.len(), Err("not hashed".into()));
+    results
 }
 
-fn now_ns() -> i128 {
+fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i128)
+        .map(|d| d.as_nanos() as i64)
         .unwrap_or(0)
 }
 
-fn entry(m: &Meta, sha256: Option<String>, hashed_at_ns: i128) -> Entry {
+fn entry(m: &Meta, sha256: Option<String>, hashed_at_ns: i64) -> Entry {
     Entry {
-        kind: m.kind.to_string(),
+        kind: m.kind,
         sha256,
         target: m.target.clone(),
         size: m.size,
@@ -392,52 +510,117 @@ fn entry(m: &Meta, sha256: Option<String>, hashed_at_ns: i128) -> Entry {
     }
 }
 
-/// The current tree: entries built this run (new, changed, hashed), and the paths whose
-/// previous entry still holds (same size, mtime, ctime and inode; not racy; not due).
-struct Scan {
-    fresh: BTreeMap<String, Entry>,
-    reused: Vec<String>,
+/// A path's last known entry (the baseline's, or the cache's where they differ), and
+/// whether its hash is due to be redone this run.
+struct Previous<'a> {
+    path: &'a str,
+    entry: &'a Entry,
+    due: bool,
+}
+
+/// The baseline overlaid with the cache (an entry replaces the baseline's, `None` removes
+/// it), still sorted by path.
+fn overlay<'a>(base: &'a Files, cache: &'a BTreeMap<String, Option<Entry>>) -> Vec<Previous<'a>> {
+    let mut out = Vec::with_capacity(base.len() + cache.len());
+    let previous = |path: &'a str, entry: &'a Entry| Previous {
+        path,
+        entry,
+        due: false,
+    };
+    let mut cached = cache.iter().peekable();
+    for (path, e) in base {
+        while let Some((p, c)) = cached.next_if(|(p, _)| *p < path) {
+            out.extend(c.as_ref().map(|c| previous(p, c)));
+        }
+        match cached.next_if(|(p, _)| *p == path) {
+            Some((_, c)) => out.extend(c.as_ref().map(|c| previous(path, c))),
+            None => out.push(previous(path, e)),
+        }
+    }
+    for (p, c) in cached {
+        out.extend(c.as_ref().map(|c| previous(p, c)));
+    }
+    out
+}
+
+/// A path's entry in the current tree.
+enum Now<'a> {
+    /// The previous entry still holds (same size, mtime, ctime and inode; not racy; not
+    /// due).
+    Reused(&'a Entry),
+    /// Built this run.
+    Fresh(Entry),
+}
+
+impl Now<'_> {
+    fn entry(&self) -> &Entry {
+        match self {
+            Now::Reused(e) => e,
+            Now::Fresh(e) => e,
+        }
+    }
+}
+
+/// The current tree, sorted by path.
+struct Scan<'a> {
+    current: Vec<(&'a str, Now<'a>)>,
     unreadable: Vec<(String, String)>,
     hashed: usize,
 }
 
-/// Scans the tree. `previous` entries whose metadata is unchanged are reused without
-/// reading the file (a chmod or chown changes the ctime, so a reused entry's mode and
-/// owner are current too).
-fn scan(walked: Walked, previous: &HashMap<&str, &Entry>, due: &HashSet<&str>) -> Scan {
-    let (tree, mut unreadable) = walked;
-    let stamp = now_ns();
-    let mut fresh = BTreeMap::new();
-    let mut reused = Vec::new();
-    let mut to_hash = Vec::new();
-    for (path, m) in &tree {
-        match previous.get(path.as_str()) {
-            Some(e)
-                if e.kind == m.kind
-                    && e.same_stat(m)
-                    && e.target == m.target
-                    && !(m.kind == "file" && (e.racy() || due.contains(path.as_str()))) =>
-            {
-                reused.push(path.clone());
-            }
-            _ if m.kind != "file" => {
-                fresh.insert(path.clone(), entry(m, None, 0));
-            }
-            _ => to_hash.push(path.clone()),
-        }
+/// Scans the walked tree against `previous` (both sorted by path). Previous entries whose
+/// metadata is unchanged are reused without reading the file (a chmod or chown changes the
+/// ctime, so a reused entry's mode and owner are current too).
+fn scan<'a>(walked: &'a Walked, previous: &[Previous<'a>]) -> Scan<'a> {
+    enum Slot<'a> {
+        Done(Now<'a>),
+        Hash(&'a Meta),
     }
+    let mut slots: Vec<(&'a str, Slot<'a>)> = Vec::with_capacity(walked.files.len());
+    join(
+        &walked.files,
+        |w| w.0.as_str(),
+        previous,
+        |p| p.path,
+        |w, p| {
+            let Some((path, m)) = w else { return };
+            let slot = match p {
+                Some(p)
+                    if p.entry.kind == m.kind
+                        && p.entry.same_stat(m)
+                        && p.entry.target == m.target
+                        && !(m.kind == Kind::File && (p.entry.racy() || p.due)) =>
+                {
+                    Slot::Done(Now::Reused(p.entry))
+                }
+                _ if m.kind != Kind::File => Slot::Done(Now::Fresh(entry(m, None, 0))),
+                _ => Slot::Hash(m),
+            };
+            slots.push((path.as_str(), slot));
+        },
+    );
+    let stamp = now_ns();
+    let to_hash: Vec<&str> = slots
+        .iter()
+        .filter(|(_, s)| matches!(s, Slot::Hash(_)))
+        .map(|(p, _)| *p)
+        .collect();
     let hashed = to_hash.len();
-    for (path, result) in hash_all(&to_hash) {
-        match result {
-            Ok(h) => {
-                fresh.insert(path.clone(), entry(&tree[&path], Some(h), stamp));
-            }
-            Err(why) => unreadable.push((path, why)),
+    let mut results = hash_all(&to_hash).into_iter();
+    let mut unreadable = walked.unreadable.clone();
+    let mut current = Vec::with_capacity(slots.len());
+    for (path, slot) in slots {
+        match slot {
+            Slot::Done(now) => current.push((path, now)),
+            Slot::Hash(m) => match results.next() {
+                Some(Ok(h)) => current.push((path, Now::Fresh(entry(m, Some(h), stamp)))),
+                Some(Err(why)) => unreadable.push((path.to_string(), why)),
+                None => unreadable.push((path.to_string(), "not hashed".into())),
+            },
         }
     }
     Scan {
-        fresh,
-        reused,
+        current,
         unreadable,
         hashed,
     }
@@ -451,57 +634,54 @@ pub fn baseline(
     now: DateTime<Utc>,
 ) -> Result<(usize, Vec<(String, String)>)> {
     let key = key(ctx)?;
-    let files = match accept {
-        None => {
-            let Scan {
-                fresh: files,
-                unreadable,
-                ..
-            } = scan(walk(ctx), &HashMap::new(), &HashSet::new());
-            write_baseline(ctx, &key, files.clone(), now)?;
-            ctx.state.remove(REPORTED)?;
-            ctx.state.remove(CACHE)?;
-            return Ok((files.len(), unreadable));
-        }
-        Some(path) => {
-            let mut files: BTreeMap<String, Entry> =
-                load_baseline(ctx, &key)?.into_iter().collect();
-            let p = std::path::absolute(path)?.to_string_lossy().into_owned();
-            match meta_of(Path::new(&p)) {
-                Ok(m) => {
-                    let h = if m.kind == "file" {
-                        Some(
-                            sha256_file(Path::new(&p))
-                                .map_err(|e| anyhow::anyhow!("cannot read {p}: {}", io_text(&e)))?,
-                        )
-                    } else {
-                        None
-                    };
-                    files.insert(p.clone(), entry(&m, h, now_ns()));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    files.remove(&p);
-                }
-                Err(e) => anyhow::bail!("cannot read {p}: {}", io_text(&e)),
-            }
-            let mut reported: BTreeSet<String> = ctx.state.load(REPORTED)?.unwrap_or_default();
-            reported.retain(|f| !f.ends_with(&format!(" {p}")));
-            ctx.state.save(REPORTED, &reported)?;
-            files
-        }
+    let Some(path) = accept else {
+        let walked = walk(ctx);
+        let scanned = scan(&walked, &[]);
+        let files: Files = scanned
+            .current
+            .into_iter()
+            .map(|(p, now)| (p.to_string(), now.entry().clone()))
+            .collect();
+        write_baseline(ctx, &key, &files, now)?;
+        ctx.state.remove(REPORTED)?;
+        ctx.state.remove(CACHE)?;
+        return Ok((files.len(), scanned.unreadable));
     };
-    let n = files.len();
-    write_baseline(ctx, &key, files, now)?;
-    Ok((n, Vec::new()))
+    let mut files = load_baseline(ctx, &key)?;
+    let p = std::path::absolute(path)?.to_string_lossy().into_owned();
+    let at = files.binary_search_by(|(q, _)| q.as_str().cmp(&p));
+    match meta_of(Path::new(&p)) {
+        Ok(m) => {
+            let h = if m.kind == Kind::File {
+                Some(
+                    sha256_file(Path::new(&p))
+                        .map_err(|e| anyhow::anyhow!("cannot read {p}: {}", io_text(&e)))?,
+                )
+            } else {
+                None
+            };
+            let e = entry(&m, h, now_ns());
+            match at {
+                Ok(i) => files[i].1 = e,
+                Err(i) => files.insert(i, (p.clone(), e)),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Ok(i) = at {
+                files.remove(i);
+            }
+        }
+        Err(e) => anyhow::bail!("cannot read {p}: {}", io_text(&e)),
+    }
+    let mut reported: BTreeSet<String> = ctx.state.load(REPORTED)?.unwrap_or_default();
+    reported.retain(|f| !f.ends_with(&format!(" {p}")));
+    ctx.state.save(REPORTED, &reported)?;
+    write_baseline(ctx, &key, &files, now)?;
+    Ok((files.len(), Vec::new()))
 }
 
-fn write_baseline(
-    ctx: &Context,
-    key: &[u8],
-    files: BTreeMap<String, Entry>,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let body = serde_json::to_string(&Body {
+fn write_baseline(ctx: &Context, key: &[u8], files: &Files, now: DateTime<Utc>) -> Result<()> {
+    let body = serde_json::to_string(&BodyWrite {
         version: 1,
         created: now,
         files,
@@ -516,7 +696,7 @@ fn write_baseline(
 }
 
 /// Reads and verifies the baseline; an unsigned or edited one is an `Error::Security`.
-fn load_baseline(ctx: &Context, key: &[u8]) -> Result<HashMap<String, Entry>> {
+fn load_baseline(ctx: &Context, key: &[u8]) -> Result<Files> {
     let path = ctx.layout.file_hashes();
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -566,6 +746,15 @@ pub struct Finding {
 }
 
 impl Finding {
+    fn new(kind: &str, path: &str, detail: String) -> Finding {
+        Finding {
+            kind: kind.into(),
+            path: path.into(),
+            detail,
+            new: false,
+        }
+    }
+
     fn id(&self) -> String {
         format!("{} {}", self.kind, self.path)
     }
@@ -592,58 +781,93 @@ pub struct LastCheck {
     pub open_findings: usize,
 }
 
-fn compare(
-    base: &HashMap<String, Entry>,
-    now: &HashMap<&str, &Entry>,
-) -> Vec<(String, String, String)> {
+/// The findings of the current tree against the baseline (both sorted by path). A path
+/// that could not be read, or lies below a directory that could not be read, is reported
+/// as unreadable (by the caller), not as removed.
+fn compare(base: &Files, scanned: &Scan) -> Vec<Finding> {
+    let hidden = |path: &str| {
+        scanned.unreadable.iter().any(|(u, _)| {
+            path.strip_prefix(u.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        })
+    };
     let mut out = Vec::new();
-    for (path, b) in base {
-        let Some(n) = now.get(path.as_str()) else {
-            out.push((
-                "removed".into(),
-                path.clone(),
-                format!("{} was in the baseline", b.kind),
-            ));
-            continue;
-        };
-        if b.kind != n.kind {
-            out.push((
-                "changed".into(),
-                path.clone(),
-                format!("{} became a {}", b.kind, n.kind),
-            ));
-        } else if b.sha256 != n.sha256 {
-            out.push((
-                "modified".into(),
-                path.clone(),
-                "content differs from the baseline".into(),
-            ));
-        }
-        let mut what = Vec::new();
-        if b.mode != n.mode {
-            what.push(format!("mode {:o} -> {:o}", b.mode, n.mode));
-        }
-        if (b.uid, b.gid) != (n.uid, n.gid) {
-            what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, n.uid, n.gid));
-        }
-        if b.kind == n.kind && b.target != n.target {
-            what.push(format!(
-                "link target {} -> {}",
-                b.target.as_deref().unwrap_or("?"),
-                n.target.as_deref().unwrap_or("?")
-            ));
-        }
-        if !what.is_empty() {
-            out.push(("changed".into(), path.clone(), what.join(", ")));
-        }
-    }
-    for path in now.keys().filter(|p| !base.contains_key(**p as &str)) {
-        out.push((
-            "added".into(),
-            path.to_string(),
-            "not in the baseline".into(),
-        ));
-    }
+    join(
+        base,
+        |b| b.0.as_str(),
+        &scanned.current,
+        |c| c.0,
+        |b, c| match (b, c) {
+            (Some((path, b)), None) => {
+                if !hidden(path) {
+                    out.push(Finding::new(
+                        "removed",
+                        path,
+                        format!("{} was in the baseline", b.kind),
+                    ));
+                }
+            }
+            (None, Some((path, _))) => {
+                out.push(Finding::new("added", path, "not in the baseline".into()))
+            }
+            (Some((path, b)), Some((_, n))) => {
+                let n = n.entry();
+                if b.kind != n.kind {
+                    out.push(Finding::new(
+                        "changed",
+                        path,
+                        format!("{} became a {}", b.kind, n.kind),
+                    ));
+                } else if b.sha256 != n.sha256 {
+                    out.push(Finding::new(
+                        "modified",
+                        path,
+                        "content differs from the baseline".into(),
+                    ));
+                }
+                let mut what = Vec::new();
+                if b.mode != n.mode {
+                    what.push(format!("mode {:o} -> {:o}", b.mode, n.mode));
+                }
+                if (b.uid, b.gid) != (n.uid, n.gid) {
+                    what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, n.uid, n.gid));
+                }
+                if b.kind == n.kind && b.target != n.target {
+                    what.push(format!(
+                        "link target {} -> {}",
+                        b.target.as_deref().unwrap_or("?"),
+                        n.target.as_deref().unwrap_or("?")
+                    ));
+                }
+                if !what.is_empty() {
+                    out.push(Finding::new("changed", path, what.join(", ")));
+                }
+            }
+            (None, None) => {}
+        },
+    );
+    out
+}
+
+/// What the cache must hold after this check: every current entry that differs from the
+/// baseline's, and `None` for each baseline path no longer in the tree.
+fn delta(base: &Files, scanned: &Scan) -> BTreeMap<String, Option<Entry>> {
+    let mut out = BTreeMap::new();
+    join(
+        base,
+        |b| b.0.as_str(),
+        &scanned.current,
+        |c| c.0,
+        |b, c| match (b, c) {
+            (Some((path, _)), None) => {
+                out.insert(path.clone(), None);
+            }
+            (b, Some((path, n))) if b.map(|b| &b.1) != Some(n.entry()) => {
+                out.insert(path.to_string(), Some(n.entry().clone()));
+            }
+            _ => {}
+        },
+    );
     out
 }
 
@@ -662,53 +886,33 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
     // The cache holds only what differs from the baseline (files hashed since, changed
     // ones, and those whose hash was redone), so an unchanged tree has an empty cache.
     let cache: BTreeMap<String, Option<Entry>> = ctx.state.load(CACHE)?.unwrap_or_default();
-    let mut previous: HashMap<&str, &Entry> = base.iter().map(|(p, e)| (p.as_str(), e)).collect();
-    for (path, e) in &cache {
-        match e {
-            Some(e) => previous.insert(path.as_str(), e),
-            None => previous.remove(path.as_str()),
-        };
-    }
+    let mut previous = overlay(&base, &cache);
 
     // A bounded share of the oldest hashes is redone each run.
-    let rehash_ns = ctx.config.security.full_rehash.0.as_nanos() as i128;
-    let interval = ctx.config.security.integrity_interval.0.as_nanos().max(1) as i128;
+    let rehash_ns = ctx.config.security.full_rehash.0.as_nanos() as i64;
+    let interval = ctx.config.security.integrity_interval.0.as_nanos().max(1) as i64;
     let runs = (rehash_ns / interval).max(1) as usize;
-    let now_at = now.timestamp_nanos_opt().map_or_else(now_ns, i128::from);
-    let mut stale: Vec<(&str, i128)> = previous
-        .iter()
-        .filter(|(_, e)| e.kind == "file" && now_at - e.hashed_at_ns > rehash_ns)
-        .map(|(p, e)| (*p, e.hashed_at_ns))
-        .collect();
-    let share = previous.len().div_ceil(runs).max(1);
-    stale.sort_by_key(|(_, t)| *t);
-    let due: HashSet<&str> = stale.into_iter().take(share).map(|(p, _)| p).collect();
-
-    let scanned = scan(walked, &previous, &due);
-    let mut current: HashMap<&str, &Entry> =
-        scanned.fresh.iter().map(|(p, e)| (p.as_str(), e)).collect();
-    for p in &scanned.reused {
-        if let Some(e) = previous.get(p.as_str()) {
-            current.insert(p.as_str(), e);
-        }
-    }
-    let (unreadable, hashed) = (scanned.unreadable.clone(), scanned.hashed);
-    let reported: BTreeSet<String> = ctx.state.load(REPORTED)?.unwrap_or_default();
-    let mut findings: Vec<Finding> = compare(&base, &current)
-        .into_iter()
-        .map(|(kind, path, detail)| Finding {
-            kind,
-            path,
-            detail,
-            new: false,
+    let now_at = now.timestamp_nanos_opt().unwrap_or_else(now_ns);
+    let mut stale: Vec<usize> = (0..previous.len())
+        .filter(|&i| {
+            let e = previous[i].entry;
+            e.kind == Kind::File && now_at - e.hashed_at_ns > rehash_ns
         })
         .collect();
-    findings.extend(unreadable.into_iter().map(|(path, why)| Finding {
-        kind: "unreadable".into(),
-        path,
-        detail: why,
-        new: false,
-    }));
+    stale.sort_by_key(|&i| previous[i].entry.hashed_at_ns);
+    for i in stale.into_iter().take(previous.len().div_ceil(runs).max(1)) {
+        previous[i].due = true;
+    }
+
+    let scanned = scan(&walked, &previous);
+    let reported: BTreeSet<String> = ctx.state.load(REPORTED)?.unwrap_or_default();
+    let mut findings = compare(&base, &scanned);
+    findings.extend(
+        scanned
+            .unreadable
+            .iter()
+            .map(|(path, why)| Finding::new("unreadable", path, why.clone())),
+    );
     findings.sort_by(|a, b| (&a.path, &a.kind).cmp(&(&b.path, &b.kind)));
     for f in &mut findings {
         f.new = !reported.contains(&f.id());
@@ -729,24 +933,7 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
         if open != reported {
             ctx.state.save(REPORTED, &open)?;
         }
-        // Only fresh entries can differ from the baseline, besides cache entries still
-        // reused: no lookup of the whole tree in the baseline.
-        let mut delta: BTreeMap<String, Option<Entry>> = scanned
-            .fresh
-            .iter()
-            .filter(|(p, e)| base.get(*p) != Some(*e))
-            .map(|(p, e)| (p.clone(), Some(e.clone())))
-            .collect();
-        for p in &scanned.reused {
-            if let Some(Some(e)) = cache.get(p) {
-                delta.insert(p.clone(), Some(e.clone()));
-            }
-        }
-        delta.extend(
-            base.keys()
-                .filter(|p| !current.contains_key(p.as_str()))
-                .map(|p| (p.clone(), None)),
-        );
+        let delta = delta(&base, &scanned);
         if delta != cache {
             ctx.state.save(CACHE, &delta)?;
         }
@@ -754,14 +941,14 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
             LAST_CHECK,
             &LastCheck {
                 time: now,
-                files: current.len(),
+                files: scanned.current.len(),
                 open_findings: findings.len(),
             },
         )?;
     }
     Ok(Report {
-        files: current.len(),
-        hashed,
+        files: scanned.current.len(),
+        hashed: scanned.hashed,
         findings,
     })
 }
@@ -788,6 +975,79 @@ mod tests {
             hmac(b"Jefe", b"what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    fn file(hashed_at_ns: i64) -> Entry {
+        Entry {
+            kind: Kind::File,
+            sha256: Some("0".repeat(64)),
+            target: None,
+            size: 1,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 0,
+            ctime_ns: 0,
+            ino: 1,
+            hashed_at_ns,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn join_visits_every_key_of_both_lists_once_in_order(
+            a in proptest::collection::btree_set("[a-c/]{0,4}", 0..20),
+            b in proptest::collection::btree_set("[a-c/]{0,4}", 0..20),
+        ) {
+            let (a, b): (Vec<String>, Vec<String>) = (a.into_iter().collect(), b.into_iter().collect());
+            let mut seen = Vec::new();
+            join(&a, |x| x.as_str(), &b, |y| y.as_str(), |x, y| {
+                if let (Some(x), Some(y)) = (x, y) {
+                    assert_eq!(x, y);
+                }
+                let key = x.or(y).cloned().unwrap_or_default();
+                seen.push((key, x.is_some(), y.is_some()));
+            });
+            let union: BTreeSet<String> = a.iter().chain(&b).cloned().collect();
+            let keys: Vec<String> = seen.iter().map(|s| s.0.clone()).collect();
+            proptest::prop_assert_eq!(keys, union.into_iter().collect::<Vec<_>>());
+            for (k, in_a, in_b) in seen {
+                proptest::prop_assert_eq!(in_a, a.contains(&k));
+                proptest::prop_assert_eq!(in_b, b.contains(&k));
+            }
+        }
+    }
+
+    #[test]
+    fn the_cache_replaces_removes_and_adds_baseline_entries_in_path_order() {
+        let base: Files = vec![
+            ("/w/a".into(), file(1)),
+            ("/w/b".into(), file(2)),
+            ("/w/c".into(), file(3)),
+        ];
+        let cache: BTreeMap<String, Option<Entry>> = [
+            ("/w/0".to_string(), Some(file(10))),
+            ("/w/b".to_string(), None),
+            ("/w/c".to_string(), Some(file(30))),
+            ("/w/d".to_string(), Some(file(40))),
+        ]
+        .into();
+        let got: Vec<(&str, i64)> = overlay(&base, &cache)
+            .iter()
+            .map(|p| (p.path, p.entry.hashed_at_ns))
+            .collect();
+        assert_eq!(got, [("/w/0", 10), ("/w/a", 1), ("/w/c", 30), ("/w/d", 40)]);
+    }
+
+    #[test]
+    fn a_baseline_with_unsorted_paths_is_read_sorted() {
+        let e = serde_json::to_value(file(1)).unwrap();
+        let text = format!(
+            r#"{{"version":1,"created":"2026-01-01T00:00:00Z","files":{{"/w/b":{e},"/w/a":{e},"/w/c":{e}}}}}"#
+        );
+        let body: BodyRead = serde_json::from_str(&text).unwrap();
+        let paths: Vec<&str> = body.files.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["/w/a", "/w/b", "/w/c"]);
     }
 
     #[test]
