@@ -1,7 +1,11 @@
-//! Human output: compact aligned tables, colour only on a terminal (SPEC 6.5). Stdout
-//! carries data only; messages go through `log` or the error path.
+//! Human output: compact aligned tables, colour only on a terminal, and a progress line
+//! for long runs on a terminal only (SPEC 6.5). Stdout carries data only; messages go
+//! through `log` or the error path, progress to stderr.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// A table of text cells, rendered with columns aligned.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -84,9 +88,184 @@ pub fn human_ms(ms: u64) -> String {
     }
 }
 
+/// Bytes for people: `512 B`, `3.4 KiB`, `1.2 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Test hook: milliseconds before a progress line first appears (default 1,000), and
+/// `CR0SYNC_PROGRESS_AFTER_MS` with a pseudo-terminal lets a test see one on a short run.
+const PROGRESS_AFTER_ENV: &str = "CR0SYNC_PROGRESS_AFTER_MS";
+
+/// A progress line for a long run (a first baseline, a first sync of a large database).
+///
+/// Invariants: drawn on stderr only when stderr is a terminal (cron, pipes and files never
+/// see it), only once the run has taken more than a second, redrawn at most ten times a
+/// second by its own thread (so a long single step still shows time passing), and erased
+/// when the value is dropped, before anything else is printed. `add` is a relaxed atomic
+/// add, cheap enough for every block read and safe from several threads.
+#[derive(Debug)]
+pub struct Progress {
+    shared: Option<Arc<Shared>>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    label: Mutex<String>,
+    total: AtomicU64,
+    done: AtomicU64,
+    started: Instant,
+    stop: (Mutex<bool>, Condvar),
+}
+
+impl Progress {
+    /// A progress line for `label`; `total` bytes (or steps) to do, 0 if unknown.
+    pub fn new(label: impl Into<String>, total: u64) -> Progress {
+        if !std::io::stderr().is_terminal() {
+            return Progress {
+                shared: None,
+                ticker: None,
+            };
+        }
+        let after = std::env::var(PROGRESS_AFTER_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(1), Duration::from_millis);
+        let shared = Arc::new(Shared {
+            label: Mutex::new(label.into()),
+            total: AtomicU64::new(total),
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+            stop: (Mutex::new(false), Condvar::new()),
+        });
+        let mine = Arc::clone(&shared);
+        let ticker = std::thread::Builder::new()
+            .name("progress".into())
+            .spawn(move || mine.tick(after))
+            .ok();
+        Progress {
+            shared: Some(shared),
+            ticker,
+        }
+    }
+
+    /// Counts `n` more bytes (or steps) done.
+    pub fn add(&self, n: u64) {
+        if let Some(s) = &self.shared {
+            s.done.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Names what is being done now.
+    pub fn stage(&self, label: impl Into<String>) {
+        if let Some(s) = &self.shared
+            && let Ok(mut l) = s.label.lock()
+        {
+            *l = label.into();
+        }
+    }
+}
+
+impl Shared {
+    fn tick(&self, after: Duration) {
+        let (lock, wake) = &self.stop;
+        let mut drawn = false;
+        let Ok(mut stopped) = lock.lock() else { return };
+        loop {
+            let wait = if drawn {
+                Duration::from_millis(100)
+            } else {
+                after.saturating_sub(self.started.elapsed())
+            };
+            stopped = match wake.wait_timeout_while(stopped, wait, |s| !*s) {
+                Ok((s, _)) => s,
+                Err(_) => return,
+            };
+            if *stopped {
+                break;
+            }
+            if self.started.elapsed() >= after {
+                let label = self.label.lock().map(|l| l.clone()).unwrap_or_default();
+                let line = progress_line(
+                    &label,
+                    self.done.load(Ordering::Relaxed),
+                    self.total.load(Ordering::Relaxed),
+                    self.started.elapsed(),
+                );
+                let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
+                drawn = true;
+            }
+        }
+        if drawn {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(s) = &self.shared {
+            let (lock, wake) = &s.stop;
+            if let Ok(mut stopped) = lock.lock() {
+                *stopped = true;
+            }
+            wake.notify_all();
+        }
+        if let Some(t) = self.ticker.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One progress line: a bar with the share done when the total is known, else what was
+/// done so far; then the time taken.
+fn progress_line(label: &str, done: u64, total: u64, elapsed: Duration) -> String {
+    let time = human_ms(elapsed.as_millis() as u64);
+    if total == 0 {
+        return match done {
+            0 => format!("{label}  {time}"),
+            _ => format!("{label}  {}  {time}", human_bytes(done)),
+        };
+    }
+    let share = (done.min(total) as f64 / total as f64).clamp(0.0, 1.0);
+    let filled = (share * 24.0).round() as usize;
+    format!(
+        "{label} [{}{}] {:>3.0}%  {} / {}  {time}",
+        "#".repeat(filled),
+        "-".repeat(24 - filled),
+        share * 100.0,
+        human_bytes(done.min(total)),
+        human_bytes(total)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_lines_with_and_without_a_total() {
+        assert_eq!(
+            progress_line("baseline", 1 << 29, 1 << 31, Duration::from_millis(3400)),
+            "baseline [######------------------]  25%  512.0 MiB / 2.0 GiB  3.4 s"
+        );
+        assert_eq!(
+            progress_line("main/bot: snapshot", 0, 0, Duration::from_millis(1200)),
+            "main/bot: snapshot  1.2 s"
+        );
+        assert_eq!(human_bytes(1023), "1023 B");
+    }
 
     #[test]
     fn aligns_columns_without_trailing_blanks() {

@@ -959,3 +959,39 @@ fn a_peer_whose_writer_died_mid_transaction_is_recovered_by_sqlite_and_synced() 
         ["0"]
     );
 }
+
+#[test]
+fn a_first_sync_shows_its_stages_on_a_terminal_only() {
+    let s = Setup::new("");
+    // Enough rows that the first sync takes some milliseconds.
+    exec(
+        &s.bot,
+        "CREATE TABLE big (id INTEGER PRIMARY KEY, v TEXT);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000)
+         INSERT INTO big SELECT i, hex(randomblob(40)) FROM n;",
+    );
+    let line = format!(
+        "CR0SYNC_PROGRESS_AFTER_MS=0 {} --root {} db sync --peer bot",
+        common::BIN,
+        s.r.root.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.contains("users/bot: "), "{tty:?}");
+    // Erased before the report.
+    let last = tty.rsplit("\r\x1b[2K").next().unwrap();
+    assert!(last.starts_with("DATABASE"), "{tty:?}");
+    // Not on a pipe.
+    let out =
+        s.r.cmd()
+            .env("CR0SYNC_PROGRESS_AFTER_MS", "0")
+            .args(["db", "sync", "--peer", "website"])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!stderr_of(&out).contains("snapshot of the peer"));
+}

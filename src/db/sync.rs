@@ -45,6 +45,7 @@ use crate::db::merge::{
 use crate::db::snapshot::{self, Schema, quote};
 use crate::db::value::{Cell, Key, Row, row_from_json};
 use crate::fsutil;
+use crate::output::Progress;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -278,6 +279,7 @@ pub fn sync_pair(
 
     // 2. Snapshot of the peer.
     let mut phases = Phases::start();
+    let progress = Progress::new(format!("{name}/{peer_name}: snapshot of the peer"), 0);
     let busy = ctx.config.general.busy_timeout.0;
     let scratch = backup::scratch_dir(ctx)?;
     let snap = scratch.join(format!("{name}.{peer_name}.snapshot.db"));
@@ -290,6 +292,7 @@ pub fn sync_pair(
         if opts.dry_run {
             return Ok(report);
         }
+        progress.stage(format!("{name}/{peer_name}: creating the central copy"));
         fsutil::atomic_replace_with(&central_path, &ctx.perms, |tmp| {
             snapshot::snapshot_to(&snap, tmp, busy)?;
             let c = Connection::open(tmp)?;
@@ -302,6 +305,7 @@ pub fn sync_pair(
     }
 
     phases.mark("snapshot");
+    progress.stage(format!("{name}/{peer_name}: diff and merge"));
     // 3. One connection: central as main, snapshot as p, base as b.
     let mut conn = open_central(&central_path, busy)?;
     conn.execute("ATTACH ?1 AS p", [path_str(&snap)?])?;
@@ -410,6 +414,7 @@ pub fn sync_pair(
     let write_central = works.iter().any(|w| !w.to_central.is_empty());
 
     // 4. Journal, backups, peer.
+    progress.stage(format!("{name}/{peer_name}: backups and writes"));
     if write_peer {
         let mut entries = Vec::new();
         for w in works.iter().filter(|w| w.keyed()) {
@@ -489,6 +494,8 @@ pub fn sync_pair(
         )
     })?;
     phases.mark("peer and central writes");
+    // Erased before the conflict warnings below.
+    drop(progress);
     for (i, w) in works.iter().enumerate() {
         let by_peer = &peer_applied[i].skipped;
         let all: BTreeSet<Key> = central_deferred[i].union(by_peer).cloned().collect();

@@ -31,6 +31,7 @@ use crate::context::Context;
 use crate::error::{Error, io_text};
 use crate::fsutil;
 use crate::logs::stream::glob_match;
+use crate::output::Progress;
 use crate::security::events::{self, Event};
 
 const CACHE: &str = "security/integrity-cache.json";
@@ -444,8 +445,8 @@ fn walk(ctx: &Context) -> Walked {
     out
 }
 
-/// SHA-256 of a file, streamed with a large buffer.
-fn sha256_file(path: &Path) -> std::io::Result<String> {
+/// SHA-256 of a file, streamed with a large buffer; each block read counts on `progress`.
+fn sha256_file(path: &Path, progress: &Progress) -> std::io::Result<String> {
     let mut f = File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -455,11 +456,12 @@ fn sha256_file(path: &Path) -> std::io::Result<String> {
             return Ok(hex(&h.finalize()));
         }
         h.update(&buf[..n]);
+        progress.add(n as u64);
     }
 }
 
 /// Hashes `paths` on every core. Returns each path's hash or error text, in order.
-fn hash_all(paths: &[&str]) -> Vec<Result<String, String>> {
+fn hash_all(paths: &[&str], progress: &Progress) -> Vec<Result<String, String>> {
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8);
@@ -471,7 +473,7 @@ fn hash_all(paths: &[&str]) -> Vec<Result<String, String>> {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(p) = paths.get(i) else { break };
-                    let r = sha256_file(Path::new(p)).map_err(|e| io_text(&e));
+                    let r = sha256_file(Path::new(p), progress).map_err(|e| io_text(&e));
                     if let Ok(mut d) = done.lock() {
                         d.push((i, r));
                     }
@@ -600,13 +602,17 @@ fn scan<'a>(walked: &'a Walked, previous: &[Previous<'a>]) -> Scan<'a> {
         },
     );
     let stamp = now_ns();
-    let to_hash: Vec<&str> = slots
-        .iter()
-        .filter(|(_, s)| matches!(s, Slot::Hash(_)))
-        .map(|(p, _)| *p)
-        .collect();
+    let (mut to_hash, mut bytes) = (Vec::new(), 0);
+    for (path, slot) in &slots {
+        if let Slot::Hash(m) = slot {
+            to_hash.push(*path);
+            bytes += m.size;
+        }
+    }
     let hashed = to_hash.len();
-    let mut results = hash_all(&to_hash).into_iter();
+    let progress = Progress::new(format!("hashing {hashed} file(s)"), bytes);
+    let mut results = hash_all(&to_hash, &progress).into_iter();
+    drop(progress);
     let mut unreadable = walked.unreadable.clone();
     let mut current = Vec::with_capacity(slots.len());
     for (path, slot) in slots {
@@ -653,8 +659,9 @@ pub fn baseline(
     match meta_of(Path::new(&p)) {
         Ok(m) => {
             let h = if m.kind == Kind::File {
+                let progress = Progress::new(format!("hashing {p}"), m.size);
                 Some(
-                    sha256_file(Path::new(&p))
+                    sha256_file(Path::new(&p), &progress)
                         .map_err(|e| anyhow::anyhow!("cannot read {p}: {}", io_text(&e)))?,
                 )
             } else {
