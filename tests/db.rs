@@ -970,20 +970,9 @@ fn a_first_sync_shows_its_stages_on_a_terminal_only() {
          WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 200000)
          INSERT INTO big SELECT i, hex(randomblob(40)) FROM n;",
     );
-    let line = format!(
-        "CR0SYNC_PROGRESS_AFTER_MS=0 {} --root {} db sync --peer bot",
-        common::BIN,
-        s.r.root.display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let tty = String::from_utf8_lossy(&out.stdout);
+    let (tty, last) = common::on_a_terminal(&s.r.root, "db sync --peer bot");
     assert!(tty.contains("users/bot: "), "{tty:?}");
     // Erased before the report.
-    let last = tty.rsplit("\r\x1b[2K").next().unwrap();
     assert!(last.starts_with("DATABASE"), "{tty:?}");
     // Not on a pipe.
     let out =

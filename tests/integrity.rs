@@ -447,24 +447,12 @@ fn a_long_baseline_shows_progress_on_a_terminal_only() {
     let big = std::fs::File::create(s.www.join("big.bin")).unwrap();
     big.set_len(256 << 20).unwrap();
     drop(big);
-    // On a pseudo-terminal (util-linux `script`), with the one-second delay shortened.
-    let line = format!(
-        "CR0SYNC_PROGRESS_AFTER_MS=0 {} --root {} security baseline",
-        common::BIN,
-        s.r.root.display()
-    );
-    let out = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let tty = String::from_utf8_lossy(&out.stdout);
+    let (tty, last) = common::on_a_terminal(&s.r.root, "security baseline");
     assert!(
         tty.contains("hashing") && tty.contains("%") && tty.contains("256.0 MiB"),
         "{tty:?}"
     );
     // The line is erased before the result is printed.
-    let last = tty.rsplit("\r\x1b[2K").next().unwrap();
     assert!(last.starts_with("baseline of "), "{tty:?}");
     // Not on a pipe, whatever the delay.
     let out =

@@ -788,6 +788,15 @@ pub struct LastCheck {
     pub open_findings: usize,
 }
 
+/// Calls `f` once per path of the baseline or the current tree.
+fn join_current<'a>(
+    base: &'a Files,
+    scanned: &'a Scan,
+    f: impl FnMut(Option<&'a (String, Entry)>, Option<&'a (&'a str, Now<'a>)>),
+) {
+    join(base, |b| b.0.as_str(), &scanned.current, |c| c.0, f);
+}
+
 /// The findings of the current tree against the baseline (both sorted by path). A path
 /// that could not be read, or lies below a directory that could not be read, is reported
 /// as unreadable (by the caller), not as removed.
@@ -799,60 +808,54 @@ fn compare(base: &Files, scanned: &Scan) -> Vec<Finding> {
         })
     };
     let mut out = Vec::new();
-    join(
-        base,
-        |b| b.0.as_str(),
-        &scanned.current,
-        |c| c.0,
-        |b, c| match (b, c) {
-            (Some((path, b)), None) => {
-                if !hidden(path) {
-                    out.push(Finding::new(
-                        "removed",
-                        path,
-                        format!("{} was in the baseline", b.kind),
-                    ));
-                }
+    join_current(base, scanned, |b, c| match (b, c) {
+        (Some((path, b)), None) => {
+            if !hidden(path) {
+                out.push(Finding::new(
+                    "removed",
+                    path,
+                    format!("{} was in the baseline", b.kind),
+                ));
             }
-            (None, Some((path, _))) => {
-                out.push(Finding::new("added", path, "not in the baseline".into()))
+        }
+        (None, Some((path, _))) => {
+            out.push(Finding::new("added", path, "not in the baseline".into()))
+        }
+        (Some((path, b)), Some((_, n))) => {
+            let n = n.entry();
+            if b.kind != n.kind {
+                out.push(Finding::new(
+                    "changed",
+                    path,
+                    format!("{} became a {}", b.kind, n.kind),
+                ));
+            } else if b.sha256 != n.sha256 {
+                out.push(Finding::new(
+                    "modified",
+                    path,
+                    "content differs from the baseline".into(),
+                ));
             }
-            (Some((path, b)), Some((_, n))) => {
-                let n = n.entry();
-                if b.kind != n.kind {
-                    out.push(Finding::new(
-                        "changed",
-                        path,
-                        format!("{} became a {}", b.kind, n.kind),
-                    ));
-                } else if b.sha256 != n.sha256 {
-                    out.push(Finding::new(
-                        "modified",
-                        path,
-                        "content differs from the baseline".into(),
-                    ));
-                }
-                let mut what = Vec::new();
-                if b.mode != n.mode {
-                    what.push(format!("mode {:o} -> {:o}", b.mode, n.mode));
-                }
-                if (b.uid, b.gid) != (n.uid, n.gid) {
-                    what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, n.uid, n.gid));
-                }
-                if b.kind == n.kind && b.target != n.target {
-                    what.push(format!(
-                        "link target {} -> {}",
-                        b.target.as_deref().unwrap_or("?"),
-                        n.target.as_deref().unwrap_or("?")
-                    ));
-                }
-                if !what.is_empty() {
-                    out.push(Finding::new("changed", path, what.join(", ")));
-                }
+            let mut what = Vec::new();
+            if b.mode != n.mode {
+                what.push(format!("mode {:o} -> {:o}", b.mode, n.mode));
             }
-            (None, None) => {}
-        },
-    );
+            if (b.uid, b.gid) != (n.uid, n.gid) {
+                what.push(format!("owner {}:{} -> {}:{}", b.uid, b.gid, n.uid, n.gid));
+            }
+            if b.kind == n.kind && b.target != n.target {
+                what.push(format!(
+                    "link target {} -> {}",
+                    b.target.as_deref().unwrap_or("?"),
+                    n.target.as_deref().unwrap_or("?")
+                ));
+            }
+            if !what.is_empty() {
+                out.push(Finding::new("changed", path, what.join(", ")));
+            }
+        }
+        (None, None) => {}
+    });
     out
 }
 
@@ -860,21 +863,15 @@ fn compare(base: &Files, scanned: &Scan) -> Vec<Finding> {
 /// baseline's, and `None` for each baseline path no longer in the tree.
 fn delta(base: &Files, scanned: &Scan) -> BTreeMap<String, Option<Entry>> {
     let mut out = BTreeMap::new();
-    join(
-        base,
-        |b| b.0.as_str(),
-        &scanned.current,
-        |c| c.0,
-        |b, c| match (b, c) {
-            (Some((path, _)), None) => {
-                out.insert(path.clone(), None);
-            }
-            (b, Some((path, n))) if b.map(|b| &b.1) != Some(n.entry()) => {
-                out.insert(path.to_string(), Some(n.entry().clone()));
-            }
-            _ => {}
-        },
-    );
+    join_current(base, scanned, |b, c| match (b, c) {
+        (Some((path, _)), None) => {
+            out.insert(path.clone(), None);
+        }
+        (b, Some((path, n))) if b.map(|b| &b.1) != Some(n.entry()) => {
+            out.insert(path.to_string(), Some(n.entry().clone()));
+        }
+        _ => {}
+    });
     out
 }
 

@@ -105,6 +105,29 @@ pub fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Runs `cr0sync --root ROOT ARGS` on a pseudo-terminal (util-linux `script`) with the
+/// progress line's one-second delay taken away, asserts success, and returns what the
+/// terminal showed (stdout and stderr together) and the text after the last erased
+/// progress line.
+pub fn on_a_terminal(root: &Path, args: &str) -> (String, String) {
+    let line = format!(
+        "CR0SYNC_PROGRESS_AFTER_MS=0 {BIN} --root {} {args}",
+        root.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .output()
+        .expect("script");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let tty = String::from_utf8_lossy(&out.stdout).into_owned();
+    let after = tty
+        .rsplit("\r\x1b[2K")
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    (tty, after)
+}
+
 /// A temporary directory with `root/` holding only a `cr0sync.toml` of `config`.
 pub fn root_with_config(config: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("tempdir");
