@@ -13,6 +13,11 @@
 //!   of an unchanged tree reads no file contents.
 //! - A finding is reported (event, exit 4, cron output) once, until it goes away or the
 //!   baseline is updated.
+//! - A path that exists but cannot be read (or lies in a directory that cannot be read) is
+//!   `unreadable`, never `removed`.
+//! - The baseline is written sorted by path; the check holds the baseline, the cache and
+//!   the walked tree as lists sorted by path and joins them by merging, so its cost beyond
+//!   the walk grows linearly with the tree and no path is hashed into a map.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
