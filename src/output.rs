@@ -103,6 +103,35 @@ pub fn human_bytes(n: u64) -> String {
     format!("{v:.1} {}", UNITS[unit])
 }
 
+/// Whether a progress line is on the terminal now. Progress lines and the warnings logged
+/// to stderr both write under this lock, so a warning first erases the line (the next tick
+/// draws it again below the warning).
+static LINE_SHOWN: Mutex<bool> = Mutex::new(false);
+
+/// Writes `text` to stderr, first erasing a progress line if one is showing.
+pub fn stderr_text(text: &str) {
+    let mut shown = LINE_SHOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut err = std::io::stderr().lock();
+    if *shown {
+        let _ = err.write_all(b"\r\x1b[2K");
+        *shown = false;
+    }
+    let _ = err.write_all(text.as_bytes());
+    let _ = err.flush();
+}
+
+/// Draws (`Some`) or erases (`None`) the progress line.
+fn progress_text(line: Option<&str>) {
+    let mut shown = LINE_SHOWN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut err = std::io::stderr().lock();
+    if line.is_none() && !*shown {
+        return;
+    }
+    let _ = write!(err, "\r\x1b[2K{}", line.unwrap_or_default());
+    let _ = err.flush();
+    *shown = line.is_some();
+}
+
 /// Test hook: milliseconds before a progress line first appears (default 1,000), and
 /// `CR0SYNC_PROGRESS_AFTER_MS` with a pseudo-terminal lets a test see one on a short run.
 const PROGRESS_AFTER_ENV: &str = "CR0SYNC_PROGRESS_AFTER_MS";
@@ -111,8 +140,9 @@ const PROGRESS_AFTER_ENV: &str = "CR0SYNC_PROGRESS_AFTER_MS";
 ///
 /// Invariants: drawn on stderr only when stderr is a terminal (cron, pipes and files never
 /// see it), only once the run has taken more than a second, redrawn at most ten times a
-/// second by its own thread (so a long single step still shows time passing), and erased
-/// when the value is dropped, before anything else is printed. `add` is a relaxed atomic
+/// second by its own thread (so a long single step still shows time passing), erased
+/// when the value is dropped, before anything else is printed, and erased before each
+/// warning logged to stderr ([`stderr_text`]). `add` is a relaxed atomic
 /// add, cheap enough for every block read and safe from several threads.
 #[derive(Debug)]
 pub struct Progress {
@@ -181,7 +211,9 @@ impl Shared {
     fn tick(&self, after: Duration) {
         let (lock, wake) = &self.stop;
         let mut drawn = false;
-        let Ok(mut stopped) = lock.lock() else { return };
+        let Ok(mut stopped) = lock.lock() else {
+            return;
+        };
         loop {
             let wait = if drawn {
                 Duration::from_millis(100)
@@ -203,13 +235,11 @@ impl Shared {
                     self.total.load(Ordering::Relaxed),
                     self.started.elapsed(),
                 );
-                let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
+                progress_text(Some(&line));
                 drawn = true;
             }
         }
-        if drawn {
-            let _ = write!(std::io::stderr(), "\r\x1b[2K");
-        }
+        progress_text(None);
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use anyhow::{Context as _, Result};
 use log::LevelFilter;
-use log4rs::append::console::{ConsoleAppender, Target};
+use log4rs::append::Append;
 use log4rs::append::rolling_file::RollingFileAppender;
 use log4rs::append::rolling_file::policy::compound::CompoundPolicy;
 use log4rs::append::rolling_file::policy::compound::roll::fixed_window::FixedWindowRoller;
@@ -38,6 +38,20 @@ impl Filter for WarningsOnly {
     }
 }
 
+/// Warnings on stderr as `cr0sync: WARN: ...`, through [`crate::output::stderr_text`] so
+/// a progress line on the terminal is erased first.
+#[derive(Debug)]
+struct Stderr;
+
+impl Append for Stderr {
+    fn append(&self, record: &log::Record) -> anyhow::Result<()> {
+        crate::output::stderr_text(&format!("cr0sync: {}: {}\n", record.level(), record.args()));
+        Ok(())
+    }
+
+    fn flush(&self) {}
+}
+
 /// Where log records go: a job's file (plus stderr on a terminal), or stderr only.
 #[derive(Debug, Clone, Copy)]
 pub enum LogTarget<'a> {
@@ -54,14 +68,10 @@ pub fn setup(target: LogTarget<'_>) -> Result<()> {
     let mut builder = Config::builder();
     let mut root = Root::builder();
     if std::io::stderr().is_terminal() {
-        let console = ConsoleAppender::builder()
-            .target(Target::Stderr)
-            .encoder(Box::new(PatternEncoder::new("cr0sync: {l}: {m}{n}")))
-            .build();
         builder = builder.appender(
             Appender::builder()
                 .filter(Box::new(WarningsOnly))
-                .build("stderr", Box::new(console)),
+                .build("stderr", Box::new(Stderr)),
         );
         root = root.appender("stderr");
     }
