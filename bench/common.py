@@ -1,11 +1,36 @@
-"""Helpers shared by the benchmark scripts: timing a command and its peak RSS."""
+"""Helpers shared by the benchmark scripts: their common options, a root to run on,
+timing a command and its peak RSS."""
+import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 GNU_TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+
+
+def parser(doc):
+    """An argument parser with the option every benchmark has: --bin, the cr0sync
+    binary (default: this checkout's release build)."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--bin", default=os.path.join(HERE, "..", "target", "release", "cr0sync"))
+    return ap
+
+
+def write_config(root, text):
+    with open(os.path.join(root, "cr0sync.toml"), "w") as f:
+        f.write(text)
+
+
+def new_root(binary, root, config=None):
+    """`cr0sync init` of `root`, then its cr0sync.toml replaced by `config` if given."""
+    subprocess.run([os.path.abspath(binary), "--root", root, "init"], check=True,
+                   stdout=subprocess.DEVNULL)
+    if config is not None:
+        write_config(root, config)
+    return root
 
 
 def wall(cmd):

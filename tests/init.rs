@@ -121,12 +121,7 @@ fn root_from_environment() {
 #[test]
 fn modes_from_an_existing_config_apply_to_what_is_created() {
     let (_tmp, root) = root_with_config("[general]\ndir_mode = \"750\"\nfile_mode = \"640\"\n");
-    cr0sync()
-        .arg("--root")
-        .arg(&root)
-        .arg("init")
-        .assert()
-        .success();
+    common::init(&root);
     assert_eq!(mode(&root.join("databases")), 0o750);
     assert_eq!(mode(&root.join("state/integrity.key")), 0o600);
 }
@@ -161,12 +156,7 @@ fn owner_and_group_applied_when_root() {
         return;
     }
     let (_tmp, root) = root_with_config("[general]\nowner = \"nobody\"\ngroup = \"65534\"\n");
-    cr0sync()
-        .arg("--root")
-        .arg(&root)
-        .arg("init")
-        .assert()
-        .success();
+    common::init(&root);
     for p in ["databases", "state/integrity.key", "locks"] {
         let m = std::fs::metadata(root.join(p)).unwrap();
         assert_eq!((m.uid(), m.gid()), (65534, 65534), "{p}");

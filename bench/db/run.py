@@ -12,7 +12,6 @@ database` wall time, median of 30.
 Usage: python3 bench/db/run.py [--rounds N] [--bin target/release/cr0sync]
 Needs: sqlite3, sqldiff (Debian: sqlite3, sqlite3-tools). Uses a temporary directory.
 """
-import argparse
 import os
 import shutil
 import statistics
@@ -25,7 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 sys.path.insert(0, os.path.join(HERE, ".."))
-from common import run, wall  # noqa: E402
+from common import new_root, parser, run, wall, write_config  # noqa: E402
 
 
 def sqlite(db, sql):
@@ -51,24 +50,21 @@ def config(root, dbs):
     for name, peer in dbs:
         text += (f'\n[[database.db]]\nname = "{name}"\n'
                  f'peers = [{{ name = "bot", path = "{peer}" }}]\n')
-    with open(os.path.join(root, "cr0sync.toml"), "w") as f:
-        f.write(text)
+    write_config(root, text)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--rows", type=int, default=1_000_000,
                     help="table size (memory must not grow with it)")
     ap.add_argument("--changed", type=int, default=0,
                     help="rows changed per side (default: 1%% of --rows)")
-    ap.add_argument("--bin", default=os.path.join(HERE, "..", "..", "target", "release", "cr0sync"))
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
     tmp = tempfile.mkdtemp(prefix="cr0sync-bench-db-")
     try:
-        root = os.path.join(tmp, "root")
-        subprocess.run([binary, "--root", root, "init"], check=True, stdout=subprocess.DEVNULL)
+        root = new_root(binary, os.path.join(tmp, "root"))
         peer = os.path.join(tmp, "peer.db")
         central = os.path.join(root, "databases", "bench.db")
         print(f"generating {args.rows:,} rows ...", flush=True)
@@ -120,8 +116,7 @@ def main():
         # Fast path: four 50 MB databases, nothing changed.
         fast = os.path.join(tmp, "fast")
         os.makedirs(fast)
-        froot = os.path.join(fast, "root")
-        subprocess.run([binary, "--root", froot, "init"], check=True, stdout=subprocess.DEVNULL)
+        froot = new_root(binary, os.path.join(fast, "root"))
         dbs = []
         for n in range(4):
             p = os.path.join(fast, f"peer{n}.db")

@@ -8,7 +8,6 @@ baseline of one 10 MiB file and of one 1 GiB file (memory must not grow with fil
 
 Usage: python3 bench/integrity/run.py [--rounds N] [--bin target/release/cr0sync]
 """
-import argparse
 import os
 import shutil
 import statistics
@@ -18,21 +17,17 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-from common import run, wall  # noqa: E402
+from common import new_root, parser, run, wall  # noqa: E402
 
 
 def root_for(tmp, tree, binary):
-    root = os.path.join(tmp, "root")
-    subprocess.run([binary, "--root", root, "init"], check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(root, "cr0sync.toml"), "w") as f:
-        f.write(f'[security]\nintegrity_paths = ["{tree}"]\nintegrity_exclude = []\n')
-    return root
+    return new_root(binary, os.path.join(tmp, "root"),
+                    f'[security]\nintegrity_paths = ["{tree}"]\nintegrity_exclude = []\n')
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--bin", default=os.path.join(HERE, "..", "..", "target", "release", "cr0sync"))
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
     tmp = tempfile.mkdtemp(prefix="cr0sync-bench-integrity-")

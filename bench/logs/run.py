@@ -13,7 +13,6 @@
 
 Usage: python3 bench/logs/run.py [--rounds N] [--bin target/release/cr0sync]
 """
-import argparse
 import os
 import random
 import shutil
@@ -27,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 sys.path.insert(0, os.path.join(HERE, ".."))
-from common import run, wall  # noqa: E402
+from common import new_root, parser, run, wall, write_config  # noqa: E402
 
 
 def irc_lines(nbytes, seed):
@@ -47,18 +46,14 @@ def irc_lines(nbytes, seed):
 
 
 def root_with_stream(tmp, src, binary, extra=""):
-    root = os.path.join(tmp, "root")
-    subprocess.run([binary, "--root", root, "init"], check=True, stdout=subprocess.DEVNULL)
-    with open(os.path.join(root, "cr0sync.toml"), "w") as f:
-        f.write(f'[logs]\nrotate_size = "100GiB"\n{extra}\n'
-                f'[[logs.stream]]\nname = "bench"\nfrom = "{src}"\nto = "logs/irc_networks/bench"\n')
-    return root
+    return new_root(binary, os.path.join(tmp, "root"),
+                    f'[logs]\nrotate_size = "100GiB"\n{extra}\n'
+                    f'[[logs.stream]]\nname = "bench"\nfrom = "{src}"\nto = "logs/irc_networks/bench"\n')
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--bin", default=os.path.join(HERE, "..", "..", "target", "release", "cr0sync"))
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
     tmp = tempfile.mkdtemp(prefix="cr0sync-bench-logs-")
@@ -127,8 +122,7 @@ def main():
         d = os.path.join(tmp, "rot")
         os.makedirs(os.path.join(d, "src"))
         r = root_with_stream(d, os.path.join(d, "src"), binary)
-        with open(os.path.join(r, "cr0sync.toml"), "w") as f:
-            f.write('[logs]\nrotate_size = "1MiB"\nrotate = ["api/*.log"]\n')
+        write_config(r, '[logs]\nrotate_size = "1MiB"\nrotate = ["api/*.log"]\n')
         api = os.path.join(r, "logs", "api")
         os.makedirs(api, exist_ok=True)
         big = os.path.join(d, "api.log")

@@ -9,7 +9,6 @@ check is due every 5 minutes, so not in this one) and once with the integrity ch
 
 Usage: python3 bench/minute/run.py [--bin target/release/cr0sync]
 """
-import argparse
 import os
 import shutil
 import statistics
@@ -20,19 +19,18 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-from common import wall  # noqa: E402
+from common import new_root, parser, wall, write_config  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", default=os.path.join(HERE, "..", "..", "target", "release", "cr0sync"))
+    ap = parser(__doc__)
     ap.add_argument("--minutes", type=int, default=30)
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
     tmp = tempfile.mkdtemp(prefix="cr0sync-bench-minute-")
     try:
         root = os.path.join(tmp, "root")
-        subprocess.run([binary, "--root", root, "init"], check=True, stdout=subprocess.DEVNULL)
+        new_root(binary, root)
         dbs = []
         for n in range(4):
             p = os.path.join(tmp, f"bot{n}.db")
@@ -61,8 +59,7 @@ def main():
         for name, p in dbs:
             text += f'\n[[database.db]]\nname = "{name}"\npeers = [{{ name = "bot", path = "{p}" }}]\n'
         text += f'\n[[logs.stream]]\nname = "irc"\nfrom = "{logs}"\nto = "logs/irc_networks/irc"\n'
-        with open(os.path.join(root, "cr0sync.toml"), "w") as f:
-            f.write(text)
+        write_config(root, text)
         sizes = sum(os.path.getsize(p) for _, p in dbs) / 2**20
         print(f"root: 4 databases ({sizes:.0f} MiB), 1,000 log sources, 10,000 watched files", flush=True)
         jobs = [[binary, "--root", root, "cron", j] for j in ("database", "logs", "security")]
@@ -83,8 +80,7 @@ def main():
               f"(database {each[0]:.1f}, logs {each[1]:.1f}, security {each[2]:.1f}) (target < 60 ms)")
         # The minute in five when the integrity check is due.
         text = text.replace("[security]\n", '[security]\nintegrity_interval = "0s"\n')
-        with open(os.path.join(root, "cr0sync.toml"), "w") as f:
-            f.write(text)
+        write_config(root, text)
         due = [minute() for _ in range(args.minutes)]
         tot = statistics.median(t for t, _ in due) * 1000
         each = [statistics.median(p[i] for _, p in due) * 1000 for i in range(3)]

@@ -26,16 +26,21 @@ pub struct Root {
     pub root: PathBuf,
 }
 
+/// `cr0sync --root ROOT init`, which must succeed.
+pub fn init(root: &Path) {
+    cr0sync()
+        .arg("--root")
+        .arg(root)
+        .arg("init")
+        .assert()
+        .success();
+}
+
 impl Root {
     pub fn new() -> Root {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("root");
-        cr0sync()
-            .arg("--root")
-            .arg(&root)
-            .arg("init")
-            .assert()
-            .success();
+        init(&root);
         Root { tmp, root }
     }
 
