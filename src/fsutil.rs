@@ -250,6 +250,38 @@ pub fn is_writable_dir(path: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
+/// The other processes holding a lock on `path`, as `pid N (command)`, from
+/// `/proc/locks` (Linux); empty where that cannot be found out.
+pub fn lock_holders(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = fs::metadata(path) else {
+        return Vec::new();
+    };
+    let Ok(locks) = fs::read_to_string("/proc/locks") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let mut pids: Vec<u32> = locks
+        .lines()
+        .filter_map(|line| {
+            // "1: POSIX  ADVISORY  READ 1234 08:01:5678 1073741824 1073741824"
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (pid, dev_ino) = (fields.get(4)?, fields.get(5)?);
+            let ino: u64 = dev_ino.rsplit(':').next()?.parse().ok()?;
+            let pid: u32 = pid.parse().ok()?;
+            (ino == meta.ino() && pid != me).then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids.into_iter()
+        .map(|pid| {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("pid {pid} ({})", comm.trim())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,12 +102,40 @@ pub fn take(
     live: &Path,
     now: DateTime<Utc>,
 ) -> Result<PathBuf> {
-    let dir = ctx.layout.backups_dir(database);
-    fsutil::ensure_dir(&dir, &ctx.perms)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
     let scratch = scratch_dir(ctx)?.join(format!("{database}.{target}.backup.db"));
     let busy = ctx.config.general.busy_timeout.0;
     snapshot::snapshot_to(live, &scratch, busy)?;
+    store(ctx, database, target, &scratch, now)
+}
+
+/// Backs up attached database `schema` of `conn` (the sync's own connection, which may
+/// hold the database locked) as `target` of `database`; returns the file.
+pub fn take_from(
+    ctx: &Context,
+    database: &str,
+    target: &str,
+    conn: &rusqlite::Connection,
+    schema: &str,
+    now: DateTime<Utc>,
+) -> Result<PathBuf> {
+    let scratch = scratch_dir(ctx)?.join(format!("{database}.{target}.backup.db"));
+    snapshot::copy_schema_to(conn, schema, &scratch)
+        .with_context(|| format!("cannot back up {database} ({target})"))?;
+    store(ctx, database, target, &scratch, now)
+}
+
+/// Compresses the database copy at `scratch` into the next free backup name, then
+/// removes the copy.
+fn store(
+    ctx: &Context,
+    database: &str,
+    target: &str,
+    scratch: &Path,
+    now: DateTime<Utc>,
+) -> Result<PathBuf> {
+    let dir = ctx.layout.backups_dir(database);
+    fsutil::ensure_dir(&dir, &ctx.perms)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     let mut time = now;
     let mut dest = dir.join(file_name(database, target, time));
     while dest.exists() {
@@ -115,14 +143,14 @@ pub fn take(
         dest = dir.join(file_name(database, target, time));
     }
     let written = fsutil::atomic_replace_with(&dest, &ctx.perms, |tmp| {
-        let mut input = BufReader::with_capacity(1 << 20, File::open(&scratch)?);
+        let mut input = BufReader::with_capacity(1 << 20, File::open(scratch)?);
         let out = BufWriter::with_capacity(1 << 20, File::create(tmp)?);
         let mut gz = GzEncoder::new(out, Compression::default());
         std::io::copy(&mut input, &mut gz)?;
         gz.finish()?.flush()?;
         Ok(())
     });
-    let _ = std::fs::remove_file(&scratch);
+    let _ = std::fs::remove_file(scratch);
     written.with_context(|| format!("cannot write backup {}", dest.display()))?;
     log::info!("backup of {database} ({target}): {}", dest.display());
     Ok(dest)

@@ -1,8 +1,9 @@
 //! The conflict record (SPEC 3.3): `state/conflicts.jsonl`, one JSON object a line.
 //!
 //! Invariants:
-//! - Records are only appended, each with a unique `id`, and synced before the merge that
-//!   resolved them commits the central copy, so a losing value is never lost.
+//! - Records are only appended, each with a unique `id`, and synced. A sync commits its
+//!   records into the merge base's outbox together with the central copy, then appends
+//!   them here (see `journal`): a record is never lost, and never appended twice.
 //! - A line that does not parse (a torn last line after a full disk) is reported and
 //!   skipped by readers; it never stops a sync.
 

@@ -160,6 +160,9 @@ fn copy_into_live(src: &Path, dest: &Path, busy: std::time::Duration, create: bo
 /// Forgets a pair's merge base and fingerprint: its next sync is a first sync (a union:
 /// nothing is deleted, differing rows are conflicts resolved by policy and recorded).
 fn forget_pair(ctx: &Context, db: &str, peer: &str) -> Result<()> {
+    // Conflict records still in the base's outbox are appended before it goes.
+    crate::db::journal::flush_outbox_of(ctx, &ctx.state.path(&crate::db::base::name(db, peer)))?;
+    ctx.state.remove(&crate::db::journal::name(db, peer))?;
     ctx.state.remove(&crate::db::base::name(db, peer))?;
     ctx.state.remove(&sync::state_name(db, peer))?;
     Ok(())

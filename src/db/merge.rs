@@ -123,6 +123,14 @@ pub struct Counts {
     pub deletes: u64,
 }
 
+/// The key a change writes (keyed tables), or the row whose count it sets (multisets).
+pub fn target_of(change: &Change) -> &Key {
+    match change {
+        Change::Upsert { key, .. } | Change::Delete { key, .. } => key,
+        Change::SetCount { row, .. } => row,
+    }
+}
+
 pub fn counts(changes: &[Change]) -> Counts {
     let mut n = Counts::default();
     for c in changes {
@@ -276,11 +284,16 @@ fn resolve(
         conflict: None,
         counter_merged: false,
     };
-    if c == p || p == b {
+    if p == b {
         return plain(c);
     }
     if c == b {
         return plain(p);
+    }
+    // The same row on both sides is one change, unless a counter moved on both: equal
+    // deltas are two increments (+1 and +1 is +2), never one.
+    if c == p && !counters_moved_on_both(spec, b, c, p) {
+        return plain(c);
     }
     // Both sides changed the row, differently.
     let winner = pick(spec, policy, c, p);
@@ -302,15 +315,18 @@ fn resolve(
     let mut counter_merged = false;
     for i in 0..c.len() {
         let (bi, ci, pi) = (&b[i], &c[i], &p[i]);
-        let cell = if ci == pi || pi == bi {
+        let cell = if pi == bi {
             ci.clone()
         } else if ci == bi {
             pi.clone()
         } else if spec.counters.contains(&i)
             && let Some(sum) = counter_merge(bi, ci, pi)
         {
+            // Checked before equality: equal deltas on both sides both count.
             counter_merged = true;
             sum
+        } else if ci == pi {
+            ci.clone()
         } else if spec.updated_at == Some(i) {
             // Both stamped the row: keep the newer stamp; not a conflict by itself.
             ci.max(pi).clone()
@@ -330,7 +346,23 @@ fn resolve(
     }
 }
 
-/// Which side wins a conflict under `policy` (SPEC 3.3). A deletion has no `updated_at`,
+/// Whether some counter cell of an updated row changed on both sides (by any deltas,
+/// equal ones included).
+fn counters_moved_on_both(
+    spec: &TableSpec,
+    b: Option<&Row>,
+    c: Option<&Row>,
+    p: Option<&Row>,
+) -> bool {
+    let (Some(b), Some(c), Some(p)) = (b, c, p) else {
+        return false;
+    };
+    spec.counters
+        .iter()
+        .any(|&i| c[i] != b[i] && p[i] != b[i] && counter_merge(&b[i], &c[i], &p[i]).is_some())
+}
+
+/// Which side wins a conflict under `policy`. A deletion has no `updated_at`,
 /// so newest-wins falls back to central-wins for it, as for ties and NULLs.
 fn pick(spec: &TableSpec, policy: Policy, c: Option<&Row>, p: Option<&Row>) -> Winner {
     match policy {
@@ -527,6 +559,34 @@ mod tests {
     }
 
     #[test]
+    fn equal_counter_deltas_on_both_sides_both_count() {
+        // +1 and +1 is +2, +3 and +3 is +6, +3 and -3 is 0: never "the same change once".
+        for (c, p, want) in [
+            (101, 101, 102),
+            (103, 103, 106),
+            (103, 97, 100),
+            (101, 102, 103),
+        ] {
+            let base = vec![user(1, "a", "a@x", 100, "t0")];
+            let central = vec![user(1, "a", "a@x", c, "t0")];
+            let peer = vec![user(1, "a", "a@x", p, "t0")];
+            let m = merge_table(&users(), BOTH, Some(&base), &central, &peer);
+            assert!(m.conflicts.is_empty());
+            assert_eq!(m.new_base, vec![user(1, "a", "a@x", want, "t0")], "{c} {p}");
+        }
+    }
+
+    #[test]
+    fn equal_counter_deltas_merge_with_other_columns_changed_too() {
+        let base = vec![user(1, "a", "a@x", 100, "t0")];
+        let central = vec![user(1, "bot", "a@x", 101, "t1")];
+        let peer = vec![user(1, "a", "web@x", 101, "t2")];
+        let m = merge_table(&users(), BOTH, Some(&base), &central, &peer);
+        assert!(m.conflicts.is_empty());
+        assert_eq!(m.new_base, vec![user(1, "bot", "web@x", 102, "t2")]);
+    }
+
+    #[test]
     fn same_cell_conflict_follows_policy_and_is_recorded() {
         let base = vec![user(3, "carol", "c@x", 1, "t0")];
         let central = vec![user(3, "carol_bot", "c@x", 1, "t1")];
@@ -679,6 +739,35 @@ mod tests {
             Just(Direction::Push)
         ];
         (policy, dir).prop_map(|(policy, direction)| Rules { policy, direction })
+    }
+
+    proptest! {
+        /// The counter law: a counter cell ends at base + every side's delta, whatever the
+        /// deltas (equal, cancelling, zero) and whatever else changed in the row.
+        #[test]
+        fn a_counter_ends_at_base_plus_every_delta(
+            b in -5i64..5, dc in -3i64..4, dp in -3i64..4,
+            nick_c in any::<bool>(), email_p in any::<bool>(),
+            rules in arb_rules(),
+        ) {
+            let base = vec![user(1, "a", "a@x", b, "t0")];
+            let central = vec![user(1, if nick_c { "c" } else { "a" }, "a@x", b + dc, "t0")];
+            let peer = vec![user(1, "a", if email_p { "p@x" } else { "a@x" }, b + dp, "t0")];
+            let m = merge_table(&users(), rules, Some(&base), &central, &peer);
+            prop_assert!(m.conflicts.is_empty());
+            let c2 = apply_in_memory(&users(), &central, &m.to_central);
+            let p2 = apply_in_memory(&users(), &peer, &m.to_peer);
+            let want = int(b + dc + dp);
+            match rules.direction {
+                Direction::Both => {
+                    prop_assert_eq!(&c2[0][3], &want);
+                    prop_assert_eq!(&p2[0][3], &want);
+                }
+                // One-directional pairs write one side; that side gets both deltas.
+                Direction::Pull => prop_assert_eq!(&c2[0][3], &want),
+                Direction::Push => prop_assert_eq!(&p2[0][3], &want),
+            }
+        }
     }
 
     proptest! {

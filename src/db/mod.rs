@@ -12,6 +12,7 @@ pub mod backup;
 pub mod base;
 pub mod conflicts;
 pub mod job;
+pub mod journal;
 pub mod merge;
 pub mod snapshot;
 pub mod sync;

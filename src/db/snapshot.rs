@@ -61,6 +61,28 @@ pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<(
     Ok(())
 }
 
+/// Copies attached database `schema` of `conn` into a new file at `dest`, through the
+/// connection itself: it works while `conn` holds that database locked.
+pub fn copy_schema_to(conn: &Connection, schema: &str, dest: &Path) -> Result<()> {
+    match std::fs::remove_file(dest) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", dest.display()));
+        }
+        _ => {}
+    }
+    let mut out =
+        Connection::open(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let backup = Backup::new_with_names(conn, schema, &mut out, "main")?;
+    // The source is locked by `conn` itself, so one step copies everything.
+    match backup.step(-1)? {
+        StepResult::Done => {}
+        other => anyhow::bail!("the copy did not complete in one step ({other:?})"),
+    }
+    drop(backup);
+    out.close().map_err(|(_, e)| e)?;
+    Ok(())
+}
+
 /// Copies the database at `path` into memory in one step (for tests).
 #[cfg(test)]
 pub fn snapshot(path: &Path, busy_timeout: Duration) -> Result<Connection> {
@@ -140,6 +162,39 @@ fn copy_once(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Resu
             }
         }
     }
+}
+
+/// `SELECT` of one row of `db.<spec.name>` by primary key (cells compared with `IS`, so
+/// a NULL key cell matches), for [`lookup`].
+pub fn lookup_sql(spec: &TableSpec, db: &str) -> String {
+    let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
+    let key: Vec<String> = spec
+        .pk
+        .iter()
+        .enumerate()
+        .map(|(i, &c)| format!("{} IS ?{}", cols[c], i + 1))
+        .collect();
+    format!(
+        "SELECT {} FROM {db}.{} WHERE {}",
+        cols.join(", "),
+        quote(&spec.name),
+        key.join(" AND ")
+    )
+}
+
+/// The row with primary key `key`, through a statement from [`lookup_sql`].
+pub fn lookup(conn: &Connection, sql: &str, key: &[Cell]) -> Result<Option<Row>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(key.iter().map(|c| &c.0)))?;
+    let Some(r) = rows.next()? else {
+        return Ok(None);
+    };
+    let n = r.as_ref().column_count();
+    Ok(Some(
+        (0..n)
+            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
+            .collect::<Result<Row, _>>()?,
+    ))
 }
 
 /// The user tables of attached database `db` (`main`, or an ATTACH name), with schemas.

@@ -1,27 +1,21 @@
-//! Syncing one (database, peer) pair (SPEC 3.1-3.3): snapshot, diff, three-way merge,
-//! guarded and backed-up apply, conflict records, new base.
+//! Syncing one (database, peer) pair: snapshot, diff, three-way merge, guarded and
+//! backed-up apply, conflict records, new base.
 //!
-//! How a sync goes, and why it is safe to kill at any instant:
+//! How a sync goes:
 //! 1. Fast path: if the pair's files (device, inode, size, mtime of the database and its
 //!    `-wal`) and its configuration match the fingerprint of the last successful sync, stop.
 //! 2. The peer is copied with the online backup API into scratch space (`state/tmp`); the
 //!    diff reads that copy, so the bot's writer is blocked only for the copy.
 //! 3. One connection holds the central copy as `main`, the snapshot as `p` and the base as
-//!    `b`. Keyed tables are compared in SQL (central against snapshot, by primary key), and
-//!    only keys whose rows differ, or that a crashed run journalled, are merged in Rust
-//!    against the base. Memory grows with the number of differing rows, not with the
-//!    database. Tables without a primary key are merged as multisets in memory.
-//! 4. Before the peer is written, the keys about to change and the conflicts are
-//!    journalled in the base (see `base`). The peer is written in one transaction with
-//!    optimistic writes. Conflicts are then appended (synced) to `state/conflicts.jsonl`.
-//! 5. The central copy and the base commit in one transaction (both are rollback-journal
-//!    files, so SQLite commits them atomically); it also clears the journal. Only then is
-//!    the fingerprint recorded.
-//!
-//! A run killed before 5 leaves the central copy and the base as they were; the next run
-//! merges the journalled keys again. Where the peer already holds the result, both sides
-//! agree and the base catches up; where it does not, the merge redoes the work. Multiset
-//! counts are written as "occurs N times", so a replay adds nothing.
+//!    `b`. A sync that stopped between its two commits is completed first (`journal`).
+//! 4. Keyed tables are compared in SQL (central against snapshot, by primary key; for
+//!    tables with counters also against the base, since equal deltas leave both sides
+//!    equal), and only keys whose rows differ are merged in Rust against the base. Memory
+//!    grows with the number of differing rows, not with the database. Tables without a
+//!    primary key are merged as multisets in memory.
+//! 5. Backups, then the writes and the two commits in the order `journal` lays down, so a
+//!    sync stopped at any instant is completed exactly by the next run. Only then is the
+//!    fingerprint recorded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
@@ -35,16 +29,18 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{DbConfig, Direction, PeerConfig};
 use crate::context::Context;
-use crate::db::apply::{Applied, apply};
+use crate::db::apply::apply;
 use crate::db::backup;
-use crate::db::base::{self, Pending};
-use crate::db::conflicts::{self, ConflictRecord};
+use crate::db::base;
+use crate::db::conflicts::ConflictRecord;
+use crate::db::journal::{self, Journal};
 use crate::db::merge::{
     self, Change, Conflict, Counts, Rules, TableSpec, counts, merge_key, multiset,
 };
 use crate::db::snapshot::{self, Schema, quote};
-use crate::db::value::{Cell, Key, Row, row_from_json};
+use crate::db::value::{Cell, Key, Row};
 use crate::fsutil;
+use crate::ops::fault;
 use crate::output::Progress;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -216,6 +212,8 @@ struct Work {
     multiset_base: Vec<(Row, u64, u64)>,
     conflicts: Vec<Conflict>,
     counter_merges: usize,
+    /// Keyed tables: the new base row of every key the peer is to take (for the journal).
+    new_base: BTreeMap<Key, Option<Row>>,
 }
 
 impl Work {
@@ -308,6 +306,9 @@ pub fn sync_pair(
     progress.stage(format!("{name}/{peer_name}: diff and merge"));
     // 3. One connection: central as main, snapshot as p, base as b.
     let mut conn = open_central(&central_path, busy)?;
+    if fault::is_armed("during-central-commit") {
+        conn.commit_hook(Some(|| fault::point("during-central-commit").is_err()))?;
+    }
     conn.execute("ATTACH ?1 AS p", [path_str(&snap)?])?;
     let base_path = ctx.state.path(&base::name(name, peer_name));
     if opts.dry_run && !base_path.exists() {
@@ -325,55 +326,35 @@ pub fn sync_pair(
         conn.execute("ATTACH ?1 AS b", [path_str(&base_path)?])
             .with_context(|| format!("cannot open the merge base {}", base_path.display()))?;
     }
-    let journal = base::pending(&conn).with_context(|| {
-        format!(
-            "the merge base {} is unreadable. Try: cr0sync sync-from-bot --db {name} --peer \
-             {peer_name} to reset it",
-            base_path.display()
-        )
-    })?;
-    report.recovered = !journal.is_empty();
-    if report.recovered {
-        log::warn!(
-            "{name}/{peer_name}: the previous sync was interrupted after writing the peer; \
-             completing it ({} journal entries)",
-            journal.len()
-        );
+    let stale_marker = journal::marker(&conn, "p")?.is_some();
+    let journal_name = journal::name(name, peer_name);
+    if !opts.dry_run {
+        let unreadable = || {
+            format!(
+                "the merge base {} is unreadable. Try: cr0sync sync-from-bot --db {name} --peer \
+                 {peer_name} to reset it",
+                base_path.display()
+            )
+        };
+        // Conflict records a stopped run committed but had not appended yet.
+        journal::flush_outbox(ctx, &conn, false).with_context(unreadable)?;
+        if let Some(j) = ctx.state.load::<Journal>(&journal_name)? {
+            report.recovered =
+                complete_interrupted(ctx, &conn, db, rules, peer_name, &j, &central_path)?;
+            ctx.state.remove(&journal_name)?;
+        }
     }
 
     let plans = plan_tables(&conn, db, &mut report)?;
     let mut works = Vec::new();
     for (schema, base_state) in plans {
-        let spec = schema.spec(
-            db.counters
-                .get(&schema.name)
-                .map(Vec::as_slice)
-                .unwrap_or(&[]),
-            &db.updated_at,
-        );
-        let entries: Vec<serde_json::Value> = journal
-            .iter()
-            .filter(|j| j.table == schema.name)
-            .filter_map(|j| j.key.as_deref())
-            .filter_map(|k| serde_json::from_str(k).ok())
-            .collect();
-        let work = if spec.keyed() {
-            let keys: Vec<Key> = entries.iter().filter_map(row_from_json).collect();
-            merge_keyed(&conn, schema, spec, base_state, rules, &keys)?
+        let spec = spec_of(db, &schema);
+        works.push(if spec.keyed() {
+            merge_keyed(&conn, schema, spec, base_state, rules)?
         } else {
-            // Multiset entries are `[row, count the peer was set to]`.
-            let counts: Vec<(Row, u64)> = entries
-                .iter()
-                .filter_map(|e| Some((row_from_json(e.get(0)?)?, e.get(1)?.as_u64()?)))
-                .collect();
-            merge_multiset(&conn, schema, spec, base_state, rules, &counts)?
-        };
-        works.push(work);
+            merge_multiset(&conn, schema, spec, base_state, rules)?
+        });
     }
-
-    // Journalled conflicts whose resolution already reached a side are recorded now;
-    // the others are found again by this run's merge.
-    let recovered_conflicts = recover_conflicts(ctx, &conn, &journal)?;
     phases.mark("diff and merge");
 
     for w in &works {
@@ -399,7 +380,7 @@ pub fn sync_pair(
         return Ok(report);
     }
 
-    let id_prefix = format!(
+    let txid = format!(
         "{}-{}-{name}-{peer_name}",
         now.format("%Y%m%dT%H%M%S%.6fZ"),
         std::process::id()
@@ -408,106 +389,84 @@ pub fn sync_pair(
         .iter()
         .flat_map(|w| &w.conflicts)
         .enumerate()
-        .map(|(i, c)| ConflictRecord::new(format!("{id_prefix}-{i}"), now, name, peer_name, c))
+        .map(|(i, c)| ConflictRecord::new(format!("{txid}-{i}"), now, name, peer_name, c))
         .collect();
-    let write_peer = works.iter().any(|w| !w.to_peer.is_empty());
-    let write_central = works.iter().any(|w| !w.to_central.is_empty());
 
-    // 4. Journal, backups, peer.
+    // 4. Backups: the peer's from its snapshot, the central copy's through this
+    // connection. Then the exclusive lock on the central copy and the base, held to the
+    // commit, and the central copy's changes inside that transaction. (Only this job
+    // writes them, under its job lock, so the diff above still holds; the writes are
+    // optimistic all the same.)
     progress.stage(format!("{name}/{peer_name}: backups and writes"));
-    if write_peer {
-        let mut entries = Vec::new();
-        for w in works.iter().filter(|w| w.keyed()) {
-            // Only keys written to the peer: a key written to the central copy alone still
-            // differs between the sides after a crash, so the next diff finds it anyway.
-            for ch in &w.to_peer {
-                if let Change::Upsert { key, .. } | Change::Delete { key, .. } = ch {
-                    entries.push(Pending {
-                        table: w.spec.name.clone(),
-                        key: Some(serde_json::to_string(key)?),
-                        conflict: None,
-                    });
-                }
-            }
-        }
-        for w in works.iter().filter(|w| !w.keyed()) {
-            for ch in &w.to_peer {
-                if let Change::SetCount { row, new, .. } = ch {
-                    entries.push(Pending {
-                        table: w.spec.name.clone(),
-                        key: Some(serde_json::to_string(&(row, new))?),
-                        conflict: None,
-                    });
-                }
-            }
-        }
-        for r in &records {
-            entries.push(Pending {
-                table: r.table.clone(),
-                key: None,
-                conflict: Some(serde_json::to_string(r)?),
-            });
-        }
-        base::write_pending(&conn, &entries)
-            .with_context(|| format!("cannot write the merge base {}", base_path.display()))?;
-        phases.mark("journal");
-        maybe_backup(ctx, name, peer_name, &peer_path, now, &mut report)?;
+    if works.iter().any(|w| !w.to_peer.is_empty()) {
+        maybe_backup(ctx, name, peer_name, &conn, "p", now, &mut report)?;
     }
-    if write_central {
-        maybe_backup(ctx, name, "central", &central_path, now, &mut report)?;
+    if works.iter().any(|w| !w.to_central.is_empty()) {
+        maybe_backup(ctx, name, "central", &conn, "main", now, &mut report)?;
     }
+    let tx = lock_central(&conn, &central_path)?;
+    let mut refused = Vec::new();
+    for w in &works {
+        refused.push(apply(&tx, "main", &w.spec, &w.to_central)?.skipped);
+    }
+    // A row the central copy refused is not written to the peer either.
+    let to_peer: Vec<Vec<Change>> = works
+        .iter()
+        .zip(&refused)
+        .map(|(w, refused)| {
+            w.to_peer
+                .iter()
+                .filter(|c| !refused.contains(merge::target_of(c)))
+                .cloned()
+                .collect()
+        })
+        .collect();
+    let write_peer = to_peer.iter().any(|c| !c.is_empty());
 
-    // 4-5. The peer is written (and committed) on its own thread while this one applies
-    // the central copy's changes and the base in the central transaction; that
-    // transaction commits only after the peer committed. Rows the peer's writer changed
-    // meanwhile get their old base back before the commit.
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let fresh_keyed = |w: &Work| w.keyed() && matches!(w.base, BaseState::Fresh);
-    let (peer_result, central_deferred) = std::thread::scope(|scope| -> Result<_> {
-        let peer = write_peer
-            .then(|| scope.spawn(|| write_side(&peer_path, busy, &works, |w: &Work| &w.to_peer)));
-        let mut central_deferred: Vec<BTreeSet<Key>> = Vec::new();
-        let prepared = (|| -> Result<()> {
-            for w in &works {
-                central_deferred.push(apply(&tx, "main", &w.spec, &w.to_central)?.skipped);
-            }
-            for (w, deferred) in works.iter().zip(&central_deferred) {
-                if fresh_keyed(w) {
-                    settle_base(&tx, w, rules.direction, deferred)?;
-                }
-            }
-            Ok(())
-        })();
-        let peer_result = match peer {
-            Some(handle) => handle
-                .join()
-                .map_err(|_| anyhow::anyhow!("the peer writer thread panicked"))?,
-            None => Ok(vec![Applied::default(); works.len()]),
-        };
-        prepared?;
-        Ok((peer_result, central_deferred))
-    })?;
-    let peer_applied = peer_result.with_context(|| {
-        format!(
-            "{name}/{peer_name}: cannot write peer {}",
-            peer_path.display()
-        )
-    })?;
-    phases.mark("peer and central writes");
+    // The journal, then the peer's commit with its marker.
+    let mut left_alone = vec![BTreeSet::new(); works.len()];
+    if write_peer {
+        let j = journal_of(&txid, &works, &to_peer, &records);
+        ctx.state
+            .write_bytes(&journal_name, &serde_json::to_vec(&j)?)
+            .with_context(|| format!("{name}/{peer_name}: nothing was written"))?;
+        phases.mark("journal");
+        fault::point("after-journal")?;
+        left_alone =
+            write_peer_side(&peer_path, busy, &works, &to_peer, &txid).with_context(|| {
+                format!(
+                    "{name}/{peer_name}: cannot write peer {}; nothing was written",
+                    peer_path.display()
+                )
+            })?;
+        fault::point("after-peer-commit")?;
+    }
+    phases.mark("peer writes");
     // Erased before the conflict warnings below.
     drop(progress);
+
+    // Rows the peer left alone get the central copy's old row and keep their old base;
+    // the rest enter the base. Then the conflicts, and the commit.
     for (i, w) in works.iter().enumerate() {
-        let by_peer = &peer_applied[i].skipped;
-        let all: BTreeSet<Key> = central_deferred[i].union(by_peer).cloned().collect();
-        report.tables[i].deferred = all.len();
-        if fresh_keyed(w) {
-            revert_base(&tx, w, by_peer)?;
-        } else {
-            settle_base(&tx, w, rules.direction, &all)?;
-        }
+        undo(&tx, w, &left_alone[i])?;
+        let deferred: BTreeSet<Key> = refused[i].union(&left_alone[i]).cloned().collect();
+        report.tables[i].deferred = deferred.len();
+        settle_base(&tx, w, rules.direction, &deferred)?;
     }
-    conflicts::append(ctx, &recovered_conflicts)?;
-    conflicts::append(ctx, &records)?;
+    journal::outbox_add(&tx, &records)?;
+    if write_peer {
+        journal::set_committed(&tx, &txid)?;
+    }
+    fault::point("before-central-commit")?;
+    tx.commit().with_context(|| {
+        format!(
+            "cannot commit the central copy {}; the next run completes this sync",
+            central_path.display()
+        )
+    })?;
+    fault::point("after-central-commit")?;
+    phases.mark("central commit");
+    journal::flush_outbox(ctx, &conn, true)?;
     for r in &records {
         log::warn!(
             "conflict in {name}/{peer_name} table {} key {}: {} wins",
@@ -516,11 +475,12 @@ pub fn sync_pair(
             r.winner
         );
     }
-    base::clear_pending(&tx)?;
-    tx.commit()
-        .with_context(|| format!("cannot commit the central copy {}", central_path.display()))?;
-    drop(conn);
-    phases.mark("central commit");
+    if write_peer {
+        ctx.state.remove(&journal_name)?;
+    }
+    if write_peer || stale_marker {
+        journal::drop_marker(&peer_path, busy);
+    }
     log::info!("{name}/{peer_name}: {}", phases.text());
 
     let fingerprint = Fingerprint {
@@ -540,6 +500,169 @@ pub fn sync_pair(
         },
     )?;
     Ok(report)
+}
+
+fn spec_of(db: &DbConfig, schema: &Schema) -> TableSpec {
+    schema.spec(
+        db.counters
+            .get(&schema.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]),
+        &db.updated_at,
+    )
+}
+
+/// Completes a sync that stopped between its peer commit and its central commit (see
+/// `journal`). Returns whether there was anything to complete.
+fn complete_interrupted(
+    ctx: &Context,
+    conn: &Connection,
+    db: &DbConfig,
+    rules: Rules,
+    peer_name: &str,
+    j: &Journal,
+    central_path: &Path,
+) -> Result<bool> {
+    if journal::committed(conn)?.as_deref() == Some(j.txid.as_str()) {
+        return Ok(false);
+    }
+    let Some(marker) = journal::marker(conn, "p")?.filter(|m| m.txid == j.txid) else {
+        log::info!(
+            "{}: the previous sync stopped before it wrote the peer; nothing to complete",
+            db.name.get_ref()
+        );
+        return Ok(false);
+    };
+    let rows: usize = j
+        .tables
+        .iter()
+        .map(|t| t.keyed.len() + t.multiset.len())
+        .sum();
+    log::warn!(
+        "{}: the previous sync was interrupted after writing the peer; completing it ({rows} \
+         journalled rows)",
+        db.name.get_ref()
+    );
+    let tx = lock_central(conn, central_path)?;
+    let done = journal::roll_forward(&tx, j, &marker, rules.policy, |s| spec_of(db, s))?;
+    for t in &done.skipped_tables {
+        log::warn!(
+            "{} table {t}: its schema changed since the interrupted sync; its rows are merged \
+             afresh",
+            db.name.get_ref()
+        );
+    }
+    let mut records = j.conflicts.clone();
+    records.extend(done.conflicts.iter().enumerate().map(|(i, c)| {
+        ConflictRecord::new(
+            format!("{}-r{i}", j.txid),
+            crate::ops::clock::now(),
+            db.name.get_ref(),
+            peer_name,
+            c,
+        )
+    }));
+    journal::outbox_add(&tx, &records)?;
+    journal::set_committed(&tx, &j.txid)?;
+    fault::point("during-roll-forward")?;
+    tx.commit().with_context(|| {
+        format!(
+            "cannot commit the central copy {}; the next run completes the interrupted sync",
+            central_path.display()
+        )
+    })?;
+    fault::point("after-roll-forward")?;
+    journal::flush_outbox(ctx, conn, true)?;
+    Ok(true)
+}
+
+/// The journal of the peer's changes about to be committed (see `journal`).
+fn journal_of(
+    txid: &str,
+    works: &[Work],
+    to_peer: &[Vec<Change>],
+    records: &[ConflictRecord],
+) -> Journal {
+    let mut tables = Vec::new();
+    for (w, to_peer) in works.iter().zip(to_peer) {
+        if to_peer.is_empty() {
+            continue;
+        }
+        let mut t = journal::TableJournal {
+            table: w.spec.name.clone(),
+            columns: w.spec.columns.clone(),
+            fresh_base: matches!(w.base, BaseState::Fresh),
+            ..Default::default()
+        };
+        let central: BTreeMap<&Key, &Change> = w
+            .to_central
+            .iter()
+            .map(|c| (merge::target_of(c), c))
+            .collect();
+        for ch in to_peer {
+            let target = merge::target_of(ch);
+            match ch {
+                Change::SetCount { row, .. } => {
+                    let central = central.get(target).and_then(|c| match c {
+                        Change::SetCount { old, new, .. } => Some((*old, *new)),
+                        _ => None,
+                    });
+                    let base = w
+                        .multiset_base
+                        .iter()
+                        .find(|(r, ..)| r == row)
+                        .map_or(0, |(_, keep, _)| *keep);
+                    t.multiset.push(journal::CountEntry {
+                        row: row.clone(),
+                        central,
+                        base,
+                    });
+                }
+                Change::Upsert { key, .. } | Change::Delete { key, .. } => {
+                    let central = central.get(target).map(|c| match c {
+                        Change::Upsert { old, new, .. } => (old.clone(), Some(new.clone())),
+                        Change::Delete { old, .. } => (Some(old.clone()), None),
+                        Change::SetCount { .. } => (None, None),
+                    });
+                    t.keyed.push(journal::KeyEntry {
+                        key: key.clone(),
+                        central,
+                        base: w.new_base.get(key).cloned().flatten(),
+                    });
+                }
+            }
+        }
+        tables.push(t);
+    }
+    Journal {
+        txid: txid.to_string(),
+        tables,
+        conflicts: records.to_vec(),
+    }
+}
+
+/// Puts back the central copy's old rows for the keys (or multiset rows) in `keys`,
+/// inside the central transaction, which still holds what it wrote for them.
+fn undo(conn: &Connection, w: &Work, keys: &BTreeSet<Key>) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let back: Vec<Change> = w
+        .to_central
+        .iter()
+        .filter(|c| keys.contains(merge::target_of(c)))
+        .filter_map(|c| match c {
+            Change::Upsert { key, old, new } => merge::change(key, Some(new), old.as_ref()),
+            Change::Delete { key, old } => merge::change(key, None, Some(old)),
+            Change::SetCount { row, old, new } => Some(Change::SetCount {
+                row: row.clone(),
+                old: *new,
+                new: *old,
+            }),
+        })
+        .collect();
+    apply(conn, "main", &w.spec, &back)?;
+    Ok(())
 }
 
 /// Wall time per phase of a sync, for the log.
@@ -674,36 +797,6 @@ fn describe(s: &Schema) -> String {
     format!("({})", cols.join(", "))
 }
 
-fn lookup_sql(schema: &Schema, spec: &TableSpec, db: &str) -> String {
-    let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
-    let key: Vec<String> = spec
-        .pk
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| format!("{} IS ?{}", cols[c], i + 1))
-        .collect();
-    format!(
-        "SELECT {} FROM {db}.{} WHERE {}",
-        cols.join(", "),
-        quote(&schema.name),
-        key.join(" AND ")
-    )
-}
-
-fn lookup(conn: &Connection, sql: &str, key: &Key) -> Result<Option<Row>> {
-    let mut stmt = conn.prepare_cached(sql)?;
-    let mut rows = stmt.query(params_from_iter(key.iter().map(|c| &c.0)))?;
-    let Some(r) = rows.next()? else {
-        return Ok(None);
-    };
-    let n = r.as_ref().column_count();
-    Ok(Some(
-        (0..n)
-            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
-            .collect::<Result<Row, _>>()?,
-    ))
-}
-
 /// The base, central and peer rows of one key (`None`: absent).
 type Sides = [Option<Row>; 3];
 
@@ -763,9 +856,21 @@ fn differing_rows(
             .collect::<Result<_, _>>()
             .map(Some)
     };
+    // A counter both sides moved by the same delta leaves the rows equal: such a row is
+    // found through the base (its counter differs from the base on both sides).
+    let counter_moved: String = if with_base && !spec.counters.is_empty() {
+        let moved: Vec<String> = spec
+            .counters
+            .iter()
+            .map(|&i| format!("c.{0} IS NOT o.{0}", cols[i]))
+            .collect();
+        format!(" OR (o.{} IS NOT NULL AND ({}))", pk[0], moved.join(" OR "))
+    } else {
+        String::new()
+    };
     let changed = format!(
         "SELECT 0, {}, x.{} IS NULL, {}{base_cols} FROM main.{t} AS c \
-         LEFT JOIN p.{t} AS x ON {}{base_join} WHERE x.{} IS NULL{differs}",
+         LEFT JOIN p.{t} AS x ON {}{base_join} WHERE x.{} IS NULL{differs}{counter_moved}",
         all("c"),
         pk[0],
         all("x"),
@@ -808,16 +913,11 @@ fn merge_keyed(
     spec: TableSpec,
     base: BaseState,
     rules: Rules,
-    journalled: &[Key],
 ) -> Result<Work> {
     let fresh = matches!(base, BaseState::Fresh);
     let mut keys = differing_rows(conn, &schema, &spec, fresh)
         .with_context(|| format!("cannot compare table {}", schema.name))?;
-    let (sql_c, sql_p, sql_b) = (
-        lookup_sql(&schema, &spec, "main"),
-        lookup_sql(&schema, &spec, "p"),
-        lookup_sql(&schema, &spec, "b"),
-    );
+    let sql_b = snapshot::lookup_sql(&spec, "b");
     let mut w = Work {
         schema,
         spec,
@@ -828,22 +928,12 @@ fn merge_keyed(
         multiset_base: Vec::new(),
         conflicts: Vec::new(),
         counter_merges: 0,
+        new_base: BTreeMap::new(),
     };
-    for key in journalled {
-        if !keys.contains_key(key) {
-            let b = if fresh {
-                lookup(conn, &sql_b, key)?
-            } else {
-                None
-            };
-            let sides = [b, lookup(conn, &sql_c, key)?, lookup(conn, &sql_p, key)?];
-            keys.insert(key.clone(), sides);
-        }
-    }
     for (key, [b, _, _]) in &mut keys {
         // A NULL in the key does not match with `=`: look its base row up with `IS`.
         if fresh && b.is_none() && key.iter().any(Cell::is_null) {
-            *b = lookup(conn, &sql_b, key)?;
+            *b = snapshot::lookup(conn, &sql_b, key)?;
         }
     }
     // Consumed as merged, so each key's three rows are freed once its changes are made.
@@ -853,7 +943,10 @@ fn merge_keyed(
         w.counter_merges += usize::from(m.counter_merged);
         w.conflicts.extend(m.conflict);
         w.to_central.extend(m.to_central);
-        w.to_peer.extend(m.to_peer);
+        if let Some(ch) = m.to_peer {
+            w.to_peer.push(ch);
+            w.new_base.insert(key.clone(), m.new_base.clone());
+        }
         if matches!(w.base, BaseState::Fresh) {
             w.to_base
                 .extend(merge::change(key, b.as_ref(), m.new_base.as_ref()));
@@ -868,28 +961,11 @@ fn merge_multiset(
     spec: TableSpec,
     base: BaseState,
     rules: Rules,
-    journalled: &[(Row, u64)],
 ) -> Result<Work> {
     let c = snapshot::rows(conn, "main", &schema)?;
     let p = snapshot::rows(conn, "p", &schema)?;
     let b = match base {
-        BaseState::Fresh => {
-            let mut b = multiset(&snapshot::rows(conn, "b", &schema)?);
-            // An interrupted run set these rows' counts on the peer but did not commit the
-            // central copy. Where the peer holds that count, it already includes the
-            // central side's rows: the central count is the agreed base for that row.
-            let (cm, pm) = (multiset(&c), multiset(&p));
-            for (row, n) in journalled {
-                if pm.get(row).copied().unwrap_or(0) == *n {
-                    b.insert(row.clone(), cm.get(row).copied().unwrap_or(0));
-                }
-            }
-            Some(
-                b.into_iter()
-                    .flat_map(|(r, n)| std::iter::repeat_n(r, n as usize))
-                    .collect::<Vec<Row>>(),
-            )
-        }
+        BaseState::Fresh => Some(snapshot::rows(conn, "b", &schema)?),
         BaseState::Rebuild => None,
     };
     let m = merge::merge_table(&spec, rules, b.as_deref(), &c, &p);
@@ -917,6 +993,7 @@ fn merge_multiset(
         multiset_base,
         conflicts: m.conflicts,
         counter_merges: m.counter_merges,
+        new_base: BTreeMap::new(),
     })
 }
 
@@ -1043,37 +1120,6 @@ fn settle_base(
     Ok(())
 }
 
-/// Puts back the old base rows of keys the peer deferred (its writer changed them after
-/// the snapshot), so the next run sees both sides' changes again.
-fn revert_base(conn: &Connection, w: &Work, deferred: &BTreeSet<Key>) -> Result<()> {
-    if deferred.is_empty() {
-        return Ok(());
-    }
-    let mut changes = Vec::new();
-    for ch in &w.to_base {
-        let (key, old) = match ch {
-            Change::Upsert { key, old, .. } => (key, old.clone()),
-            Change::Delete { key, old } => (key, Some(old.clone())),
-            Change::SetCount { .. } => continue,
-        };
-        if !deferred.contains(key) {
-            continue;
-        }
-        changes.push(match old {
-            Some(row) => Change::Upsert {
-                key: key.clone(),
-                old: None,
-                new: row,
-            },
-            None => Change::Delete {
-                key: key.clone(),
-                old: Vec::new(),
-            },
-        });
-    }
-    crate::db::apply::overwrite(conn, "b", &w.spec, &changes)
-}
-
 /// The mass-delete guard (SPEC 3.1).
 fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &str) -> Result<()> {
     for w in works {
@@ -1120,32 +1166,45 @@ fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &
     Ok(())
 }
 
-/// Writes one side's changes in one immediate transaction on the live file.
-fn write_side(
+/// Writes the peer's changes and the journal's marker in one immediate transaction on
+/// the live file. Returns, per table, the rows left alone because the peer's own writer
+/// changed them after the snapshot.
+fn write_peer_side(
     path: &Path,
     busy: std::time::Duration,
     works: &[Work],
-    changes: impl Fn(&Work) -> &Vec<Change>,
-) -> Result<Vec<Applied>> {
-    let mut conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    to_peer: &[Vec<Change>],
+    txid: &str,
+) -> Result<Vec<BTreeSet<Key>>> {
+    let mut conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
     conn.busy_timeout(busy)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::new();
-    for w in works {
-        out.push(apply(&tx, "main", &w.spec, changes(w))?);
+    let mut marker = journal::Marker {
+        txid: txid.to_string(),
+        ..Default::default()
+    };
+    for (w, changes) in works.iter().zip(to_peer) {
+        let skipped = apply(&tx, "main", &w.spec, changes)?.skipped;
+        if !skipped.is_empty() {
+            marker
+                .left_alone
+                .insert(w.spec.name.clone(), skipped.iter().cloned().collect());
+        }
+        out.push(skipped);
     }
+    journal::mark_peer(&tx, &marker)?;
     tx.commit()?;
     Ok(out)
 }
 
+/// Takes a routine backup of attached database `schema` of `conn` as `target`, if due.
 fn maybe_backup(
     ctx: &Context,
     name: &str,
     target: &str,
-    live: &Path,
+    conn: &Connection,
+    schema: &str,
     now: DateTime<Utc>,
     report: &mut PairReport,
 ) -> Result<()> {
@@ -1158,48 +1217,35 @@ fn maybe_backup(
     )? {
         report
             .backups
-            .push(backup::take(ctx, name, target, live, now)?);
+            .push(backup::take_from(ctx, name, target, conn, schema, now)?);
     }
     Ok(())
 }
 
-/// Journalled conflicts of an interrupted run that this run will not find again, because
-/// a side already holds their result; the ones already recorded are left out.
-fn recover_conflicts(
-    ctx: &Context,
-    conn: &Connection,
-    journal: &[Pending],
-) -> Result<Vec<ConflictRecord>> {
-    let records: Vec<ConflictRecord> = journal
-        .iter()
-        .filter_map(|j| j.conflict.as_deref())
-        .filter_map(|c| serde_json::from_str(c).ok())
-        .collect();
-    if records.is_empty() {
-        return Ok(Vec::new());
-    }
-    let known = conflicts::ids(ctx)?;
-    let schemas = snapshot::schemas(conn, "main")?;
-    let mut out = Vec::new();
-    for r in records {
-        if known.contains(&r.id) {
-            continue;
+/// Takes the exclusive lock on the central copy and the base for one transaction. A copy
+/// held busy past `busy_timeout` is one clear error naming it and who holds it.
+fn lock_central<'c>(conn: &'c Connection, path: &Path) -> Result<rusqlite::Transaction<'c>> {
+    rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Exclusive).map_err(|e| {
+        let busy = matches!(
+            &e,
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DatabaseBusy
+        );
+        if busy {
+            let holders = fsutil::lock_holders(path);
+            let who = if holders.is_empty() {
+                String::new()
+            } else {
+                format!(" (held by {})", holders.join(", "))
+            };
+            anyhow::anyhow!(
+                "the central copy {} is busy{who}: it stayed locked past busy_timeout; nothing \
+                 was written. Try: let the process holding it finish (the next run syncs), or \
+                 raise [general] busy_timeout",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(e)
+                .context(format!("cannot lock the central copy {}", path.display()))
         }
-        let Some(schema) = schemas.iter().find(|s| s.name == r.table) else {
-            out.push(r);
-            continue;
-        };
-        let spec = schema.spec(&[], "");
-        let Some(key) = row_from_json(&r.key) else {
-            out.push(r);
-            continue;
-        };
-        let json = |row: Option<Row>| row.map(|r| serde_json::to_value(r).unwrap_or_default());
-        let c = json(lookup(conn, &lookup_sql(schema, &spec, "main"), &key)?);
-        let p = json(lookup(conn, &lookup_sql(schema, &spec, "p"), &key)?);
-        if c != r.rows.central || p != r.rows.peer {
-            out.push(r);
-        }
-    }
-    Ok(out)
+    })
 }

@@ -110,7 +110,21 @@ impl Serialize for Cell {
         match &self.0 {
             Value::Null => s.serialize_none(),
             Value::Integer(i) => s.serialize_i64(*i),
-            Value::Real(f) => s.serialize_f64(*f),
+            Value::Real(f) if f.is_finite() => s.serialize_f64(*f),
+            // JSON has no infinities or NaN: `{"real": "inf"}`, so nothing is lost.
+            Value::Real(f) => {
+                use serde::ser::SerializeMap;
+                let word = if f.is_nan() {
+                    "nan"
+                } else if *f > 0.0 {
+                    "inf"
+                } else {
+                    "-inf"
+                };
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("real", word)?;
+                m.end()
+            }
             Value::Text(t) => s.serialize_str(t),
             Value::Blob(b) => {
                 use serde::ser::SerializeMap;
@@ -124,6 +138,13 @@ impl Serialize for Cell {
 }
 
 /// The inverse of the JSON form above, for journal entries read back after a crash.
+impl<'de> serde::Deserialize<'de> for Cell {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        cell_from_json(&v).ok_or_else(|| serde::de::Error::custom(format!("not a cell: {v}")))
+    }
+}
+
 pub fn cell_from_json(v: &serde_json::Value) -> Option<Cell> {
     use serde_json::Value as J;
     Some(Cell(match v {
@@ -133,6 +154,12 @@ pub fn cell_from_json(v: &serde_json::Value) -> Option<Cell> {
             None => Value::Real(n.as_f64()?),
         },
         J::String(s) => Value::Text(s.clone()),
+        J::Object(m) if m.contains_key("real") => Value::Real(match m.get("real")?.as_str()? {
+            "inf" => f64::INFINITY,
+            "-inf" => f64::NEG_INFINITY,
+            "nan" => f64::NAN,
+            _ => return None,
+        }),
         J::Object(m) => {
             let hex = m.get("hex")?.as_str()?;
             let bytes = (0..hex.len())
@@ -219,6 +246,9 @@ mod tests {
             c(Value::Real(1.0)),
             c(Value::Text("é\n".into())),
             c(Value::Blob(vec![0, 255, 16])),
+            c(Value::Real(f64::INFINITY)),
+            c(Value::Real(f64::NEG_INFINITY)),
+            c(Value::Real(-0.0)),
         ];
         let json = serde_json::to_value(&row).unwrap();
         let back = row_from_json(&json).unwrap();

@@ -5,6 +5,7 @@
 //! lock, sets up the job's log, times the run and writes its record.
 
 pub mod clock;
+pub mod fault;
 pub mod job;
 pub mod lock;
 pub mod logging;

@@ -14,6 +14,7 @@ pub fn cr0sync() -> assert_cmd::Command {
         "CR0SYNC_CONFIG",
         "CR0SYNC_NOW",
         "CR0SYNC_BIN",
+        "CR0SYNC_FAULT",
     ] {
         cmd.env_remove(var);
     }
