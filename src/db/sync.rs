@@ -856,21 +856,22 @@ fn differing_rows(
             .collect::<Result<_, _>>()
             .map(Some)
     };
-    // A counter both sides moved by the same delta leaves the rows equal: such a row is
-    // found through the base (its counter differs from the base on both sides).
-    let counter_moved: String = if with_base && !spec.counters.is_empty() {
-        let moved: Vec<String> = spec
+    // Rows equal on both sides still matter when the base disagrees: a row both sides
+    // inserted alike must enter the base (or a later delete of it would be undone), and a
+    // counter both sides moved by the same delta leaves the rows equal (+1 and +1 is +2).
+    let base_disagrees: String = if with_base {
+        let moved: String = spec
             .counters
             .iter()
-            .map(|&i| format!("c.{0} IS NOT o.{0}", cols[i]))
+            .map(|&i| format!(" OR c.{0} IS NOT o.{0}", cols[i]))
             .collect();
-        format!(" OR (o.{} IS NOT NULL AND ({}))", pk[0], moved.join(" OR "))
+        format!(" OR o.{} IS NULL{moved}", pk[0])
     } else {
         String::new()
     };
     let changed = format!(
         "SELECT 0, {}, x.{} IS NULL, {}{base_cols} FROM main.{t} AS c \
-         LEFT JOIN p.{t} AS x ON {}{base_join} WHERE x.{} IS NULL{differs}{counter_moved}",
+         LEFT JOIN p.{t} AS x ON {}{base_join} WHERE x.{} IS NULL{differs}{base_disagrees}",
         all("c"),
         pk[0],
         all("x"),
@@ -902,6 +903,29 @@ fn differing_rows(
         let b = if with_base { read(r, n + 1)? } else { None };
         if let Some(p) = p {
             out.insert(spec.key_of(&p), [b, None, Some(p)]);
+        }
+    }
+    if with_base {
+        // Rows both sides deleted: the base lets go of them.
+        let same = |a: &str| -> String {
+            pk.iter()
+                .map(|c| format!("{a}.{c} IS o.{c}"))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let base_only = format!(
+            "SELECT 0, {} FROM b.{t} AS o WHERE NOT EXISTS (SELECT 1 FROM main.{t} AS c WHERE \
+             {}) AND NOT EXISTS (SELECT 1 FROM p.{t} AS c WHERE {})",
+            all("o"),
+            same("c"),
+            same("c"),
+        );
+        let mut stmt = conn.prepare(&base_only)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            if let Some(b) = read(r, 0)? {
+                out.entry(spec.key_of(&b)).or_insert([Some(b), None, None]);
+            }
         }
     }
     Ok(out)

@@ -1,0 +1,517 @@
+//! The exactness law of the database sync under stops: whatever sequence of stops happens
+//! (SIGKILL at each named point of the commit protocol, the same point again and again, a
+//! full disk, a central copy held busy), once a run completes every side holds exactly
+//! what one uninterrupted sync would have produced.
+//!
+//! The oracle is a twin: two identical worlds get the same changes; the twin syncs
+//! without interruption, the other is stopped at a fault point (`CR0SYNC_FAULT`) and then
+//! completed. Every table of every side is compared cell by cell, and the conflict
+//! records (less their ids and times) must be the same list, each id once. On top of the
+//! twin, the counters and multiset rows are checked against their arithmetic: base plus
+//! every side's delta, each insert once.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use common::{Root, stderr_of};
+use rusqlite::Connection;
+
+const FIXTURE: &str = include_str!("../fixtures/users.sql");
+
+/// The points of the commit protocol a sync can be stopped at (see `src/db/journal.rs`).
+const POINTS: [&str; 6] = [
+    "after-journal",
+    "after-peer-commit",
+    "before-central-commit",
+    "during-central-commit",
+    "after-central-commit",
+    "after-conflicts-append",
+];
+
+/// A root with database `users` (`coins` a counter) and peers `bot` and `web`.
+struct World {
+    r: Root,
+    bot: PathBuf,
+    web: PathBuf,
+}
+
+impl World {
+    fn new(policy: &str) -> World {
+        let r = Root::new();
+        let bot = r.tmp.path().join("bot.db");
+        let web = r.tmp.path().join("web.db");
+        for p in [&bot, &web] {
+            exec(p, FIXTURE);
+            exec(p, "PRAGMA journal_mode = wal");
+        }
+        r.write_config(&format!(
+            "[general]\nbusy_timeout = \"1s\"\n[database]\nbackup_interval = \"0s\"\n\
+             [[database.db]]\nname = \"users\"\npolicy = \"{policy}\"\n\
+             counters = {{ users = [\"coins\"] }}\n\
+             peers = [\n  {{ name = \"bot\", path = \"{}\" }},\n  {{ name = \"web\", path = \"{}\" }},\n]\n",
+            bot.display(),
+            web.display()
+        ));
+        let w = World { r, bot, web };
+        w.sync_ok(&[]);
+        w
+    }
+
+    fn central(&self) -> PathBuf {
+        self.r.path("databases/users.db")
+    }
+
+    fn side(&self, name: &str) -> PathBuf {
+        match name {
+            "bot" => self.bot.clone(),
+            "web" => self.web.clone(),
+            _ => self.central(),
+        }
+    }
+
+    fn sync(&self, args: &[&str], fault: Option<&str>) -> std::process::Output {
+        let mut cmd = self.r.cmd();
+        cmd.args(["db", "sync"]).args(args);
+        if let Some(f) = fault {
+            cmd.env("CR0SYNC_FAULT", f);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn sync_ok(&self, args: &[&str]) {
+        let out = self.sync(args, None);
+        assert!(out.status.success(), "db sync failed: {}", stderr_of(&out));
+    }
+
+    /// Every user table of every side, rows sorted, cells as SQLite quotes them.
+    fn dump(&self) -> Vec<(String, Vec<String>)> {
+        ["central", "bot", "web"]
+            .iter()
+            .flat_map(|s| {
+                dump(&self.side(s))
+                    .into_iter()
+                    .map(move |(t, rows)| (format!("{s}.{t}"), rows))
+            })
+            .collect()
+    }
+
+    /// The conflict records less their ids and times, in order; asserts each id is unique.
+    fn conflicts(&self) -> Vec<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(self.r.path("state/conflicts.jsonl")).unwrap_or_default();
+        let mut ids = BTreeSet::new();
+        let mut out = Vec::new();
+        for line in text.lines() {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let id = v["id"].as_str().unwrap().to_string();
+            assert!(ids.insert(id.clone()), "conflict {id} recorded twice");
+            let o = v.as_object_mut().unwrap();
+            o.remove("id");
+            o.remove("time");
+            out.push(v);
+        }
+        out
+    }
+
+    fn one(&self, side: &str, sql: &str) -> String {
+        query(&self.side(side), sql).remove(0)
+    }
+}
+
+fn exec(db: &Path, sql: &str) {
+    let c = Connection::open(db).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    c.execute_batch(sql).unwrap();
+}
+
+fn query(db: &Path, sql: &str) -> Vec<String> {
+    let c = Connection::open(db).unwrap();
+    let mut stmt = c.prepare(sql).unwrap();
+    stmt.query_map([], |r| {
+        Ok(match r.get::<_, rusqlite::types::Value>(0)? {
+            rusqlite::types::Value::Integer(i) => i.to_string(),
+            rusqlite::types::Value::Text(t) => t,
+            other => format!("{other:?}"),
+        })
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+fn dump(db: &Path) -> Vec<(String, Vec<String>)> {
+    let tables = query(
+        db,
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite%' \
+         ORDER BY name",
+    );
+    tables
+        .into_iter()
+        .map(|t| {
+            let cols = query(db, &format!("SELECT name FROM pragma_table_info('{t}')"));
+            let quoted: Vec<String> = cols.iter().map(|c| format!("quote(\"{c}\")")).collect();
+            let rows = query(
+                db,
+                &format!(
+                    "SELECT {} FROM \"{t}\" ORDER BY 1",
+                    quoted.join(" || '|' || ")
+                ),
+            );
+            let mut rows = rows;
+            rows.sort();
+            (t, rows)
+        })
+        .collect()
+}
+
+/// The changes of one round: the bot's are synced first (so the central copy holds them),
+/// then the website's, which the sync under test carries: counters with equal and unequal
+/// deltas on both sides, a counter on a row also updated elsewhere, multiset inserts on
+/// both sides, a delete, inserts, and a same-cell conflict.
+fn round(w: &World) {
+    exec(
+        &w.bot,
+        "UPDATE users SET coins = coins + 3 WHERE id = 1;
+         UPDATE users SET coins = coins + 1 WHERE id = 2;
+         UPDATE users SET nick = 'carol_bot', coins = coins + 2 WHERE id = 3;
+         INSERT INTO users VALUES (100, 'dave', NULL, 5, 't1');
+         INSERT INTO seen VALUES ('x', '#c', 't1');",
+    );
+    w.sync_ok(&["--peer", "bot"]);
+    exec(
+        &w.web,
+        "UPDATE users SET coins = coins + 5 WHERE id = 1;
+         UPDATE users SET coins = coins + 1 WHERE id = 2;
+         UPDATE users SET nick = 'carol_web', email = 'c@web', coins = coins + 2 WHERE id = 3;
+         INSERT INTO users VALUES (200, 'erin', NULL, 7, 't2');
+         DELETE FROM scores WHERE nick = 'bob';
+         INSERT INTO seen VALUES ('x', '#c', 't1');
+         INSERT INTO seen VALUES ('alice', '#cr0', '2025-11-01T09:59:00Z');",
+    );
+}
+
+/// More changes before a repeated stop, so the sync has work for both sides again: the
+/// bot adds a coin to bob (synced, so the central copy moves meanwhile), the website one
+/// to alice and a `seen` row.
+fn more(w: &World) {
+    exec(&w.bot, "UPDATE users SET coins = coins + 1 WHERE id = 2");
+    w.sync_ok(&["--peer", "bot"]);
+    exec(
+        &w.web,
+        "UPDATE users SET coins = coins + 1 WHERE id = 1; INSERT INTO seen VALUES ('y', '#c', 't');",
+    );
+}
+
+/// What every side must hold after `round`, `extra` calls of `more` and complete syncs.
+fn assert_law(w: &World, extra: usize) {
+    for side in ["central", "bot", "web"] {
+        let coins = |id: i64| w.one(side, &format!("SELECT coins FROM users WHERE id = {id}"));
+        assert_eq!(coins(1), (108 + extra).to_string(), "{side}: 100 + 3 + 5");
+        assert_eq!(
+            coins(2),
+            (52 + extra).to_string(),
+            "{side}: 50 + 1 + 1 (equal deltas both count)"
+        );
+        assert_eq!(
+            coins(3),
+            "14",
+            "{side}: 10 + 2 + 2 beside the nick conflict"
+        );
+        assert_eq!(
+            w.one(side, "SELECT count(*) FROM seen WHERE nick = 'x'"),
+            "2",
+            "{side}: each side's insert once"
+        );
+        assert_eq!(
+            w.one(side, "SELECT count(*) FROM seen WHERE nick = 'y'"),
+            extra.to_string(),
+        );
+        assert_eq!(
+            w.one(side, "SELECT count(*) FROM seen WHERE nick = 'alice'"),
+            "2",
+            "{side}: the website's second alice"
+        );
+        assert_eq!(
+            w.one(side, "SELECT count(*) FROM users WHERE id IN (100, 200)"),
+            "2"
+        );
+        assert_eq!(w.one(side, "SELECT count(*) FROM scores"), "1", "{side}");
+        assert_eq!(w.one(side, "PRAGMA integrity_check"), "ok");
+        assert_eq!(
+            w.one(
+                side,
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '\\_cr0sync%' ESCAPE '\\'"
+            ),
+            "0",
+            "{side}: no marker left behind"
+        );
+    }
+    let c = w.conflicts();
+    assert_eq!(c.len(), 1, "the nick conflict, once: {c:?}");
+    assert_eq!(c[0]["key"], serde_json::json!([3]));
+}
+
+/// Runs `sync --peer web` with `fault` armed `times` times in a row, each run stopping
+/// there (with `more` changes before each repeat, so each run reaches the point again),
+/// then completes with plain syncs.
+fn stop_then_complete(w: &World, fault: &str, times: usize) {
+    for i in 0..times {
+        if i > 0 {
+            more(w);
+        }
+        let out = w.sync(&["--peer", "web"], Some(fault));
+        assert!(!out.status.success(), "{fault} #{i}: the run did not stop");
+    }
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+}
+
+/// Two identical worlds after `round`: the first to be stopped, the second synced
+/// without interruption (with `extra` calls of `more`, each followed by a sync).
+fn twins(policy: &str, extra: usize) -> (World, World) {
+    let (a, b) = (World::new(policy), World::new(policy));
+    round(&a);
+    round(&b);
+    b.sync_ok(&["--peer", "web"]);
+    for _ in 0..extra {
+        more(&b);
+        b.sync_ok(&["--peer", "web"]);
+    }
+    b.sync_ok(&[]);
+    b.sync_ok(&[]);
+    (a, b)
+}
+
+fn assert_twins(stopped: &World, clean: &World, extra: usize, what: &str) {
+    assert_eq!(
+        stopped.dump(),
+        clean.dump(),
+        "{what}: sides differ from the twin"
+    );
+    assert_eq!(
+        stopped.conflicts(),
+        clean.conflicts(),
+        "{what}: conflict records differ from the twin"
+    );
+    assert_law(stopped, extra);
+}
+
+#[test]
+fn an_uninterrupted_sync_obeys_the_law() {
+    let (_, clean) = twins("central-wins", 0);
+    assert_law(&clean, 0);
+}
+
+#[test]
+fn a_sync_killed_at_each_point_once_is_completed_exactly() {
+    for point in POINTS {
+        let (stopped, clean) = twins("central-wins", 0);
+        stop_then_complete(&stopped, point, 1);
+        assert_twins(&stopped, &clean, 0, point);
+    }
+}
+
+#[test]
+fn a_sync_killed_at_the_same_point_three_times_is_completed_exactly() {
+    for point in POINTS {
+        let (stopped, clean) = twins("peer-wins", 2);
+        stop_then_complete(&stopped, point, 3);
+        assert_twins(&stopped, &clean, 2, point);
+    }
+}
+
+#[test]
+fn a_full_disk_at_each_point_is_reported_and_completed_exactly() {
+    for point in POINTS {
+        let (stopped, clean) = twins("central-wins", 0);
+        let out = stopped.sync(&["--peer", "web"], Some(&format!("{point}:enospc")));
+        if point != "during-central-commit" {
+            assert!(!out.status.success(), "{point}");
+            assert!(
+                stderr_of(&out).contains("No space left on device"),
+                "{point}: {}",
+                stderr_of(&out)
+            );
+        }
+        stopped.sync_ok(&[]);
+        stopped.sync_ok(&[]);
+        assert_twins(&stopped, &clean, 0, point);
+    }
+}
+
+#[test]
+fn a_roll_forward_killed_again_and_again_is_completed_by_the_next_run() {
+    // A roll-forward stopped before its commit is done again by the next run, however
+    // often; stopped after its commit, it is not done twice.
+    for (again, times) in [
+        ("during-roll-forward", 1),
+        ("during-roll-forward", 2),
+        ("during-roll-forward", 10),
+        ("after-roll-forward", 1),
+    ] {
+        let (stopped, clean) = twins("newest-wins", 0);
+        let out = stopped.sync(&["--peer", "web"], Some("after-peer-commit"));
+        assert!(!out.status.success());
+        for _ in 0..times {
+            let out = stopped.sync(&["--peer", "web"], Some(again));
+            assert!(!out.status.success(), "{again} x{times}: did not stop");
+        }
+        stopped.sync_ok(&[]);
+        stopped.sync_ok(&[]);
+        assert_twins(&stopped, &clean, 0, &format!("{again} x{times}"));
+    }
+}
+
+#[test]
+fn the_peer_writer_changing_journalled_rows_between_the_runs_is_counted_once() {
+    // Killed after the peer commit; before the next run, the website adds coins to the
+    // very rows the interrupted sync wrote. The marker, not the rows, tells what committed.
+    let w = World::new("central-wins");
+    round(&w);
+    let out = w.sync(&["--peer", "web"], Some("after-peer-commit"));
+    assert!(!out.status.success());
+    exec(
+        &w.web,
+        "UPDATE users SET coins = coins + 10 WHERE id IN (1, 2);
+         INSERT INTO seen VALUES ('x', '#c', 't1');",
+    );
+    // And the central copy moves on through the other peer meanwhile.
+    exec(&w.bot, "UPDATE users SET coins = coins + 100 WHERE id = 1");
+    w.sync_ok(&["--peer", "bot"]);
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    for side in ["central", "bot", "web"] {
+        let coins = |id: i64| w.one(side, &format!("SELECT coins FROM users WHERE id = {id}"));
+        assert_eq!(coins(1), "218", "{side}: 100 + 3 + 5 + 10 + 100");
+        assert_eq!(coins(2), "62", "{side}: 50 + 1 + 1 + 10");
+        assert_eq!(
+            w.one(side, "SELECT count(*) FROM seen WHERE nick = 'x'"),
+            "3"
+        );
+    }
+    assert_eq!(w.conflicts().len(), 1);
+}
+
+#[test]
+fn a_busy_central_copy_is_named_with_its_holder_and_the_next_run_completes() {
+    // Bot adds 3 coins (synced); the website adds 5; a reader holds the central copy
+    // across two syncs of the website. Both fail clearly, nothing is counted twice.
+    let w = World::new("central-wins");
+    exec(&w.bot, "UPDATE users SET coins = coins + 3 WHERE id = 1");
+    w.sync_ok(&["--peer", "bot"]);
+    exec(
+        &w.web,
+        "UPDATE users SET coins = coins + 5 WHERE id = 1; INSERT INTO seen VALUES ('x', '#c', 't');",
+    );
+    let mut reader = std::process::Command::new("sqlite3")
+        .arg(w.central())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::{BufRead, Write};
+        let stdin = reader.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"BEGIN; SELECT count(*) FROM users;\n")
+            .unwrap();
+        stdin.flush().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(reader.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let out = w.sync(&["--peer", "web"], None);
+        assert!(!out.status.success());
+        let err = stderr_of(&out);
+        assert!(
+            err.contains("databases/users.db is busy") && err.contains("(sqlite3)"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    }
+    reader.kill().unwrap();
+    reader.wait().unwrap();
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    for side in ["central", "bot", "web"] {
+        assert_eq!(w.one(side, "SELECT coins FROM users WHERE id = 1"), "108");
+        assert_eq!(
+            w.one(side, "SELECT count(*) FROM seen WHERE nick = 'x'"),
+            "1"
+        );
+    }
+}
+
+#[test]
+fn random_sigkills_with_counters_and_repeated_kills_of_one_round_lose_and_double_nothing() {
+    // A 30,000-row table changed on both sides, then syncs killed at later and later
+    // instants (each killed run starts from what the last one left), twice over the same
+    // round; then one complete sync. Counters, multiset inserts and conflicts are exact.
+    let w = World::new("central-wins");
+    let fill = "WITH RECURSIVE n(i) AS (SELECT 1000 UNION ALL SELECT i + 1 FROM n WHERE i < 30999)
+                INSERT INTO users SELECT i, 'n' || i, NULL, 0, 't0' FROM n;";
+    exec(&w.bot, fill);
+    exec(&w.web, fill);
+    w.sync_ok(&[]);
+    exec(
+        &w.bot,
+        "UPDATE users SET coins = coins + 1 WHERE id >= 1000;
+         UPDATE users SET nick = 'bot' WHERE id BETWEEN 1000 AND 1009;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+         INSERT INTO seen SELECT 'b' || i, '#c', 't' FROM n;",
+    );
+    exec(
+        &w.web,
+        "UPDATE users SET coins = coins + 1 WHERE id >= 1000;
+         UPDATE users SET coins = coins + 2 WHERE id % 7 = 0;
+         UPDATE users SET nick = 'web' WHERE id BETWEEN 1000 AND 1009;
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300)
+         INSERT INTO seen SELECT 'w' || i, '#c', 't' FROM n;",
+    );
+    let mut killed = 0;
+    for _ in 0..2 {
+        killed += common::kill_at_later_and_later_moments(
+            &w.r.root,
+            &["db", "sync"],
+            std::time::Duration::from_millis(7),
+            60,
+            |_| {},
+        );
+    }
+    assert!(killed > 5, "only {killed} runs were killed");
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    for side in ["central", "bot", "web"] {
+        assert_eq!(
+            w.one(
+                side,
+                "SELECT count(*) FROM users WHERE id >= 1000 AND coins != 2 + 2 * (id % 7 = 0)"
+            ),
+            "0",
+            "{side}: every increment once: {:?}",
+            query(
+                &w.side(side),
+                "SELECT id || ':' || coins FROM users WHERE id >= 1000 \
+                 AND coins != 2 + 2 * (id % 7 = 0) LIMIT 10"
+            )
+        );
+        assert_eq!(w.one(side, "SELECT count(*) FROM seen"), "601");
+        assert_eq!(w.one(side, "SELECT count(DISTINCT nick) FROM seen"), "601");
+        assert_eq!(
+            w.one(
+                side,
+                "SELECT count(*) FROM users WHERE id BETWEEN 1000 AND 1009 AND nick = 'bot'"
+            ),
+            "10",
+            "{side}: central wins the nick conflicts"
+        );
+    }
+    let c = w.conflicts();
+    assert_eq!(c.len(), 10, "each nick conflict once: {}", c.len());
+    eprintln!("{killed} runs killed");
+}
