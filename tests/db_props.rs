@@ -176,3 +176,207 @@ proptest! {
         prop_assert_eq!(after.len(), conflicts.len());
     }
 }
+
+// ---- "Stop, then complete" equals "complete": the exactness law as a property. ----
+
+/// A change an application makes: upsert a row's text, add to its counter, delete it, add
+/// or remove one occurrence of a multiset row.
+#[derive(Debug, Clone)]
+enum Step {
+    Put(i64, String),
+    Add(i64, i64),
+    Del(i64),
+    Seen(String),
+    Unseen(String),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let word = prop::sample::select(vec!["a", "b", "c"]).prop_map(String::from);
+    prop_oneof![
+        (0..6i64, word.clone()).prop_map(|(k, t)| Step::Put(k, t)),
+        // Small deltas, so equal ones on both sides are common.
+        (0..6i64, -1..3i64).prop_map(|(k, d)| Step::Add(k, d)),
+        (0..6i64).prop_map(Step::Del),
+        word.clone().prop_map(Step::Seen),
+        word.prop_map(Step::Unseen),
+    ]
+}
+
+fn run_steps(db: &Path, steps: &[Step]) {
+    let c = Connection::open(db).unwrap();
+    for s in steps {
+        match s {
+            Step::Put(k, t) => c.execute(
+                "INSERT INTO t VALUES (?1, ?2, 0) ON CONFLICT (k) DO UPDATE SET t = excluded.t",
+                rusqlite::params![k, t],
+            ),
+            Step::Add(k, d) => c.execute(
+                "UPDATE t SET c = c + ?2 WHERE k = ?1",
+                rusqlite::params![k, d],
+            ),
+            Step::Del(k) => c.execute("DELETE FROM t WHERE k = ?1", [k]),
+            Step::Seen(s) => c.execute("INSERT INTO seen VALUES (?1)", [s]),
+            Step::Unseen(s) => c.execute(
+                "DELETE FROM seen WHERE rowid = (SELECT rowid FROM seen WHERE s = ?1 LIMIT 1)",
+                [s],
+            ),
+        }
+        .unwrap();
+    }
+}
+
+/// One world: a central copy and one peer, synced from a common start.
+struct Twin {
+    r: Root,
+    peer: std::path::PathBuf,
+}
+
+impl Twin {
+    fn new(start: &[Step], policy: &str) -> Twin {
+        let r = Root::new();
+        let peer = r.tmp.path().join("peer.db");
+        Connection::open(&peer)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE t (k INTEGER PRIMARY KEY, t TEXT, c INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE seen (s TEXT);",
+            )
+            .unwrap();
+        run_steps(&peer, start);
+        r.write_config(&format!(
+            "[database]\nbackup_interval = \"0s\"\n[[database.db]]\nname = \"p\"\n\
+             policy = \"{policy}\"\ncounters = {{ t = [\"c\"] }}\n\
+             peers = [{{ name = \"bot\", path = \"{}\" }}]\n",
+            peer.display()
+        ));
+        sync(&r);
+        Twin { r, peer }
+    }
+
+    fn central(&self) -> std::path::PathBuf {
+        self.r.path("databases/p.db")
+    }
+
+    fn rows(db: &Path) -> Vec<(i64, Option<String>, i64)> {
+        let c = Connection::open(db).unwrap();
+        let mut s = c.prepare("SELECT k, t, c FROM t ORDER BY k").unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn counters(db: &Path) -> BTreeMap<i64, i64> {
+        let c = Connection::open(db).unwrap();
+        let mut s = c.prepare("SELECT k, c FROM t").unwrap();
+        s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    fn seen_counts(db: &Path) -> BTreeMap<String, i64> {
+        let mut m = BTreeMap::new();
+        for s in seen(db) {
+            *m.entry(s).or_insert(0) += 1;
+        }
+        m
+    }
+
+    fn conflicts(&self) -> Vec<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(self.r.path("state/conflicts.jsonl")).unwrap_or_default();
+        let mut ids = std::collections::BTreeSet::new();
+        text.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert!(
+                    ids.insert(v["id"].to_string()),
+                    "conflict recorded twice: {l}"
+                );
+                let o = v.as_object_mut().unwrap();
+                o.remove("id");
+                o.remove("time");
+                v
+            })
+            .collect()
+    }
+}
+
+const STOPS: [&str; 7] = [
+    "after-journal",
+    "after-peer-commit",
+    "before-central-commit",
+    "during-central-commit",
+    "after-central-commit",
+    "after-conflicts-append",
+    "after-peer-commit,during-roll-forward",
+];
+
+proptest! {
+    // 24 cases in CI; PROPTEST_CASES=N for a longer search.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn a_stopped_sync_completed_later_equals_one_uninterrupted_sync(
+        start in prop::collection::vec(step(), 0..12),
+        on_central in prop::collection::vec(step(), 0..10),
+        on_peer in prop::collection::vec(step(), 0..10),
+        policy in prop::sample::select(vec!["central-wins", "peer-wins", "newest-wins"]),
+        stop in prop::sample::select(STOPS.to_vec()),
+        times in 1..4usize,
+        full_disk in any::<bool>(),
+    ) {
+        let (stopped, clean) = (Twin::new(&start, policy), Twin::new(&start, policy));
+        let before = (Twin::counters(&clean.central()), Twin::seen_counts(&clean.central()));
+        for w in [&stopped, &clean] {
+            run_steps(&w.central(), &on_central);
+            run_steps(&w.peer, &on_peer);
+        }
+        let wrote = (
+            Twin::counters(&clean.central()), Twin::counters(&clean.peer),
+            Twin::seen_counts(&clean.central()), Twin::seen_counts(&clean.peer),
+        );
+        sync(&clean.r);
+        let fault = if full_disk {
+            stop.split(',').map(|p| format!("{p}:enospc")).collect::<Vec<_>>().join(",")
+        } else {
+            stop.to_string()
+        };
+        for _ in 0..times {
+            stopped.r.cmd().args(["db", "sync"]).env("CR0SYNC_FAULT", &fault).output().unwrap();
+        }
+        sync(&stopped.r);
+        sync(&stopped.r);
+        sync(&clean.r);
+
+        // Stop, then complete == complete: every cell, every multiset row, every record.
+        for (a, b) in [(stopped.central(), clean.central()), (stopped.peer.clone(), clean.peer.clone())] {
+            prop_assert_eq!(Twin::rows(&a), Twin::rows(&b));
+            prop_assert_eq!(seen(&a), seen(&b));
+        }
+        prop_assert_eq!(stopped.conflicts(), clean.conflicts());
+
+        // And complete obeys the arithmetic: a counter on a row every side kept ends at
+        // base + both deltas; a multiset row occurs base + both sides' changes times.
+        let (base_c, base_s) = before;
+        let (wc, wp, sc, sp) = wrote;
+        let after = Twin::counters(&stopped.central());
+        for (k, b) in &base_c {
+            if let (Some(c), Some(p), Some(a)) = (wc.get(k), wp.get(k), after.get(k)) {
+                prop_assert_eq!(*a, b + (c - b) + (p - b), "counter of key {}", k);
+            }
+        }
+        let seen_after = Twin::seen_counts(&stopped.central());
+        let words: std::collections::BTreeSet<&String> =
+            base_s.keys().chain(sc.keys()).chain(sp.keys()).collect();
+        for s in words {
+            let n = |m: &BTreeMap<String, i64>| m.get(s).copied().unwrap_or(0);
+            let want = (n(&sc) + n(&sp) - n(&base_s)).max(0);
+            prop_assert_eq!(n(&seen_after), want, "occurrences of {}", s);
+        }
+    }
+}

@@ -51,7 +51,8 @@
 //! peer's sync), the journalled result is merged into it three-way with the pre-image as
 //! base, so that change stays too (a counter gets both deltas). The row's new base is
 //! written where the base table still has the table's schema. The journalled conflicts
-//! go to the outbox, and `committed` is set to the journal's id. A roll-forward that is
+//! on rows the peer took go to the outbox (the others changed nothing yet: the next merge
+//! finds them again), and `committed` is set to the journal's id. A roll-forward that is
 //! itself stopped leaves the journal in place and is simply done again by the next run:
 //! nothing it did was committed.
 //!
@@ -59,7 +60,7 @@
 //! may change the journalled rows between the two runs (a bot adding coins) without
 //! being counted twice or lost: the roll-forward never looks at the peer's current rows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
@@ -390,6 +391,34 @@ pub fn roll_forward(
         }
     }
     Ok(out)
+}
+
+/// The journalled conflicts the roll-forward records: those on rows the peer took. A
+/// conflict whose resolution wrote the central copy alone (or a row the peer left alone)
+/// was not completed by anything, so the next merge finds it again and records it then.
+pub fn taken_conflicts(journal: &Journal, marker: &Marker) -> Vec<ConflictRecord> {
+    let taken: BTreeSet<(&str, String)> = journal
+        .tables
+        .iter()
+        .flat_map(|t| {
+            let left = marker.left_alone.get(&t.table);
+            t.keyed
+                .iter()
+                .filter(move |e| !left.is_some_and(|l| l.contains(&e.key)))
+                .map(move |e| {
+                    (
+                        t.table.as_str(),
+                        serde_json::to_string(&e.key).unwrap_or_default(),
+                    )
+                })
+        })
+        .collect();
+    journal
+        .conflicts
+        .iter()
+        .filter(|r| taken.contains(&(r.table.as_str(), r.key.to_string())))
+        .cloned()
+        .collect()
 }
 
 fn count(conn: &Connection, db: &str, spec: &TableSpec, row: &Row) -> Result<u64> {

@@ -552,7 +552,7 @@ fn complete_interrupted(
             db.name.get_ref()
         );
     }
-    let mut records = j.conflicts.clone();
+    let mut records = journal::taken_conflicts(j, &marker);
     records.extend(done.conflicts.iter().enumerate().map(|(i, c)| {
         ConflictRecord::new(
             format!("{}-r{i}", j.txid),
