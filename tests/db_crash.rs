@@ -515,3 +515,111 @@ fn random_sigkills_with_counters_and_repeated_kills_of_one_round_lose_and_double
     assert_eq!(c.len(), 10, "each nick conflict once: {}", c.len());
     eprintln!("{killed} runs killed");
 }
+
+// ---- Real clients: a bot (Python's sqlite3) and a website (PHP's PDO) adding coins. ----
+
+/// How long the concurrent runs last: 12 s in CI, `CR0SYNC_SOAK_SECS` for a soak.
+fn soak_secs() -> f64 {
+    std::env::var("CR0SYNC_SOAK_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12.0)
+}
+
+/// Starts a writer adding coins to user 1 of `db` for `secs`: PHP for the website when
+/// `php` is installed (CI installs it), Python otherwise.
+fn writer(db: &Path, secs: f64, php: bool) -> std::process::Child {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients");
+    let has_php = std::process::Command::new("php")
+        .arg("-r")
+        .arg("exit(class_exists('PDO') && in_array('sqlite', PDO::getAvailableDrivers()) ? 0 : 1);")
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut cmd = if php && has_php {
+        let mut c = std::process::Command::new("php");
+        c.arg(dir.join("add_coins.php"));
+        c
+    } else {
+        let mut c = std::process::Command::new("python3");
+        c.arg(dir.join("add_coins.py"));
+        c
+    };
+    cmd.arg(db)
+        .arg(secs.to_string())
+        .arg("1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn committed(child: std::process::Child) -> u64 {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Both writers run while syncs run back to back (each killed at a random instant when
+/// `kill` is set); afterwards, every side holds 100 + every committed increment.
+fn writers_during_syncs(kill: bool) {
+    let w = World::new("central-wins");
+    let secs = soak_secs();
+    let (bot, web) = (writer(&w.bot, secs, false), writer(&w.web, secs, true));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    let mut seed: u64 = std::process::id() as u64 * 2_654_435_761 + 1;
+    let (mut runs, mut killed, mut failed) = (0, 0, 0);
+    while std::time::Instant::now() < deadline {
+        let mut child = std::process::Command::new(common::BIN)
+            .arg("--root")
+            .arg(&w.r.root)
+            .args(["db", "sync"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        if kill && seed.is_multiple_of(2) {
+            std::thread::sleep(std::time::Duration::from_millis(seed % 120));
+            let _ = child.kill();
+        }
+        let status = child.wait().unwrap();
+        if std::os::unix::process::ExitStatusExt::signal(&status) == Some(9) {
+            killed += 1;
+        } else if !status.success() {
+            failed += 1;
+        }
+        runs += 1;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let (nb, nw) = (committed(bot), committed(web));
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    eprintln!(
+        "{runs} syncs ({killed} killed, {failed} failed); bot {nb} and website {nw} increments"
+    );
+    assert!(nb > 100 && nw > 100, "the writers hardly ran: {nb} {nw}");
+    let want = (100 + nb + nw).to_string();
+    for side in ["central", "bot", "web"] {
+        assert_eq!(
+            w.one(side, "SELECT coins FROM users WHERE id = 1"),
+            want,
+            "{side}: 100 + {nb} + {nw}"
+        );
+    }
+    assert!(w.conflicts().is_empty());
+}
+
+#[test]
+fn a_bot_and_a_website_adding_coins_during_syncs_lose_and_double_nothing() {
+    writers_during_syncs(false);
+}
+
+#[test]
+fn a_bot_and_a_website_adding_coins_during_killed_syncs_lose_and_double_nothing() {
+    writers_during_syncs(true);
+}
