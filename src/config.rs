@@ -1,4 +1,4 @@
-//! The configuration file (SPEC 2): typed structs, defaults, and errors that name the line.
+//! The configuration file: typed structs, defaults, and errors that name the line.
 //!
 //! Invariants:
 //! - Every struct denies unknown fields, so a typo is an error naming the key and its line.

@@ -1,4 +1,4 @@
-//! `cr0sync demo` (SPEC 6.6): a self-contained root with a bot side and a website side,
+//! `cr0sync demo`: a self-contained root with a bot side and a website side,
 //! built from `fixtures/` (compiled in, so it works from any directory), on which every job
 //! runs once before `status` is printed.
 //!

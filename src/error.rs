@@ -1,6 +1,6 @@
 //! Errors and exit codes: the one place that decides what a failure means to the caller.
 //!
-//! Rules (SPEC 6.3):
+//! Rules:
 //! - Job modules return [`Error`] where the caller must tell cases apart (a lock held, a
 //!   configuration mistake, a mass delete); everything else is `anyhow::Error` with
 //!   context added at the edge: `.with_context(|| format!("{}: ...", path.display()))`.
@@ -21,7 +21,7 @@ pub enum Outcome {
     Findings,
 }
 
-/// Process exit codes, SPEC 6.3. Scripts rely on these numbers.
+/// Process exit codes. Scripts rely on these numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
     Success = 0,

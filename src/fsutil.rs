@@ -17,7 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// Modes and ownership applied to what cr0sync creates (SPEC 1).
+/// Modes and ownership applied to what cr0sync creates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Perms {
     pub dir_mode: u32,

@@ -1,4 +1,4 @@
-//! Creating the central store (SPEC 1): the directory layout, the commented default
+//! Creating the central store: the directory layout, the commented default
 //! configuration and the integrity HMAC key.
 //!
 //! Invariants: idempotent — an existing file is never overwritten and an existing

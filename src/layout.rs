@@ -1,4 +1,4 @@
-//! Where everything lives under the root (SPEC 1). No other module builds a path under the
+//! Where everything lives under the root. No other module builds a path under the
 //! root by hand, so the layout on disk and this file cannot drift apart.
 
 use std::path::{Path, PathBuf};

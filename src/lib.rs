@@ -1,5 +1,5 @@
 //! cr0sync: keeps the SQLite databases, IRC logs and file-integrity state of a fleet of IRC
-//! bots and their website consistent through one central store. See SPEC.md and README.md.
+//! bots and their website consistent through one central store. See README.md.
 //!
 //! Architecture: `cli` and `commands` parse and dispatch; `context`, `config`, `layout`,
 //! `fsutil` and `ops` (jobs, locks, state, runs, schedule, logging, status) are the

@@ -1,4 +1,4 @@
-//! The `cr0sync` binary: parse, run, turn the result into an exit code (SPEC 6.3).
+//! The `cr0sync` binary: parse, run, turn the result into an exit code.
 
 use std::process::ExitCode;
 

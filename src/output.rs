@@ -1,5 +1,5 @@
 //! Human output: compact aligned tables, colour only on a terminal, and a progress line
-//! for long runs on a terminal only (SPEC 6.5). Stdout carries data only; messages go
+//! for long runs on a terminal only. Stdout carries data only; messages go
 //! through `log` or the error path, progress to stderr.
 
 use std::io::{IsTerminal, Write};

@@ -1,4 +1,4 @@
-//! End-to-end tests of the database job (SPEC 3) on real SQLite files, checked with the
+//! End-to-end tests of the database job on real SQLite files, checked with the
 //! independent tools: `sqldiff` between the sides and `PRAGMA integrity_check`.
 #![allow(clippy::unwrap_used)]
 

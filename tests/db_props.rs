@@ -136,7 +136,7 @@ proptest! {
         // gone, or the side's row is in a conflict record. Cells the other side changed
         // alone merge in (cell by cell), so a written row need not be there whole; `n` is
         // the `updated_at` column: when both sides stamp a row the newer stamp stays, and
-        // that alone is no conflict (SPEC 3.3).
+        // that alone is no conflict.
         let out = r.cmd().args(["db", "conflicts", "--json"]).output().unwrap();
         let conflicts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
         for (side, wrote, image) in [("central", &wrote_c, "central"), ("peer", &wrote_p, "peer")] {

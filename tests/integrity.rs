@@ -1,4 +1,4 @@
-//! End-to-end tests of the integrity baseline and check (SPEC 5.1, 5.2) on real trees,
+//! End-to-end tests of the integrity baseline and check on real trees,
 //! hashes compared with `sha256sum`.
 #![allow(clippy::unwrap_used)]
 

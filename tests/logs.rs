@@ -1,4 +1,4 @@
-//! End-to-end tests of the log job (SPEC 4) with real files, the real `logrotate`, gzip.
+//! End-to-end tests of the log job with real files, the real `logrotate`, gzip.
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,4 +1,4 @@
-//! Schedules (SPEC 6.1) with the clock controlled through CR0SYNC_NOW: a task that is due
+//! Schedules with the clock controlled through CR0SYNC_NOW: a task that is due
 //! runs once, a task that is not due does not, a failed task is retried at the next run.
 #![allow(clippy::unwrap_used)]
 

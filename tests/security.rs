@@ -1,4 +1,4 @@
-//! End-to-end tests of what is built of the security job: API session cleanup (SPEC 5.3)
+//! End-to-end tests of what is built of the security job: API session cleanup
 //! and event archiving (5.4), with real files, a real flock holder, real gzip.
 #![allow(clippy::unwrap_used)]
 

@@ -1,5 +1,5 @@
 //! `cr0sync completions SHELL` and `cr0sync man`: generated from the clap definition, so
-//! they always match the commands (SPEC 6.4).
+//! they always match the commands.
 
 use anyhow::Result;
 use clap::{Args, CommandFactory};

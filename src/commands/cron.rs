@@ -1,4 +1,4 @@
-//! `cr0sync cron <job>`: what cron runs every minute (SPEC 6.1). Silent when all is well;
+//! `cr0sync cron <job>`: what cron runs every minute. Silent when all is well;
 //! exits 0 at once when the job is already running.
 
 use anyhow::Result;

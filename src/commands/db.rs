@@ -1,4 +1,4 @@
-//! `cr0sync db ...` and `cr0sync sync-from-bot` (SPEC 3.4).
+//! `cr0sync db ...` and `cr0sync sync-from-bot`.
 
 use std::path::PathBuf;
 

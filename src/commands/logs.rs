@@ -1,4 +1,4 @@
-//! `cr0sync logs ...` (SPEC 4).
+//! `cr0sync logs ...`.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};

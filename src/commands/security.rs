@@ -1,4 +1,4 @@
-//! `cr0sync security ...` (SPEC 5): what is built so far.
+//! `cr0sync security ...`: what is built so far.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};

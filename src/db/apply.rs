@@ -1,4 +1,4 @@
-//! Writing merge results into a database (SPEC 3.1 step 4), inside the caller's transaction.
+//! Writing merge results into a database, inside the caller's transaction.
 //!
 //! Invariants:
 //! - Every write is optimistic: an update or delete matches the whole row the snapshot saw

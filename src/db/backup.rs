@@ -1,4 +1,4 @@
-//! Backups of databases (SPEC 3.5): `backups/<name>/<name>.<target>.<UTC stamp>.db.gz`.
+//! Backups of databases: `backups/<name>/<name>.<target>.<UTC stamp>.db.gz`.
 //!
 //! Invariants:
 //! - A backup is read through SQLite's online backup API (never a file copy of a live
@@ -191,7 +191,7 @@ pub fn unpack(ctx: &Context, backup: &Path) -> Result<PathBuf> {
     Ok(scratch)
 }
 
-/// Backups `clean` would remove (SPEC 3.4): older than `backup_keep`, except the newest
+/// Backups `clean` would remove: older than `backup_keep`, except the newest
 /// `backup_keep_min` of each database and target.
 pub fn expired(ctx: &Context, now: DateTime<Utc>) -> Result<Vec<Backup>> {
     let keep = chrono::Duration::from_std(ctx.config.database.backup_keep.0)

@@ -1,4 +1,4 @@
-//! The merge base of a (database, peer) pair (SPEC 3.1): the rows both sides agreed on at
+//! The merge base of a (database, peer) pair: the rows both sides agreed on at
 //! the end of the last successful sync, kept as an SQLite file at
 //! `state/db/<database>/<peer>.base.db`, attached to the sync's connection as `b`.
 //!

@@ -1,4 +1,4 @@
-//! The conflict record (SPEC 3.3): `state/conflicts.jsonl`, one JSON object a line.
+//! The conflict record: `state/conflicts.jsonl`, one JSON object a line.
 //!
 //! Invariants:
 //! - Records are only appended, each with a unique `id`, and synced. A sync commits its

@@ -1,4 +1,4 @@
-//! The three-way merge of one table (SPEC 3.1 steps 2-3, 3.2, 3.3): the heart of the
+//! The three-way merge of one table: the heart of the
 //! database job, as a pure function over rows. No I/O here; snapshots come in as row
 //! lists, and changes go out as lists the apply step writes.
 //!
@@ -51,7 +51,7 @@ pub struct Rules {
 }
 
 /// One change to one side. `old` is what the snapshot saw: the apply step writes only if
-/// the row still holds it (optimistic writes, SPEC 3.1 step 4).
+/// the row still holds it (optimistic writes).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// Keyed insert (`old: None`) or update.
@@ -79,7 +79,7 @@ pub enum Winner {
     Peer,
 }
 
-/// A conflict and how it was resolved; every one is recorded (SPEC 3.3).
+/// A conflict and how it was resolved; every one is recorded.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Conflict {
     pub table: String,

@@ -1,4 +1,4 @@
-//! The database job (SPEC 3): row-level three-way sync between each central copy and its
+//! The database job: row-level three-way sync between each central copy and its
 //! peers.
 //!
 //! - `sync`: one pair's sync (fast path, snapshot, SQL diff, journal, apply, commit).

@@ -1,4 +1,4 @@
-//! Reading a database without harming it (SPEC 3.1 step 1): a consistent snapshot through
+//! Reading a database without harming it: a consistent snapshot through
 //! SQLite's online backup API, then schema and rows read from the snapshot.
 //!
 //! Invariants:

@@ -144,7 +144,7 @@ impl FileStat {
     }
 }
 
-/// What the fast path compares (SPEC 3.1).
+/// What the fast path compares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     /// Digest of the pair's configuration: a changed policy or table list re-merges.
@@ -728,7 +728,7 @@ fn open_central(path: &Path, busy: std::time::Duration) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Which tables merge, and which are skipped with a reason (SPEC 3.1, last paragraphs).
+/// Which tables merge, and which are skipped with a reason.
 fn plan_tables(
     conn: &Connection,
     db: &DbConfig,
@@ -1144,7 +1144,7 @@ fn settle_base(
     Ok(())
 }
 
-/// The mass-delete guard (SPEC 3.1).
+/// The mass-delete guard.
 fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &str) -> Result<()> {
     for w in works {
         for (side, db, changes) in [

@@ -1,4 +1,4 @@
-//! The log job (SPEC 4): IRC logs copied into the central store exactly once, across
+//! The log job: IRC logs copied into the central store exactly once, across
 //! rotation, truncation and crashes (`stream`), and rotation of central logs (`rotate`).
 //! `job` wires them to commands, cron and status.
 

@@ -1,4 +1,4 @@
-//! Copying one stream's source logs into the central store exactly once (SPEC 4.1).
+//! Copying one stream's source logs into the central store exactly once.
 //!
 //! Invariants:
 //! - Only complete lines are copied (up to the last `\n`), byte for byte; a partial last

@@ -1,4 +1,4 @@
-//! The three jobs (SPEC 6.1). Each has one lock, one log file and one run record.
+//! The three jobs. Each has one lock, one log file and one run record.
 
 use std::fmt;
 
@@ -21,7 +21,7 @@ impl Job {
         }
     }
 
-    /// The job's periodic tasks and their intervals (SPEC 6.1): what `cron` runs when due
+    /// The job's periodic tasks and their intervals: what `cron` runs when due
     /// and what `status` shows as next due. One list, used by both.
     pub fn periodic(
         self,
@@ -48,7 +48,7 @@ impl Job {
             .map_or(std::time::Duration::MAX, |(_, every)| every)
     }
 
-    /// cr0sync's own log for the job, under `logs/` (names from SPEC 1).
+    /// cr0sync's own log for the job, under `logs/`.
     pub fn log_file_name(self) -> &'static str {
         match self {
             Job::Database => "cron_database_sync.log",

@@ -1,4 +1,4 @@
-//! Job locks (SPEC 6.1): `locks/<job>.lock`, held with an exclusive `flock` for a whole run.
+//! Job locks: `locks/<job>.lock`, held with an exclusive `flock` for a whole run.
 //!
 //! Invariants:
 //! - One lock type for every job and command: [`JobLock`]. Holding the value is holding

@@ -96,7 +96,7 @@ pub struct JobRun<'a> {
 }
 
 impl JobRun<'_> {
-    /// Adds `value` to a job-specific gauge of this run's metrics file (SPEC 6.4).
+    /// Adds `value` to a job-specific gauge of this run's metrics file.
     pub fn gauge(&mut self, name: &'static str, value: f64) {
         *self.gauges.entry(name).or_insert(0.0) += value;
     }

@@ -1,4 +1,4 @@
-//! Periodic tasks (SPEC 6.1): `state/schedule/<job>.json` records when each task of a job
+//! Periodic tasks: `state/schedule/<job>.json` records when each task of a job
 //! last succeeded and last ran. One file per job, written under that job's lock, so two
 //! jobs never race on one file.
 //!

@@ -1,4 +1,4 @@
-//! `cr0sync status` (SPEC 6.2): what people read at 3 a.m. and what monitoring parses.
+//! `cr0sync status`: what people read at 3 a.m. and what monitoring parses.
 //!
 //! The report has a fixed head (root, config, jobs) and then one [`Section`] per part of
 //! the system. A job module extends `status` by adding its section function to

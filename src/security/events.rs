@@ -1,4 +1,4 @@
-//! Security events (SPEC 5.4): `logs/security/events.jsonl`, one JSON object a line, and
+//! Security events: `logs/security/events.jsonl`, one JSON object a line, and
 //! their monthly archives `logs/security/archive/events-YYYY-MM.jsonl.gz`.
 //!
 //! Invariants:

@@ -1,4 +1,4 @@
-//! File integrity (SPEC 5.1, 5.2): a signed baseline of the watched files, and a check
+//! File integrity: a signed baseline of the watched files, and a check
 //! that reports what changed, each finding once.
 //!
 //! Invariants:

@@ -1,4 +1,4 @@
-//! The security job (SPEC 5): the signed integrity baseline and check (`integrity`),
+//! The security job: the signed integrity baseline and check (`integrity`),
 //! cleanup of expired API sessions and rate-limit windows (`sessions`), the security event
 //! log with its monthly archive (`events`), wired to cron and status through `job`.
 

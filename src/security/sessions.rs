@@ -1,4 +1,4 @@
-//! Cleanup of expired API sessions and rate-limit windows (SPEC 5.3) in
+//! Cleanup of expired API sessions and rate-limit windows in
 //! `shared_storage/api_sessions.json`, a file the website (PHP) rewrites under `flock()`.
 //!
 //! Invariants:
