@@ -250,6 +250,21 @@ pub fn is_writable_dir(path: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
+/// Whether a failure was a full disk: ENOSPC anywhere in the chain, or SQLite's "database
+/// or disk is full".
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOSPC))
+            || matches!(
+                c.downcast_ref::<rusqlite::Error>(),
+                Some(rusqlite::Error::SqliteFailure(f, _))
+                    // SQLITE_FULL, or SQLITE_IOERR_SHMSIZE: no room to grow a `-shm` file.
+                    if f.code == rusqlite::ErrorCode::DiskFull || f.extended_code == 4874
+            )
+    }) || e.to_string().contains("No space left on device")
+}
+
 /// The other processes holding a lock on `path`, as `pid N (command)`, from
 /// `/proc/locks` (Linux); empty where that cannot be found out.
 pub fn lock_holders(path: &Path) -> Vec<String> {

@@ -623,3 +623,138 @@ fn a_bot_and_a_website_adding_coins_during_syncs_lose_and_double_nothing() {
 fn a_bot_and_a_website_adding_coins_during_killed_syncs_lose_and_double_nothing() {
     writers_during_syncs(true);
 }
+
+// ---- A real full disk: the central store on a small tmpfs. ----
+
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size_kib: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_kib}k"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+
+    fn resize(&self, size_kib: u64) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size_kib}k")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_under_the_central_store_is_reported_and_completed_exactly() {
+    if !common::is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    // The disk fills at a different step each time: while backing up, journalling,
+    // committing the central copy, writing the state. Each run that fails must say so
+    // and leave everything to be completed exactly once the disk has room again.
+    let mut failures = BTreeSet::new();
+    for free_kib in [8, 48, 160, 400, 700, 1000, 1400] {
+        let w = World::new("central-wins");
+        let fill = "WITH RECURSIVE n(i) AS (SELECT 1000 UNION ALL SELECT i + 1 FROM n WHERE i < 4999)
+                    INSERT INTO users SELECT i, 'n' || i, 'e' || i || hex(zeroblob(36)), 0, 't0' FROM n;";
+        exec(&w.bot, fill);
+        exec(&w.web, fill);
+        w.sync_ok(&[]);
+        round(&w);
+        exec(
+            &w.web,
+            "UPDATE users SET coins = coins + 1, email = hex(randomblob(40)) WHERE id >= 1000;",
+        );
+        // The root moves onto a tmpfs with `free_kib` left over.
+        let fs = w.r.tmp.path().join("fs");
+        let used: u64 = std::process::Command::new("du")
+            .args(["-sk"])
+            .arg(&w.r.root)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0)
+            })
+            .unwrap();
+        let Some(tmpfs) = Tmpfs::mount(&fs, used + free_kib) else {
+            eprintln!("skipped: cannot mount a tmpfs here");
+            return;
+        };
+        let root = fs.join("root");
+        assert!(
+            std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&w.r.root)
+                .arg(&root)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let run = || {
+            common::cr0sync()
+                .arg("--root")
+                .arg(&root)
+                .args(["db", "sync"])
+                .output()
+                .unwrap()
+        };
+        let out = run();
+        if !out.status.success() {
+            let err = stderr_of(&out);
+            assert!(
+                err.contains("No space left on device") || err.contains("disk is full"),
+                "{free_kib} KiB: {err}"
+            );
+            assert!(!err.contains("damaged"), "blames the wrong file: {err}");
+            assert!(
+                err.contains(root.to_str().unwrap()),
+                "names the file: {err}"
+            );
+            failures.insert(err.lines().next().unwrap_or_default().to_string());
+        }
+        tmpfs.resize(used + 64 * 1024);
+        for _ in 0..2 {
+            let out = run();
+            assert!(out.status.success(), "{free_kib} KiB: {}", stderr_of(&out));
+        }
+        let central = root.join("databases/users.db");
+        for db in [&central, &w.bot, &w.web] {
+            let one = |sql: &str| query(db, sql).remove(0);
+            assert_eq!(one("SELECT coins FROM users WHERE id = 1"), "108");
+            assert_eq!(one("SELECT coins FROM users WHERE id = 2"), "52");
+            assert_eq!(
+                one("SELECT count(*) FROM users WHERE id >= 1000 AND coins != 1"),
+                "0",
+                "{free_kib} KiB: every increment once"
+            );
+            assert_eq!(one("SELECT count(*) FROM seen WHERE nick = 'x'"), "2");
+            assert_eq!(one("PRAGMA integrity_check"), "ok");
+        }
+        assert_eq!(dump(&central), dump(&w.web), "{free_kib} KiB");
+        assert_eq!(dump(&central), dump(&w.bot), "{free_kib} KiB");
+        let text = std::fs::read_to_string(root.join("state/conflicts.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 1, "{free_kib} KiB: {text}");
+        drop(tmpfs);
+    }
+    eprintln!("distinct failures: {failures:#?}");
+    assert!(
+        failures.len() >= 2,
+        "the disk filled at too few steps: {failures:?}"
+    );
+}

@@ -119,8 +119,12 @@ pub fn take_from(
     now: DateTime<Utc>,
 ) -> Result<PathBuf> {
     let scratch = scratch_dir(ctx)?.join(format!("{database}.{target}.backup.db"));
-    snapshot::copy_schema_to(conn, schema, &scratch)
-        .with_context(|| format!("cannot back up {database} ({target})"))?;
+    snapshot::copy_schema_to(conn, schema, &scratch).with_context(|| {
+        format!(
+            "cannot back up {database} ({target}) into {}",
+            scratch.display()
+        )
+    })?;
     store(ctx, database, target, &scratch, now)
 }
 

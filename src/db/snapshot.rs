@@ -56,7 +56,15 @@ pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<(
     }
     let mut out = Connection::open(dest)
         .with_context(|| format!("cannot create snapshot {}", dest.display()))?;
+    // The copy is a private file: exclusive locking (so a WAL header copied from the
+    // source never needs a `-shm` file), then rollback-journal mode for its readers.
+    let _: String = out
+        .query_row("PRAGMA locking_mode = EXCLUSIVE", [], |r| r.get(0))
+        .with_context(|| format!("cannot create snapshot {}", dest.display()))?;
     copy_into(path, &mut out, busy_timeout)?;
+    let _: String = out
+        .query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))
+        .with_context(|| format!("cannot write snapshot {}", dest.display()))?;
     out.close().map_err(|(_, e)| e)?;
     Ok(())
 }
@@ -138,6 +146,7 @@ fn copy_once(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Resu
         .with_context(|| format!("cannot open database {}", path.display()))?;
     src.busy_timeout(busy_timeout)?;
     let deadline = Instant::now() + busy_timeout;
+    let dest_name = dest.path().unwrap_or("memory").to_string();
     let backup = Backup::new(&src, dest)
         .with_context(|| format!("cannot read database {}", path.display()))?;
     loop {
@@ -151,6 +160,17 @@ fn copy_once(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Resu
                 path.display(),
                 busy_timeout
             ),
+            // The copy's own disk is full: the source is fine, and must not be blamed.
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::DiskFull =>
+            {
+                anyhow::bail!(
+                    "cannot copy database {} into {dest_name}: No space left on device (the disk \
+                     holding the copy is full; the database itself is fine). Try: free space \
+                     on that filesystem; nothing was written",
+                    path.display()
+                );
+            }
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!(

@@ -230,6 +230,32 @@ pub fn sync_pair(
     opts: Options,
     now: DateTime<Utc>,
 ) -> Result<PairReport> {
+    sync_pair_inner(ctx, db, peer, opts, now).map_err(|e| {
+        let pair = format!("{}/{}", db.name.get_ref(), peer.name.get_ref());
+        let e = if e.to_string().starts_with(&pair) {
+            e
+        } else {
+            e.context(pair)
+        };
+        if fsutil::is_disk_full(&e) {
+            anyhow::anyhow!(
+                "{e:#}. Try: free space on the filesystems of {} and of the peer (df -h); \
+                 the next run completes the sync",
+                ctx.layout.root().display()
+            )
+        } else {
+            e
+        }
+    })
+}
+
+fn sync_pair_inner(
+    ctx: &Context,
+    db: &DbConfig,
+    peer: &PeerConfig,
+    opts: Options,
+    now: DateTime<Utc>,
+) -> Result<PairReport> {
     let name = db.name.get_ref().as_str();
     let peer_name = peer.name.get_ref().as_str();
     let rules = Rules {
@@ -309,7 +335,8 @@ pub fn sync_pair(
     if fault::is_armed("during-central-commit") {
         conn.commit_hook(Some(|| fault::point("during-central-commit").is_err()))?;
     }
-    conn.execute("ATTACH ?1 AS p", [path_str(&snap)?])?;
+    conn.execute("ATTACH ?1 AS p", [path_str(&snap)?])
+        .with_context(|| format!("cannot open the snapshot {}", snap.display()))?;
     let base_path = ctx.state.path(&base::name(name, peer_name));
     if opts.dry_run && !base_path.exists() {
         conn.execute_batch("ATTACH ':memory:' AS b")?;
@@ -326,7 +353,9 @@ pub fn sync_pair(
         conn.execute("ATTACH ?1 AS b", [path_str(&base_path)?])
             .with_context(|| format!("cannot open the merge base {}", base_path.display()))?;
     }
-    let stale_marker = journal::marker(&conn, "p")?.is_some();
+    let stale_marker = journal::marker(&conn, "p")
+        .with_context(|| format!("cannot read the snapshot {}", snap.display()))?
+        .is_some();
     let journal_name = journal::name(name, peer_name);
     if !opts.dry_run {
         let unreadable = || {
@@ -406,8 +435,14 @@ pub fn sync_pair(
     }
     let tx = lock_central(&conn, &central_path)?;
     let mut refused = Vec::new();
+    let central_write = || format!("cannot write the central copy {}", central_path.display());
+    let base_write = || format!("cannot write the merge base {}", base_path.display());
     for w in &works {
-        refused.push(apply(&tx, "main", &w.spec, &w.to_central)?.skipped);
+        refused.push(
+            apply(&tx, "main", &w.spec, &w.to_central)
+                .with_context(central_write)?
+                .skipped,
+        );
     }
     // A row the central copy refused is not written to the peer either.
     let to_peer: Vec<Vec<Change>> = works
@@ -448,14 +483,14 @@ pub fn sync_pair(
     // Rows the peer left alone get the central copy's old row and keep their old base;
     // the rest enter the base. Then the conflicts, and the commit.
     for (i, w) in works.iter().enumerate() {
-        undo(&tx, w, &left_alone[i])?;
+        undo(&tx, w, &left_alone[i]).with_context(central_write)?;
         let deferred: BTreeSet<Key> = refused[i].union(&left_alone[i]).cloned().collect();
         report.tables[i].deferred = deferred.len();
-        settle_base(&tx, w, rules.direction, &deferred)?;
+        settle_base(&tx, w, rules.direction, &deferred).with_context(base_write)?;
     }
-    journal::outbox_add(&tx, &records)?;
+    journal::outbox_add(&tx, &records).with_context(base_write)?;
     if write_peer {
-        journal::set_committed(&tx, &txid)?;
+        journal::set_committed(&tx, &txid).with_context(base_write)?;
     }
     fault::point("before-central-commit")?;
     tx.commit().with_context(|| {
