@@ -10,6 +10,10 @@
 //!   applied twice (after a crash) has no further effect.
 //! - A row the database refuses (a constraint of its own) is skipped with a warning naming
 //!   the table; the transaction and the other rows go on.
+//! - Merged writes are not the application's writes: they run on a connection opened by
+//!   [`open_for_merge`], with triggers disabled and foreign keys not enforced, so a trigger
+//!   fires once, where the application wrote (its effects arrive as ordinary rows), and
+//!   nothing cascades.
 
 use std::collections::BTreeSet;
 
@@ -19,6 +23,20 @@ use rusqlite::{Connection, ErrorCode, params_from_iter};
 use crate::db::merge::{Change, TableSpec};
 use crate::db::snapshot::quote;
 use crate::db::value::{Cell, Key, Row};
+
+/// Opens an existing database (never creating it) for merged writes: triggers disabled
+/// on this connection (`SQLITE_DBCONFIG_ENABLE_TRIGGER`), foreign keys not enforced.
+pub fn open_for_merge(path: &std::path::Path, busy: std::time::Duration) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+        .with_context(|| format!("cannot open database {}", path.display()))?;
+    conn.busy_timeout(busy)?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_TRIGGER,
+        false,
+    )?;
+    conn.pragma_update(None, "foreign_keys", false)?;
+    Ok(conn)
+}
 
 /// What an apply left undone.
 #[derive(Debug, Clone, Default, PartialEq)]

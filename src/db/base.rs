@@ -24,8 +24,11 @@ pub fn name(database: &str, peer: &str) -> String {
 /// Replaces base table `schema.name` with a copy of `from.<table>` (`main` or `p`).
 pub fn copy_table(conn: &Connection, schema: &Schema, from: &str) -> Result<()> {
     let t = quote(&schema.name);
+    // Named columns: generated columns are neither in the schema nor in the base.
+    let cols: Vec<String> = schema.columns.iter().map(|(c, _)| quote(c)).collect();
+    let cols = cols.join(", ");
     conn.execute_batch(&format!(
-        "DROP TABLE IF EXISTS b.{t}; {} INSERT INTO b.{t} SELECT * FROM {from}.{t};",
+        "DROP TABLE IF EXISTS b.{t}; {} INSERT INTO b.{t} ({cols}) SELECT {cols} FROM {from}.{t};",
         create_table_sql(schema, "b")
     ))?;
     Ok(())

@@ -64,7 +64,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Direction, Policy};
@@ -178,8 +178,7 @@ pub fn marker(conn: &Connection, db: &str) -> Result<Option<Marker>> {
 /// a marker left behind is recognised as stale and dropped by a later run.
 pub fn drop_marker(peer: &Path, busy: std::time::Duration) {
     let dropped = (|| -> Result<()> {
-        let conn = Connection::open_with_flags(peer, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-        conn.busy_timeout(busy)?;
+        let conn = crate::db::apply::open_for_merge(peer, busy)?;
         conn.execute_batch(&format!("DROP TABLE IF EXISTS main.{MARKER}"))?;
         Ok(())
     })();

@@ -217,20 +217,97 @@ pub fn lookup(conn: &Connection, sql: &str, key: &[Cell]) -> Result<Option<Row>>
     ))
 }
 
-/// The user tables of attached database `db` (`main`, or an ATTACH name), with schemas.
-/// SQLite's own tables and cr0sync's (`_cr0sync%`, in merge bases only) are not listed.
+/// The ordinary tables of attached database `db` (`main`, or an ATTACH name), with
+/// schemas. SQLite's own tables, cr0sync's (`_cr0sync%`), virtual tables and their shadow
+/// tables (the storage of an FTS or R*Tree index, which is never merged row by row) are
+/// not listed.
 pub fn schemas(conn: &Connection, db: &str) -> Result<Vec<Schema>> {
     let mut stmt = conn.prepare(&format!(
-        "SELECT name FROM {db}.sqlite_schema WHERE type = 'table' AND name NOT LIKE \
-         'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_cr0sync%' ESCAPE '\\' ORDER BY name"
+        "SELECT name FROM pragma_table_list WHERE schema = ?1 AND type = 'table' AND name NOT \
+         LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_cr0sync%' ESCAPE '\\' ORDER BY name"
     ))?;
     let names: Vec<String> = stmt
-        .query_map([], |r| r.get(0))?
+        .query_map([db], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     names
         .into_iter()
         .map(|name| schema_of(conn, db, &name))
         .collect()
+}
+
+/// A virtual table (FTS, R*Tree, ...) of a database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualTable {
+    pub name: String,
+    /// The module: `fts5`, `rtree`, ...
+    pub module: String,
+    /// For an external-content FTS index, its content table.
+    pub content: Option<String>,
+}
+
+/// The virtual tables of attached database `db`.
+pub fn virtual_tables(conn: &Connection, db: &str) -> Result<Vec<VirtualTable>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT l.name, s.sql FROM pragma_table_list AS l JOIN {db}.sqlite_schema AS s \
+         ON s.name = l.name WHERE l.schema = ?1 AND l.type = 'virtual' ORDER BY l.name"
+    ))?;
+    let rows = stmt.query_map([db], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, sql) = row?;
+        out.push(VirtualTable {
+            name,
+            module: module_of(&sql),
+            content: content_option(&sql),
+        });
+    }
+    Ok(out)
+}
+
+/// `fts5` of `CREATE VIRTUAL TABLE x USING fts5(...)`.
+fn module_of(sql: &str) -> String {
+    let lower = sql.to_ascii_lowercase();
+    lower
+        .find(" using ")
+        .map(|i| {
+            lower[i + 7..]
+                .trim_start()
+                .split(|c: char| c == '(' || c.is_whitespace())
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// The table named by an FTS `content=` option, if it names one (`content=''` is a
+/// contentless index, not an external-content one).
+fn content_option(sql: &str) -> Option<String> {
+    let lower = sql.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    let mut from = 0;
+    while let Some(at) = lower[from..].find("content") {
+        let start = from + at;
+        let end = start + "content".len();
+        from = end;
+        let word_start =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let rest = sql[end..].trim_start();
+        if !word_start || !rest.starts_with('=') {
+            continue;
+        }
+        let value = rest[1..].trim_start();
+        let value = value
+            .trim_start_matches(['\'', '"', '`', '['])
+            .split(['\'', '"', '`', ']', ',', ')'])
+            .next()
+            .unwrap_or_default()
+            .trim();
+        return (!value.is_empty()).then(|| value.to_string());
+    }
+    None
 }
 
 fn schema_of(conn: &Connection, db: &str, table: &str) -> Result<Schema> {
@@ -285,6 +362,32 @@ pub fn quote(ident: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fts_content_options_are_read() {
+        assert_eq!(
+            content_option(
+                "CREATE VIRTUAL TABLE f USING fts5(a, content='posts', content_rowid='id')"
+            ),
+            Some("posts".into())
+        );
+        assert_eq!(
+            content_option("CREATE VIRTUAL TABLE f USING fts4(a, content=\"posts\")"),
+            Some("posts".into())
+        );
+        assert_eq!(
+            content_option("CREATE VIRTUAL TABLE f USING fts5(a, content='')"),
+            None
+        );
+        assert_eq!(
+            content_option("CREATE VIRTUAL TABLE f USING fts5(a, b)"),
+            None
+        );
+        assert_eq!(
+            module_of("CREATE VIRTUAL TABLE r USING rtree(id, x0, x1)"),
+            "rtree"
+        );
+    }
 
     fn make_db(path: &Path, journal: &str) -> Connection {
         let conn = Connection::open(path).unwrap();

@@ -23,13 +23,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, params_from_iter};
+use rusqlite::{Connection, TransactionBehavior, params_from_iter};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{DbConfig, Direction, PeerConfig};
 use crate::context::Context;
-use crate::db::apply::apply;
+use crate::db::apply::{apply, open_for_merge};
 use crate::db::backup;
 use crate::db::base;
 use crate::db::conflicts::ConflictRecord;
@@ -375,6 +375,7 @@ fn sync_pair_inner(
     }
 
     let plans = plan_tables(&conn, db, &mut report)?;
+    let fts = plan_virtual_tables(&conn, db, &mut report)?;
     let mut works = Vec::new();
     for (schema, base_state) in plans {
         let spec = spec_of(db, &schema);
@@ -467,8 +468,8 @@ fn sync_pair_inner(
             .with_context(|| format!("{name}/{peer_name}: nothing was written"))?;
         phases.mark("journal");
         fault::point("after-journal")?;
-        left_alone =
-            write_peer_side(&peer_path, busy, &works, &to_peer, &txid).with_context(|| {
+        left_alone = write_peer_side(&peer_path, busy, &works, &to_peer, &txid, &fts)
+            .with_context(|| {
                 format!(
                     "{name}/{peer_name}: cannot write peer {}; nothing was written",
                     peer_path.display()
@@ -488,6 +489,12 @@ fn sync_pair_inner(
         report.tables[i].deferred = deferred.len();
         settle_base(&tx, w, rules.direction, &deferred).with_context(base_write)?;
     }
+    rebuild_indexes(&tx, "main", &fts, |t| {
+        works
+            .iter()
+            .any(|w| w.spec.name == t && !w.to_central.is_empty())
+    })
+    .with_context(central_write)?;
     journal::outbox_add(&tx, &records).with_context(base_write)?;
     if write_peer {
         journal::set_committed(&tx, &txid).with_context(base_write)?;
@@ -580,6 +587,13 @@ fn complete_interrupted(
     );
     let tx = lock_central(conn, central_path)?;
     let done = journal::roll_forward(&tx, j, &marker, rules.policy, |s| spec_of(db, s))?;
+    let fts: Vec<(String, String)> = snapshot::virtual_tables(&tx, "main")?
+        .into_iter()
+        .filter_map(|v| Some((v.name, v.content?)))
+        .collect();
+    rebuild_indexes(&tx, "main", &fts, |t| {
+        j.tables.iter().any(|tj| tj.table == t)
+    })?;
     for t in &done.skipped_tables {
         log::warn!(
             "{} table {t}: its schema changed since the interrupted sync; its rows are merged \
@@ -746,9 +760,8 @@ fn path_str(p: &Path) -> Result<&str> {
 /// Opens the central copy for writing (never creating it) in rollback-journal mode, which
 /// the atomic commit with the base needs. The central copy is cr0sync's own file.
 fn open_central(path: &Path, busy: std::time::Duration) -> Result<Connection> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+    let conn = open_for_merge(path, busy)
         .with_context(|| format!("cannot open the central copy {}", path.display()))?;
-    conn.busy_timeout(busy)?;
     let mode: String = conn
         .query_row("PRAGMA main.journal_mode", [], |r| r.get(0))
         .with_context(|| {
@@ -817,6 +830,69 @@ fn plan_tables(
         out.push((schema.clone(), state));
     }
     Ok(out)
+}
+
+/// The virtual tables of a pair: an external-content FTS index on both sides is kept up to
+/// date (returned as `(index, content table)`, rebuilt where its content table is
+/// written); any other virtual table is skipped with a message. Their shadow tables are
+/// never merged (`snapshot::schemas` leaves them out).
+fn plan_virtual_tables(
+    conn: &Connection,
+    db: &DbConfig,
+    report: &mut PairReport,
+) -> Result<Vec<(String, String)>> {
+    let central = snapshot::virtual_tables(conn, "main")?;
+    let peer = snapshot::virtual_tables(conn, "p")?;
+    let names: BTreeSet<&String> = central.iter().chain(&peer).map(|v| &v.name).collect();
+    let mut out = Vec::new();
+    for name in names {
+        if db.exclude_tables.contains(name) {
+            continue;
+        }
+        let (c, p) = (
+            central.iter().find(|v| &v.name == name),
+            peer.iter().find(|v| &v.name == name),
+        );
+        if let (Some(c), Some(p)) = (c, p)
+            && c == p
+            && let Some(content) = &c.content
+        {
+            out.push((name.clone(), content.clone()));
+            continue;
+        }
+        let module = c.or(p).map(|v| v.module.as_str()).unwrap_or_default();
+        let reason = format!(
+            "virtual table ({module}): its rows are not merged (only an external-content FTS \
+             index is kept up to date, rebuilt from its content table); its shadow tables are \
+             left alone and the other tables sync. Try: exclude_tables = [\"{name}\"] once its \
+             content lives in an ordinary table"
+        );
+        log::warn!("{} table {name} skipped: {reason}", db.name.get_ref());
+        report.skipped_tables.push(SkippedTable {
+            table: name.clone(),
+            reason,
+        });
+    }
+    Ok(out)
+}
+
+/// Rebuilds, inside the caller's transaction on `db`, each FTS index whose content table
+/// `changed` says was written (merged writes run without the triggers that keep it up to
+/// date).
+fn rebuild_indexes(
+    conn: &Connection,
+    db: &str,
+    fts: &[(String, String)],
+    changed: impl Fn(&str) -> bool,
+) -> Result<()> {
+    for (index, content) in fts {
+        if changed(content) {
+            let i = quote(index);
+            conn.execute_batch(&format!("INSERT INTO {db}.{i}({i}) VALUES ('rebuild')"))
+                .with_context(|| format!("cannot rebuild the full-text index {index}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn describe(s: &Schema) -> String {
@@ -1146,9 +1222,13 @@ fn settle_base(
                     .map(|&i| format!("k.{}", quote(&w.spec.columns[i])))
                     .collect();
                 let kcols = kcols.join(", ");
+                let named: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
+                let cols = named.join(", ");
+                let scols: Vec<String> = named.iter().map(|c| format!("s.{c}")).collect();
+                let scols = scols.join(", ");
                 // Driven by the key list: one index lookup per key, never a scan.
                 conn.execute_batch(&format!(
-                    "INSERT OR REPLACE INTO b.{t} SELECT s.* FROM temp.cr0sync_keys AS k \
+                    "INSERT OR REPLACE INTO b.{t} ({cols}) SELECT {scols} FROM temp.cr0sync_keys AS k \
                        JOIN {from}.{t} AS s ON {same_key};
                      DELETE FROM b.{t} WHERE ({pk}) IN (SELECT {kcols} FROM temp.cr0sync_keys \
                        AS k WHERE NOT EXISTS (SELECT 1 FROM {from}.{t} AS s WHERE {same_key}));
@@ -1234,9 +1314,9 @@ fn write_peer_side(
     works: &[Work],
     to_peer: &[Vec<Change>],
     txid: &str,
+    fts: &[(String, String)],
 ) -> Result<Vec<BTreeSet<Key>>> {
-    let mut conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-    conn.busy_timeout(busy)?;
+    let mut conn = open_for_merge(path, busy)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::new();
     let mut marker = journal::Marker {
@@ -1252,6 +1332,12 @@ fn write_peer_side(
         }
         out.push(skipped);
     }
+    rebuild_indexes(&tx, "main", fts, |t| {
+        works
+            .iter()
+            .zip(to_peer)
+            .any(|(w, c)| w.spec.name == t && !c.is_empty())
+    })?;
     journal::mark_peer(&tx, &marker)?;
     tx.commit()?;
     Ok(out)
