@@ -222,10 +222,10 @@ pub fn lookup(conn: &Connection, sql: &str, key: &[Cell]) -> Result<Option<Row>>
 /// tables (the storage of an FTS or R*Tree index, which is never merged row by row) are
 /// not listed.
 pub fn schemas(conn: &Connection, db: &str) -> Result<Vec<Schema>> {
-    let mut stmt = conn.prepare(&format!(
+    let mut stmt = conn.prepare(
         "SELECT name FROM pragma_table_list WHERE schema = ?1 AND type = 'table' AND name NOT \
-         LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_cr0sync%' ESCAPE '\\' ORDER BY name"
-    ))?;
+         LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_cr0sync%' ESCAPE '\\' ORDER BY name",
+    )?;
     let names: Vec<String> = stmt
         .query_map([db], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
