@@ -369,8 +369,9 @@ fn tables_whose_schemas_differ_are_skipped_and_the_rest_syncs() {
     s.sync_ok();
     exec(
         &s.bot,
-        "ALTER TABLE scores ADD COLUMN rank INTEGER; CREATE TABLE extra (x);
-                  INSERT INTO users VALUES (5, 'eve', NULL, 0, 't'); UPDATE scores SET score = 99;",
+        // A renamed column (an added one is propagated instead: tests/db_schemas.rs).
+        "ALTER TABLE scores RENAME COLUMN score TO points; CREATE TABLE extra (x);
+                  INSERT INTO users VALUES (5, 'eve', NULL, 0, 't'); UPDATE scores SET points = 99;",
     );
     let out = s.sync_ok();
     assert!(

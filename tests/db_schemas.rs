@@ -229,3 +229,75 @@ fn virtual_tables_that_cannot_be_merged_are_named_and_the_rest_syncs() {
     // Their shadow tables were not touched on the other side.
     assert_eq!(one(&s.web, "SELECT count(*) FROM notes"), "0");
 }
+
+#[test]
+fn a_column_added_on_one_side_is_added_everywhere_and_no_edit_is_reverted() {
+    let s = Site::new("");
+    // The bot's application migrates and writes the new column; everyone else edits
+    // the old columns meanwhile.
+    app(
+        &s.bot,
+        "ALTER TABLE users ADD COLUMN level INTEGER NOT NULL DEFAULT 1;
+         UPDATE users SET level = 5 WHERE id = 1;
+         UPDATE users SET email = 'bob@bot.example' WHERE id = 2;",
+    );
+    app(
+        &s.web,
+        "UPDATE users SET email = 'alice@web.example' WHERE id = 1",
+    );
+    app(
+        &s.central(),
+        "UPDATE users SET coins = coins + 1 WHERE id = 2",
+    );
+    s.sync();
+    s.sync();
+    s.assert_converged();
+    for db in s.sides() {
+        assert_eq!(
+            query(
+                &db,
+                "SELECT id || ' ' || email || ' ' || coins || ' ' || level FROM users ORDER BY id"
+            ),
+            ["1 alice@web.example 100 5", "2 bob@bot.example 51 1"],
+            "{}",
+            db.display()
+        );
+    }
+    assert!(std::fs::read_dir(s.r.path("backups/site")).unwrap().count() >= 2);
+}
+
+#[test]
+fn columns_added_by_hand_on_every_side_keep_the_edits_made_since_the_last_sync() {
+    // The sequence an operator follows after the skip message: the column is added on
+    // all sides by hand, while edits made since the last sync wait on each side.
+    let s = Site::new("");
+    app(
+        &s.bot,
+        "UPDATE users SET email = 'alice@bot.example' WHERE id = 1",
+    );
+    app(
+        &s.web,
+        "UPDATE users SET email = 'bob@web.example' WHERE id = 2",
+    );
+    for db in s.sides() {
+        app(
+            &db,
+            "ALTER TABLE users ADD COLUMN level INTEGER NOT NULL DEFAULT 1",
+        );
+    }
+    app(&s.web, "UPDATE users SET level = 3 WHERE id = 1");
+    s.sync();
+    s.sync();
+    s.assert_converged();
+    for db in s.sides() {
+        assert_eq!(
+            query(
+                &db,
+                "SELECT id || ' ' || email || ' ' || level FROM users ORDER BY id"
+            ),
+            ["1 alice@bot.example 3", "2 bob@web.example 1"],
+            "{}",
+            db.display()
+        );
+    }
+}

@@ -14,6 +14,7 @@ pub mod conflicts;
 pub mod job;
 pub mod journal;
 pub mod merge;
+pub mod migrate;
 pub mod snapshot;
 pub mod sync;
 pub mod value;

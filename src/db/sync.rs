@@ -37,6 +37,7 @@ use crate::db::journal::{self, Journal};
 use crate::db::merge::{
     self, Change, Conflict, Counts, Rules, TableSpec, counts, merge_key, multiset,
 };
+use crate::db::migrate;
 use crate::db::snapshot::{self, Schema, quote};
 use crate::db::value::{Cell, Key, Row};
 use crate::fsutil;
@@ -374,6 +375,9 @@ fn sync_pair_inner(
         }
     }
 
+    if !opts.dry_run {
+        add_migrated_columns(ctx, &conn, db, &peer_path, now, &mut report)?;
+    }
     let plans = plan_tables(&conn, db, &mut report)?;
     let fts = plan_virtual_tables(&conn, db, &mut report)?;
     let mut works = Vec::new();
@@ -776,6 +780,76 @@ fn open_central(path: &Path, busy: std::time::Duration) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Columns a migration added on one side are added to the other side, the snapshot and
+/// the base (see `migrate`), backups first, so the table merges cell by cell.
+fn add_migrated_columns(
+    ctx: &Context,
+    conn: &Connection,
+    db: &DbConfig,
+    peer_path: &Path,
+    now: DateTime<Utc>,
+    report: &mut PairReport,
+) -> Result<()> {
+    let (name, peer_name) = (db.name.get_ref().as_str(), report.peer.clone());
+    let by_name = |v: Vec<Schema>| -> BTreeMap<String, Schema> {
+        v.into_iter()
+            .filter(|s| !db.exclude_tables.contains(&s.name))
+            .map(|s| (s.name.clone(), s))
+            .collect()
+    };
+    let central = by_name(snapshot::schemas(conn, "main")?);
+    let peer = by_name(snapshot::schemas(conn, "p")?);
+    for (table, c) in &central {
+        let Some(p) = peer.get(table) else {
+            continue;
+        };
+        if let Some(cols) = migrate::added_columns(p, c) {
+            // The central copy has them: the peer (live, then its snapshot) gets them.
+            maybe_backup(ctx, name, &peer_name, conn, "p", now, report)?;
+            let live = open_for_merge(peer_path, ctx.config.general.busy_timeout.0)?;
+            for (col, _) in cols {
+                let decl = migrate::declaration(conn, "main", table, col)?;
+                migrate::add_column(&live, "main", table, &decl)
+                    .with_context(|| format!("{name}/{peer_name}: peer {}", peer_path.display()))?;
+                migrate::add_column(conn, "p", table, &decl)?;
+                log::warn!(
+                    "{name}/{peer_name} table {table}: column {col} (added by a migration \
+                     elsewhere) added to the peer"
+                );
+            }
+        } else if let Some(cols) = migrate::added_columns(c, p) {
+            maybe_backup(ctx, name, "central", conn, "main", now, report)?;
+            for (col, _) in cols {
+                let decl = migrate::declaration(conn, "p", table, col)?;
+                migrate::add_column(conn, "main", table, &decl)?;
+                log::warn!(
+                    "{name}/{peer_name} table {table}: column {col} (added by a migration on \
+                     the peer) added to the central copy"
+                );
+            }
+        }
+    }
+    // The base follows the sides that now agree: existing base rows take the default the
+    // migration gave every existing row, so only real edits differ from it.
+    let central = by_name(snapshot::schemas(conn, "main")?);
+    let peer = by_name(snapshot::schemas(conn, "p")?);
+    for b in snapshot::schemas(conn, "b")? {
+        let (Some(c), Some(p)) = (central.get(&b.name), peer.get(&b.name)) else {
+            continue;
+        };
+        if c != p {
+            continue;
+        }
+        if let Some(cols) = migrate::added_columns(&b, c) {
+            for (col, _) in cols {
+                let decl = migrate::base_declaration(conn, "main", &b.name, col)?;
+                migrate::add_column(conn, "b", &b.name, &decl)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Which tables merge, and which are skipped with a reason.
 fn plan_tables(
     conn: &Connection,
@@ -798,7 +872,9 @@ fn plan_tables(
             (Some(_), None) => Some("exists in the central copy only".to_string()),
             (None, Some(_)) => Some("exists in the peer only".to_string()),
             (Some(c), Some(p)) if c != p => Some(format!(
-                "columns or primary key differ: central {} / peer {}",
+                "columns or primary key differ: central {} / peer {}. Try: make them agree \
+                 (a column added by a migration is propagated by itself; a dropped, renamed or \
+                 retyped column is not), then the next run merges the table",
                 describe(c),
                 describe(p)
             )),
