@@ -88,6 +88,8 @@ pub struct DatabaseSection {
     pub backup_keep: Dur,
     pub backup_keep_min: u32,
     pub max_delete: Percent,
+    /// `cron database` prints no line per new conflict on stderr.
+    pub quiet_conflicts: bool,
     pub db: Vec<DbConfig>,
 }
 
@@ -99,6 +101,7 @@ impl Default for DatabaseSection {
             backup_keep: Dur::secs(7 * 86400),
             backup_keep_min: 3,
             max_delete: Percent(50),
+            quiet_conflicts: false,
             db: Vec::new(),
         }
     }

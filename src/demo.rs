@@ -174,13 +174,24 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     out.push_str(&format!(
         "bob's coins: 50 + 30 (bot) + 20 (website) = {bob} on every side\n"
     ));
-    for c in crate::db::conflicts::read(ctx)? {
+    for c in crate::db::conflicts::open(ctx)? {
         out.push_str(&format!(
             "conflict in {} table {} key {}: {} wins; the losing row is kept in \
              state/conflicts.jsonl (cr0sync db conflicts)\n",
             c.database, c.table, c.key, c.winner
         ));
+        // The operator reviews it and keeps the website's name after all.
+        let mut line = String::new();
+        run_job(ctx, Job::Database, Trigger::Manual, false, |run| {
+            line = crate::db::job::resolve(run, &c.id, Some("peer"))?;
+            Ok(())
+        })?;
+        out.push_str(&format!(
+            "$ cr0sync db resolve {} --keep peer\n{line}\n",
+            c.id
+        ));
     }
+    sync(out, "the kept row reaches every side")?;
     for b in crate::db::backup::list(ctx, "users")? {
         out.push_str(&format!("backup: {}\n", b.path.display()));
     }

@@ -29,7 +29,8 @@ pub struct DbCmd {
 pub enum DbAction {
     Sync(SyncCmd),
     Status(JsonFlag),
-    Conflicts(JsonFlag),
+    Conflicts(ConflictsCmd),
+    Resolve(ResolveCmd),
     Restore(RestoreCmd),
     CleanBackups(CleanCmd),
 }
@@ -84,6 +85,64 @@ pub struct JsonFlag {
 
 #[derive(Debug, Args)]
 #[command(
+    about = "List the open conflicts (a policy chose a winner; the losing row is recorded)",
+    after_help = "Example:\n  cr0sync db conflicts\n  cr0sync db conflicts --all --json | jq length"
+)]
+pub struct ConflictsCmd {
+    /// Every recorded conflict, resolved ones too
+    #[arg(long)]
+    pub all: bool,
+    /// Print JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    about = "Close a conflict: put one of its rows back through the central copy, or acknowledge it",
+    after_help = "Example:\n  cr0sync db resolve 20261203T101500.123456Z-42-users-bot-0 --keep peer\n  \
+                  cr0sync db resolve 20261203T101500.123456Z-42-users-bot-0 --ack\n  \
+                  cr0sync db resolve --all --ack\n\n\
+                  --keep writes that row image (or its absence) into the central copy, backup \
+                  first; the next sync carries it to every peer.",
+    group(clap::ArgGroup::new("how").required(true).args(["keep", "ack"])),
+    group(clap::ArgGroup::new("which").required(true).args(["id", "all"]))
+)]
+pub struct ResolveCmd {
+    /// The conflict's id (from `cr0sync db conflicts`)
+    pub id: Option<String>,
+    /// Every open conflict (with --ack only)
+    #[arg(long, requires = "ack", conflicts_with = "keep")]
+    pub all: bool,
+    /// Which row image to keep
+    #[arg(long, value_parser = ["central", "peer", "base"])]
+    pub keep: Option<String>,
+    /// Close without changing data (the policy's choice stands)
+    #[arg(long)]
+    pub ack: bool,
+    /// Say what would be written, write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl ResolveCmd {
+    pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
+        let ctx = global.context()?;
+        let mut line = String::new();
+        let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
+            line = match &self.id {
+                Some(id) if !self.all => job::resolve(run, id, self.keep.as_deref())?,
+                _ => job::ack_all(run)?,
+            };
+            Ok(())
+        })?;
+        println!("{line}");
+        Ok(report.outcome)
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(
     about = "Put a backup back into the central copy or a peer (backing up the current state first)",
     after_help = "Example:\n  cr0sync db restore /data/cr0_system/backups/users/users.central.20261122T030000Z.db.gz\n  \
                   cr0sync db restore backups/users/users.bot.20261122T030000Z.db.gz --to bot\n\n\
@@ -131,7 +190,8 @@ impl DbCmd {
         match &self.action {
             DbAction::Sync(cmd) => cmd.run(global),
             DbAction::Status(f) => status(global, f.json),
-            DbAction::Conflicts(f) => list_conflicts(global, f.json),
+            DbAction::Conflicts(c) => list_conflicts(global, c.json, c.all),
+            DbAction::Resolve(cmd) => cmd.run(global),
             DbAction::Restore(cmd) => cmd.run(global),
             DbAction::CleanBackups(cmd) => cmd.run(global),
         }
@@ -257,14 +317,27 @@ fn status(global: &GlobalArgs, json: bool) -> Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-fn list_conflicts(global: &GlobalArgs, json: bool) -> Result<Outcome> {
+fn list_conflicts(global: &GlobalArgs, json: bool, all: bool) -> Result<Outcome> {
     let ctx = global.context()?;
-    let all = conflicts::read(&ctx)?;
+    let closed = conflicts::closed_ids(&ctx)?;
+    let records: Vec<_> = conflicts::read(&ctx)?
+        .into_iter()
+        .filter(|r| all || !closed.contains(&r.id))
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
+        let values: Vec<serde_json::Value> = records
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["open"] = (!closed.contains(&r.id)).into();
+                v
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&values)?);
         return Ok(Outcome::Success);
     }
     let mut t = Table::new([
+        "ID",
         "TIME",
         "DATABASE",
         "PEER",
@@ -273,14 +346,16 @@ fn list_conflicts(global: &GlobalArgs, json: bool) -> Result<Outcome> {
         "KIND",
         "WINNER",
         "LOSING ROW",
+        "STATE",
     ]);
-    for c in &all {
+    for c in &records {
         let losing = if c.winner == "central" {
             &c.rows.peer
         } else {
             &c.rows.central
         };
         t.row([
+            c.id.clone(),
             crate::ops::clock::rfc3339(c.time),
             c.database.clone(),
             c.peer.clone(),
@@ -291,10 +366,23 @@ fn list_conflicts(global: &GlobalArgs, json: bool) -> Result<Outcome> {
             losing
                 .as_ref()
                 .map_or("(deleted)".into(), |r| r.to_string()),
+            if closed.contains(&c.id) {
+                "resolved"
+            } else {
+                "open"
+            }
+            .to_string(),
         ]);
     }
     if t.is_empty() {
-        println!("no conflicts recorded");
+        println!(
+            "{}",
+            if all {
+                "no conflicts recorded"
+            } else {
+                "no open conflicts"
+            }
+        );
     } else {
         print!("{}", t.render());
     }

@@ -6,6 +6,9 @@
 //!   them here (see `journal`): a record is never lost, and never appended twice.
 //! - A line that does not parse (a torn last line after a full disk) is reported and
 //!   skipped by readers; it never stops a sync.
+//! - A conflict is open until an operator reviews it: `db resolve` appends a closing line
+//!   (`{"id", "time", "action"}`) to `state/conflicts-closed.jsonl`, the same way. Open
+//!   conflicts are the records without a closing line.
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
@@ -78,12 +81,49 @@ impl ConflictRecord {
     }
 }
 
+pub const CLOSED: &str = "conflicts-closed.jsonl";
+
+/// The line that closes a conflict.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Closing {
+    pub id: String,
+    pub time: DateTime<Utc>,
+    /// `ack`, `keep-central`, `keep-peer` or `keep-base`.
+    pub action: String,
+}
+
 /// Appends records and syncs the file.
 pub fn append(ctx: &Context, records: &[ConflictRecord]) -> Result<()> {
+    append_lines(ctx, FILE, records)
+}
+
+/// Closes conflicts (appends their closing lines, synced).
+pub fn close(ctx: &Context, closings: &[Closing]) -> Result<()> {
+    append_lines(ctx, CLOSED, closings)
+}
+
+/// The ids of closed conflicts.
+pub fn closed_ids(ctx: &Context) -> Result<BTreeSet<String>> {
+    Ok(read_lines::<Closing>(ctx, CLOSED)?
+        .into_iter()
+        .map(|c| c.id)
+        .collect())
+}
+
+/// The open conflicts, oldest first.
+pub fn open(ctx: &Context) -> Result<Vec<ConflictRecord>> {
+    let closed = closed_ids(ctx)?;
+    Ok(read(ctx)?
+        .into_iter()
+        .filter(|r| !closed.contains(&r.id))
+        .collect())
+}
+
+fn append_lines<T: Serialize>(ctx: &Context, file: &str, records: &[T]) -> Result<()> {
     if records.is_empty() {
         return Ok(());
     }
-    let path = ctx.state.path(FILE);
+    let path = ctx.state.path(file);
     let mut text = Vec::new();
     for r in records {
         serde_json::to_writer(&mut text, r)?;
@@ -108,7 +148,11 @@ pub fn append(ctx: &Context, records: &[ConflictRecord]) -> Result<()> {
 
 /// Every record, oldest first; unreadable lines are logged and skipped.
 pub fn read(ctx: &Context) -> Result<Vec<ConflictRecord>> {
-    let path = ctx.state.path(FILE);
+    read_lines(ctx, FILE)
+}
+
+fn read_lines<T: serde::de::DeserializeOwned>(ctx: &Context, file: &str) -> Result<Vec<T>> {
+    let path = ctx.state.path(file);
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -123,7 +167,7 @@ pub fn read(ctx: &Context) -> Result<Vec<ConflictRecord>> {
         match serde_json::from_slice(&line) {
             Ok(r) => out.push(r),
             Err(e) => log::warn!(
-                "{} line {}: not a conflict record ({e}); skipped",
+                "{} line {}: not a valid line ({e}); skipped",
                 path.display(),
                 n + 1
             ),

@@ -20,10 +20,13 @@ use serde_json::json;
 
 use crate::config::{DbConfig, PeerConfig};
 use crate::context::Context;
+use crate::db::apply::{apply, open_for_merge};
 use crate::db::backup::{self, Backup};
 use crate::db::conflicts;
+use crate::db::merge;
 use crate::db::snapshot;
 use crate::db::sync::{self, Options, PairReport, PairState};
+use crate::db::value::row_from_json;
 use crate::error::Error;
 use crate::ops::job::Job;
 use crate::ops::runner::{JobRun, RunRecord, RunResult, TaskDone, record_file};
@@ -108,7 +111,13 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
 
 /// The cron job's tasks: sync every pair, then weekly backup cleanup.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
-    sync_pairs(run, &Selection::default(), false)?;
+    let reports = sync_pairs(run, &Selection::default(), false)?;
+    // One stderr line per new conflict, so cron mails it.
+    if !run.ctx.config.database.quiet_conflicts {
+        for line in reports.iter().flat_map(|r| &r.new_conflicts) {
+            eprintln!("cr0sync: {line}");
+        }
+    }
     let every = Job::Database.interval(&run.ctx.config, "clean-backups");
     run.periodic("clean-backups", every, |run| {
         let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
@@ -324,6 +333,7 @@ pub struct PairStatus {
     pub last_sync: Option<String>,
     pub last_changes: Option<serde_json::Value>,
     pub skipped_tables: Vec<sync::SkippedTable>,
+    /// Open conflicts (recorded, not yet reviewed with `db resolve`).
     pub conflicts: usize,
     pub last_error: Option<String>,
     pub newest_backup: Option<String>,
@@ -331,7 +341,7 @@ pub struct PairStatus {
 
 pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
     let record: Option<RunRecord> = ctx.state.load(&record_file(Job::Database)).unwrap_or(None);
-    let all_conflicts = conflicts::read(ctx)?;
+    let all_conflicts = conflicts::open(ctx)?;
     let mut out = Vec::new();
     for db in &ctx.config.database.db {
         let name = db.name.get_ref();
@@ -374,6 +384,123 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
     Ok(out)
 }
 
+/// Closes conflict `id` by writing one of its row images (`central`, `peer` or `base`)
+/// into the central copy (backup first), from where the next sync carries it to every
+/// peer; or, with `side` `None`, closes it without changing data.
+pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String> {
+    let ctx = run.ctx;
+    let record = conflicts::open(ctx)?
+        .into_iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "conflict {id} is not open (unknown, or already resolved). Try: cr0sync db \
+                 conflicts --all"
+            )
+        })?;
+    let Some(side) = side else {
+        if !run.dry_run {
+            conflicts::close(ctx, &[closing(id, "ack", run.now)])?;
+        }
+        return Ok(format!("conflict {id} closed; no data changed"));
+    };
+    let image = match side {
+        "central" => &record.rows.central,
+        "peer" => &record.rows.peer,
+        _ => &record.rows.base,
+    };
+    let name = &record.database;
+    let central = ctx.layout.central_db(name);
+    let what = match image {
+        Some(row) => format!("row {row}"),
+        None => "deletion".to_string(),
+    };
+    if run.dry_run {
+        return Ok(format!(
+            "conflict {id}: would write the {side} {what} into table {} of {}",
+            record.table,
+            central.display()
+        ));
+    }
+    let want = match image {
+        Some(v) => {
+            Some(row_from_json(v).with_context(|| format!("conflict {id}: row {v} is not a row"))?)
+        }
+        None => None,
+    };
+    let key = row_from_json(&record.key)
+        .with_context(|| format!("conflict {id}: key {} is not a primary key", record.key))?;
+    let taken = backup::take(ctx, name, "central", &central, run.now)?;
+    let conn = open_for_merge(&central, ctx.config.general.busy_timeout.0)?;
+    let schema = snapshot::schemas(&conn, "main")?
+        .into_iter()
+        .find(|s| s.name == record.table)
+        .with_context(|| {
+            format!(
+                "table {} no longer exists in {}",
+                record.table,
+                central.display()
+            )
+        })?;
+    let spec = schema.spec(&[], "");
+    if want.as_ref().is_some_and(|r| r.len() != spec.columns.len()) || !spec.keyed() {
+        anyhow::bail!(
+            "conflict {id}: table {} of {} has changed shape since it was recorded; the row \
+             cannot be put back as it is. Try: write it by hand from cr0sync db conflicts \
+             --json, then cr0sync db resolve {id} --ack",
+            record.table,
+            central.display()
+        );
+    }
+    let now = snapshot::lookup(&conn, &snapshot::lookup_sql(&spec, "main"), &key)?;
+    if let Some(change) = merge::change(&key, now.as_ref(), want.as_ref()) {
+        let tx =
+            rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
+        let applied = apply(&tx, "main", &spec, &[change])
+            .with_context(|| format!("cannot write {}", central.display()))?;
+        if !applied.skipped.is_empty() {
+            anyhow::bail!(
+                "conflict {id}: the central copy {} refused the {side} row (a constraint of the \
+                 table, see the log); nothing changed. Try: resolve it by hand, then --ack",
+                central.display()
+            );
+        }
+        tx.commit()?;
+    }
+    conflicts::close(ctx, &[closing(id, &format!("keep-{side}"), run.now)])?;
+    Ok(format!(
+        "conflict {id}: the {side} {what} is in table {} of {} (backup {}); the next sync \
+         carries it to every peer",
+        record.table,
+        central.display(),
+        taken.display()
+    ))
+}
+
+/// Closes every open conflict without changing data.
+pub fn ack_all(run: &mut JobRun) -> Result<String> {
+    let open = conflicts::open(run.ctx)?;
+    if !run.dry_run {
+        let closings: Vec<_> = open
+            .iter()
+            .map(|r| closing(&r.id, "ack", run.now))
+            .collect();
+        conflicts::close(run.ctx, &closings)?;
+    }
+    Ok(format!(
+        "{} open conflict(s) closed; no data changed",
+        open.len()
+    ))
+}
+
+fn closing(id: &str, action: &str, now: DateTime<Utc>) -> conflicts::Closing {
+    conflicts::Closing {
+        id: id.to_string(),
+        time: now,
+        action: action.to_string(),
+    }
+}
+
 /// The `databases` section of `status`.
 pub fn section(ctx: &Context) -> Result<Section> {
     let pairs = pair_statuses(ctx)?;
@@ -407,6 +534,14 @@ pub fn section(ctx: &Context) -> Result<Section> {
             p.conflicts.to_string(),
             state,
         ]);
+    }
+    let open: usize = pairs.iter().map(|p| p.conflicts).sum();
+    if open > 0 {
+        problems.push(format!(
+            "database: {open} open conflict(s): a policy chose a winner and the losing values \
+             are recorded. Try: cr0sync db conflicts, then cr0sync db resolve ID --keep \
+             central|peer|base (or --ack to keep what the policy chose)"
+        ));
     }
     Ok(Section {
         key: "databases",

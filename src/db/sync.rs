@@ -82,6 +82,9 @@ pub struct PairReport {
     pub tables: Vec<TableReport>,
     pub skipped_tables: Vec<SkippedTable>,
     pub backups: Vec<PathBuf>,
+    /// One line per conflict this sync recorded, for `cron database` to print.
+    #[serde(default, skip_serializing)]
+    pub new_conflicts: Vec<String>,
 }
 
 impl PairReport {
@@ -514,12 +517,13 @@ fn sync_pair_inner(
     phases.mark("central commit");
     journal::flush_outbox(ctx, &conn, true)?;
     for r in &records {
-        log::warn!(
-            "conflict in {name}/{peer_name} table {} key {}: {} wins",
-            r.table,
-            r.key,
-            r.winner
+        let line = format!(
+            "conflict in {name}/{peer_name} table {} key {}: {} wins ({}, id {}). Try: cr0sync \
+             db conflicts; cr0sync db resolve {} --keep central|peer|base or --ack",
+            r.table, r.key, r.winner, r.kind, r.id, r.id
         );
+        log::warn!("{line}");
+        report.new_conflicts.push(line);
     }
     if write_peer {
         ctx.state.remove(&journal_name)?;

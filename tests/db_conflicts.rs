@@ -1,0 +1,248 @@
+//! Conflicts an operator can act on: every conflict has an id and stays open until
+//! reviewed; `db conflicts` lists the open ones (`--all` every one); `db resolve ID --keep
+//! central|peer|base` writes that image back through the central copy, `--ack` closes
+//! without change; `status` counts open conflicts with a Try line; `cron database` prints
+//! one stderr line per new conflict unless `quiet_conflicts = true`.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Root, stderr_of};
+use rusqlite::Connection;
+
+const FIXTURE: &str = include_str!("../fixtures/users.sql");
+
+struct Pair {
+    r: Root,
+    bot: PathBuf,
+    web: PathBuf,
+}
+
+impl Pair {
+    fn new(quiet: bool) -> Pair {
+        Pair::with(quiet, "")
+    }
+
+    fn with(quiet: bool, extra: &str) -> Pair {
+        let r = Root::new();
+        let bot = r.tmp.path().join("bot.db");
+        let web = r.tmp.path().join("web.db");
+        for p in [&bot, &web] {
+            exec(p, FIXTURE);
+            exec(p, extra);
+        }
+        r.write_config(&format!(
+            "[database]\nquiet_conflicts = {quiet}\n[[database.db]]\nname = \"users\"\n\
+             peers = [\n  {{ name = \"bot\", path = \"{}\" }},\n  {{ name = \"web\", path = \"{}\" }},\n]\n",
+            bot.display(),
+            web.display()
+        ));
+        let p = Pair { r, bot, web };
+        p.run(&["db", "sync"]);
+        p
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.r.cmd().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr_of(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Carol renamed differently on each side: one update/update conflict, central wins.
+    fn conflict(&self) -> std::process::Output {
+        exec(
+            &self.bot,
+            "UPDATE users SET nick = 'carol_bot' WHERE id = 3",
+        );
+        self.run(&["db", "sync", "--peer", "bot"]);
+        exec(
+            &self.web,
+            "UPDATE users SET nick = 'carol_web' WHERE id = 3",
+        );
+        self.r.cmd().args(["cron", "database"]).output().unwrap()
+    }
+
+    fn open(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.run(&["db", "conflicts", "--json"])).unwrap()
+    }
+
+    fn nick(&self, db: &Path) -> String {
+        Connection::open(db)
+            .unwrap()
+            .query_row("SELECT nick FROM users WHERE id = 3", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn central(&self) -> PathBuf {
+        self.r.path("databases/users.db")
+    }
+}
+
+fn exec(db: &Path, sql: &str) {
+    Connection::open(db).unwrap().execute_batch(sql).unwrap();
+}
+
+#[test]
+fn a_new_conflict_is_mailed_by_cron_listed_open_and_a_status_problem() {
+    let p = Pair::new(false);
+    let cron = p.conflict();
+    assert!(cron.status.success());
+    let err = stderr_of(&cron);
+    let open = p.open();
+    assert_eq!(open.len(), 1);
+    let id = open[0]["id"].as_str().unwrap();
+    assert_eq!(open[0]["open"], true);
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.contains("conflict in users/web"))
+            .count(),
+        1,
+        "{err}"
+    );
+    assert!(
+        err.contains(id) && err.contains("Try: cr0sync db conflicts"),
+        "{err}"
+    );
+    let status = p.r.status_json();
+    assert!(
+        status["problems"]
+            .to_string()
+            .contains("1 open conflict(s)"),
+        "{status}"
+    );
+    assert!(
+        status["problems"]
+            .to_string()
+            .contains("cr0sync db resolve")
+    );
+    let table = p.run(&["db", "conflicts"]);
+    assert!(table.contains(id) && table.contains("open"), "{table}");
+}
+
+#[test]
+fn quiet_conflicts_keeps_cron_silent_but_status_still_counts_them() {
+    let p = Pair::new(true);
+    let cron = p.conflict();
+    assert!(cron.status.success());
+    assert_eq!(stderr_of(&cron), "");
+    assert_eq!(p.open().len(), 1);
+}
+
+#[test]
+fn resolve_keep_peer_puts_the_losing_row_back_on_every_side_and_closes_it() {
+    let p = Pair::new(true);
+    p.conflict();
+    p.run(&["db", "sync"]);
+    assert_eq!(p.nick(&p.web), "carol_bot", "central won");
+    let id = p.open()[0]["id"].as_str().unwrap().to_string();
+    let out = p.run(&["db", "resolve", &id, "--keep", "peer"]);
+    assert!(out.contains("carol_web"), "{out}");
+    assert_eq!(p.nick(&p.central()), "carol_web");
+    p.run(&["db", "sync"]);
+    for db in [&p.central(), &p.bot, &p.web] {
+        assert_eq!(p.nick(db), "carol_web", "{}", db.display());
+    }
+    assert!(p.open().is_empty());
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&p.run(&["db", "conflicts", "--all", "--json"])).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0]["open"], false);
+    assert!(
+        !p.r.status_json()["problems"]
+            .to_string()
+            .contains("open conflict")
+    );
+    // Closed once: resolving it again is an error naming it, and changes nothing.
+    let again =
+        p.r.cmd()
+            .args(["db", "resolve", &id, "--ack"])
+            .output()
+            .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr_of(&again).contains("is not open"),
+        "{}",
+        stderr_of(&again)
+    );
+}
+
+#[test]
+fn resolve_keep_base_ack_and_ack_all() {
+    let p = Pair::new(true);
+    p.conflict();
+    p.run(&["db", "sync"]);
+    let id = p.open()[0]["id"].as_str().unwrap().to_string();
+    p.run(&["db", "resolve", &id, "--keep", "base"]);
+    p.run(&["db", "sync"]);
+    for db in [&p.central(), &p.bot, &p.web] {
+        assert_eq!(p.nick(db), "carol", "the name before both renames");
+    }
+    // Two more conflicts, closed by --ack one at a time and then all at once.
+    for (b, w) in [("x1", "y1"), ("x2", "y2")] {
+        exec(
+            &p.bot,
+            &format!("UPDATE users SET nick = '{b}' WHERE id = 3"),
+        );
+        p.run(&["db", "sync", "--peer", "bot"]);
+        exec(
+            &p.web,
+            &format!("UPDATE users SET nick = '{w}' WHERE id = 3"),
+        );
+        p.run(&["db", "sync"]);
+    }
+    let open = p.open();
+    assert_eq!(open.len(), 2);
+    let before = std::fs::read(p.central()).unwrap();
+    p.run(&["db", "resolve", open[0]["id"].as_str().unwrap(), "--ack"]);
+    assert_eq!(p.open().len(), 1);
+    p.run(&["db", "resolve", "--all", "--ack"]);
+    assert!(p.open().is_empty());
+    assert_eq!(
+        before,
+        std::fs::read(p.central()).unwrap(),
+        "--ack writes nothing"
+    );
+}
+
+#[test]
+fn conflict_records_keep_blobs_infinities_and_negative_zero_losslessly() {
+    // A column without affinity keeps each value's own type.
+    let p = Pair::with(
+        true,
+        "CREATE TABLE m (id INTEGER PRIMARY KEY, v); INSERT INTO m VALUES (1, 0), (2, 0);",
+    );
+    exec(
+        &p.bot,
+        "UPDATE m SET v = x'00ff10' WHERE id = 1; UPDATE m SET v = -9e999 WHERE id = 2;",
+    );
+    exec(
+        &p.web,
+        "UPDATE m SET v = 9e999 WHERE id = 1; UPDATE m SET v = -0.0 WHERE id = 2;",
+    );
+    p.run(&["db", "sync"]);
+    let text = std::fs::read_to_string(p.r.path("state/conflicts.jsonl")).unwrap();
+    assert!(text.contains(r#"{"hex":"00ff10"}"#), "{text}");
+    assert!(text.contains(r#"{"real":"inf"}"#), "{text}");
+    assert!(text.contains(r#"{"real":"-inf"}"#), "{text}");
+    assert!(text.contains("-0.0"), "{text}");
+    // And a recorded infinity can be put back exactly.
+    let open = p.open();
+    let inf = open
+        .iter()
+        .find(|c| c["key"] == serde_json::json!([1]))
+        .unwrap();
+    p.run(&[
+        "db",
+        "resolve",
+        inf["id"].as_str().unwrap(),
+        "--keep",
+        "peer",
+    ]);
+    let v: f64 = Connection::open(p.central())
+        .unwrap()
+        .query_row("SELECT v FROM m WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, f64::INFINITY);
+}
