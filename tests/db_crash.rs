@@ -758,3 +758,24 @@ fn a_full_disk_under_the_central_store_is_reported_and_completed_exactly() {
         "the disk filled at too few steps: {failures:?}"
     );
 }
+
+#[test]
+fn a_row_both_sides_deleted_and_one_side_inserted_again_is_a_plain_insert() {
+    // The base lets go of a row both sides deleted, so inserting it again later is an
+    // insert everywhere, not an update/delete conflict that could drop it.
+    let w = World::new("central-wins");
+    exec(&w.bot, "DELETE FROM users WHERE id = 3");
+    exec(&w.web, "DELETE FROM users WHERE id = 3");
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    exec(
+        &w.web,
+        "INSERT INTO users VALUES (3, 'carol2', NULL, 1, 't9')",
+    );
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    for side in ["central", "bot", "web"] {
+        assert_eq!(w.one(side, "SELECT nick FROM users WHERE id = 3"), "carol2");
+    }
+    assert!(w.conflicts().is_empty(), "{:?}", w.conflicts());
+}

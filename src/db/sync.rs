@@ -1071,11 +1071,15 @@ fn differing_rows(
     );
     let mut stmt = conn.prepare(&changed)?;
     let mut rows = stmt.query([])?;
+    // Central rows without a base row, and peer-only rows with one: with the table sizes
+    // they tell whether any base row is missing from both sides (see below).
+    let (mut central_unbased, mut peer_only_based) = (0i64, 0i64);
     while let Some(r) = rows.next()? {
         let c = read(r, 0)?;
         let p = read(r, n + 1)?;
         let b = if with_base { read(r, 2 * n + 2)? } else { None };
         if let Some(c) = c {
+            central_unbased += i64::from(b.is_none());
             out.insert(spec.key_of(&c), [b, Some(c), p]);
         }
     }
@@ -1093,10 +1097,23 @@ fn differing_rows(
         let p = read(r, 0)?;
         let b = if with_base { read(r, n + 1)? } else { None };
         if let Some(p) = p {
+            peer_only_based += i64::from(b.is_some());
             out.insert(spec.key_of(&p), [b, None, Some(p)]);
         }
     }
-    if with_base {
+    // Base rows whose key the central copy lacks number `central_unbased - (central rows -
+    // base rows)`; those the peer still holds were just found. Only if some are left (rows
+    // both sides deleted) is the base scanned for them. NULL keys only make the count err
+    // towards scanning.
+    let count = |db: &str| -> Result<i64> {
+        Ok(conn.query_row(&format!("SELECT count(*) FROM {db}.{t}"), [], |r| r.get(0))?)
+    };
+    let gone_from_both = if with_base {
+        central_unbased - (count("main")? - count("b")?) - peer_only_based
+    } else {
+        0
+    };
+    if gone_from_both != 0 {
         // Rows both sides deleted: the base lets go of them.
         let same = |a: &str| -> String {
             pk.iter()
