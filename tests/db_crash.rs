@@ -16,20 +16,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use common::{Root, stderr_of};
+use common::{FAULT_POINTS as POINTS, Root, stderr_of};
 use rusqlite::Connection;
 
 const FIXTURE: &str = include_str!("../fixtures/users.sql");
-
-/// The points of the commit protocol a sync can be stopped at (see `src/db/journal.rs`).
-const POINTS: [&str; 6] = [
-    "after-journal",
-    "after-peer-commit",
-    "before-central-commit",
-    "during-central-commit",
-    "after-central-commit",
-    "after-conflicts-append",
-];
 
 /// A root with database `users` (`coins` a counter) and peers `bot` and `web`.
 struct World {

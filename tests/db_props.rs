@@ -303,15 +303,13 @@ impl Twin {
     }
 }
 
-const STOPS: [&str; 7] = [
-    "after-journal",
-    "after-peer-commit",
-    "before-central-commit",
-    "during-central-commit",
-    "after-central-commit",
-    "after-conflicts-append",
-    "after-peer-commit,during-roll-forward",
-];
+/// Where a sync may stop: each point of the commit protocol, and a roll-forward stopped
+/// too (a comma arms both points, so each later run stops again during its roll-forward).
+fn stops() -> Vec<&'static str> {
+    let mut v = common::FAULT_POINTS.to_vec();
+    v.push("after-peer-commit,during-roll-forward");
+    v
+}
 
 proptest! {
     // 24 cases in CI; PROPTEST_CASES=N for a longer search.
@@ -326,7 +324,7 @@ proptest! {
         on_central in prop::collection::vec(step(), 0..10),
         on_peer in prop::collection::vec(step(), 0..10),
         policy in prop::sample::select(vec!["central-wins", "peer-wins", "newest-wins"]),
-        stop in prop::sample::select(STOPS.to_vec()),
+        stop in prop::sample::select(stops()),
         times in 1..4usize,
         full_disk in any::<bool>(),
     ) {

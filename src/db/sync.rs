@@ -502,20 +502,17 @@ fn sync_pair_inner(
             .any(|w| w.spec.name == t && !w.to_central.is_empty())
     })
     .with_context(central_write)?;
-    journal::outbox_add(&tx, &records).with_context(base_write)?;
-    if write_peer {
-        journal::set_committed(&tx, &txid).with_context(base_write)?;
-    }
-    fault::point("before-central-commit")?;
-    tx.commit().with_context(|| {
-        format!(
-            "cannot commit the central copy {}; the next run completes this sync",
-            central_path.display()
-        )
-    })?;
-    fault::point("after-central-commit")?;
+    commit_central(
+        ctx,
+        &conn,
+        tx,
+        &records,
+        write_peer.then_some(txid.as_str()),
+        ["before-central-commit", "after-central-commit"],
+        &central_path,
+    )
+    .with_context(base_write)?;
     phases.mark("central commit");
-    journal::flush_outbox(ctx, &conn, true)?;
     for r in &records {
         let line = format!(
             "conflict in {name}/{peer_name} table {} key {}: {} wins ({}, id {}). Try: cr0sync \
@@ -619,18 +616,45 @@ fn complete_interrupted(
             c,
         )
     }));
-    journal::outbox_add(&tx, &records)?;
-    journal::set_committed(&tx, &j.txid)?;
-    fault::point("during-roll-forward")?;
+    commit_central(
+        ctx,
+        conn,
+        tx,
+        &records,
+        Some(&j.txid),
+        ["during-roll-forward", "after-roll-forward"],
+        central_path,
+    )?;
+    Ok(true)
+}
+
+/// The central commit of the protocol (see `journal`): the conflict records (into the
+/// base's outbox) and the id of the journal it completes join the open transaction on the
+/// central copy and the base; it commits; the outbox is appended to `conflicts.jsonl`.
+/// `points` are the fault points just before and just after the commit.
+fn commit_central(
+    ctx: &Context,
+    conn: &Connection,
+    tx: rusqlite::Transaction<'_>,
+    records: &[ConflictRecord],
+    txid: Option<&str>,
+    points: [&str; 2],
+    central_path: &Path,
+) -> Result<()> {
+    journal::outbox_add(&tx, records)?;
+    if let Some(txid) = txid {
+        journal::set_committed(&tx, txid)?;
+    }
+    fault::point(points[0])?;
     tx.commit().with_context(|| {
         format!(
-            "cannot commit the central copy {}; the next run completes the interrupted sync",
+            "cannot commit the central copy {}; the next run completes this sync",
             central_path.display()
         )
     })?;
-    fault::point("after-roll-forward")?;
+    fault::point(points[1])?;
     journal::flush_outbox(ctx, conn, true)?;
-    Ok(true)
+    Ok(())
 }
 
 /// The journal of the peer's changes about to be committed (see `journal`).

@@ -21,6 +21,17 @@ pub fn cr0sync() -> assert_cmd::Command {
     cmd
 }
 
+/// The points of a database sync's commit protocol a test can stop it at with
+/// `CR0SYNC_FAULT` (see `src/db/journal.rs`), in order.
+pub const FAULT_POINTS: [&str; 6] = [
+    "after-journal",
+    "after-peer-commit",
+    "before-central-commit",
+    "during-central-commit",
+    "after-central-commit",
+    "after-conflicts-append",
+];
+
 /// A temporary directory and an initialized root inside it.
 pub struct Root {
     pub tmp: tempfile::TempDir,
