@@ -301,3 +301,68 @@ fn columns_added_by_hand_on_every_side_keep_the_edits_made_since_the_last_sync()
         );
     }
 }
+
+fn conflicts(s: &Site) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(s.r.path("state/conflicts.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_swap_of_unique_nicks_on_one_side_applies_without_conflict() {
+    let s = Site::new("");
+    app(
+        &s.bot,
+        "UPDATE users SET nick = 'tmp' WHERE id = 1; UPDATE users SET nick = 'alice' WHERE id = 2;
+         UPDATE users SET nick = 'bob' WHERE id = 1;",
+    );
+    s.sync();
+    s.sync();
+    s.assert_converged();
+    for db in s.sides() {
+        assert_eq!(
+            query(&db, "SELECT nick FROM users ORDER BY id"),
+            ["bob", "alice"],
+            "{}",
+            db.display()
+        );
+    }
+    assert!(conflicts(&s).is_empty());
+}
+
+#[test]
+fn the_same_nick_registered_on_both_sides_is_a_unique_conflict_and_the_sides_converge() {
+    for (policy, winner_id) in [("central-wins", "3"), ("peer-wins", "4")] {
+        let s = Site::new("");
+        s.r.write_config(
+            &std::fs::read_to_string(s.r.path("cr0sync.toml"))
+                .unwrap()
+                .replace(
+                    "name = \"site\"",
+                    &format!("name = \"site\"\npolicy = \"{policy}\""),
+                ),
+        );
+        // Both register zed between two syncs, under different ids.
+        app(&s.bot, "INSERT INTO users (id, nick) VALUES (3, 'zed')");
+        app(&s.web, "INSERT INTO users (id, nick) VALUES (4, 'zed')");
+        s.sync();
+        s.sync();
+        s.sync();
+        s.assert_converged();
+        for db in s.sides() {
+            assert_eq!(
+                query(&db, "SELECT id FROM users WHERE nick = 'zed'"),
+                [winner_id],
+                "{policy}: {}",
+                db.display()
+            );
+        }
+        let c = conflicts(&s);
+        assert_eq!(c.len(), 1, "{policy}: {c:?}");
+        assert_eq!(c[0]["kind"], "unique");
+        // The losing registration is in the record.
+        assert!(c[0].to_string().contains("[4,\"zed\"") && c[0].to_string().contains("[3,\"zed\""));
+    }
+}

@@ -8,8 +8,9 @@
 //!   and reported as skipped; the next run merges it.
 //! - Multiset changes are "this row occurs N times", never "insert one more", so a change
 //!   applied twice (after a crash) has no further effect.
-//! - A row the database refuses (a constraint of its own) is skipped with a warning naming
-//!   the table; the transaction and the other rows go on.
+//! - A set of changes valid as a whole applies in any order (values freed later, swaps of
+//!   unique values). A row the database still refuses (a constraint of its own) is skipped
+//!   with a warning naming the table; the transaction and the other rows go on.
 //! - Merged writes are not the application's writes: they run on a connection opened by
 //!   [`open_for_merge`], with triggers disabled and foreign keys not enforced, so a trigger
 //!   fires once, where the application wrote (its effects arrive as ordinary rows), and
@@ -41,131 +42,288 @@ pub fn open_for_merge(path: &std::path::Path, busy: std::time::Duration) -> Resu
 /// What an apply left undone.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
-    /// Keys (keyed tables) or rows (multisets) not written because they changed meanwhile.
+    /// Keys (keyed tables) or rows (multisets) not written: changed meanwhile, or refused.
     pub skipped: BTreeSet<Key>,
+    /// Those of `skipped` the database refused (a constraint), as opposed to changed.
+    pub refused: BTreeSet<Key>,
+}
+
+/// How one write went.
+enum Wrote {
+    Done,
+    /// The row no longer holds what the snapshot saw: left for the next run.
+    Changed,
+    /// The database refused it (a constraint); `unique` when another row holds a value
+    /// of a UNIQUE constraint, which a later write of the same change set may free.
+    Refused {
+        unique: bool,
+        why: String,
+    },
 }
 
 /// Applies `changes` to `db.<spec.name>` (`db` is `main` or an ATTACH name).
+///
+/// A set of changes that is valid as a whole is applied whatever its order: a write
+/// refused by a UNIQUE constraint is retried after the others (a value freed by a later
+/// update or delete), and writes that still refuse each other (a swap of two unique
+/// values) are applied together: their rows are deleted, then their new images inserted,
+/// inside a savepoint that is rolled back if that does not succeed either.
 pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) -> Result<Applied> {
-    let t = format!("{db}.{}", quote(&spec.name));
-    let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
-    let n = cols.len();
-    let match_all = |from: usize| -> String {
-        cols.iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c} IS ?{}", from + i))
-            .collect::<Vec<_>>()
-            .join(" AND ")
-    };
-    let match_key = spec
-        .pk
-        .iter()
-        .enumerate()
-        .map(|(i, &c)| format!("{} IS ?{}", cols[c], i + 1))
-        .collect::<Vec<_>>()
-        .join(" AND ");
-    let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
-    let sets: Vec<String> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, c)| format!("{c} = ?{}", i + 1))
-        .collect();
-    let update = format!(
-        "UPDATE {t} SET {} WHERE {}",
-        sets.join(", "),
-        match_all(n + 1)
-    );
-    let insert = format!(
-        "INSERT INTO {t} ({}) VALUES ({})",
-        cols.join(", "),
-        marks.join(", ")
-    );
-    let delete = format!("DELETE FROM {t} WHERE {}", match_all(1));
-    let exists = format!("SELECT count(*) FROM {t} WHERE {match_key}");
-    let count = format!("SELECT count(*) FROM {t} WHERE {}", match_all(1));
-    let delete_some = format!(
-        "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE {} LIMIT ?{})",
-        match_all(1),
-        n + 1
-    );
-
-    fn values(row: &[Cell]) -> Vec<&rusqlite::types::Value> {
-        row.iter().map(|c| &c.0).collect()
-    }
+    let sql = Statements::new(db, spec);
     let mut out = Applied::default();
+    let mut waiting: Vec<&Change> = Vec::new();
     for change in changes {
-        match change {
-            Change::Upsert {
-                key,
-                old: Some(old),
-                new,
-            } => {
-                let mut params = values(new);
-                params.extend(values(old));
-                let done = conn
-                    .prepare_cached(&update)?
-                    .execute(params_from_iter(params));
-                if !wrote(done, &spec.name, key)? {
-                    out.skipped.insert(key.clone());
-                }
+        match write(conn, &sql, spec, change)? {
+            Wrote::Done => {}
+            Wrote::Changed => {
+                out.skipped.insert(target(change).clone());
             }
-            Change::Upsert {
-                key,
-                old: None,
-                new,
-            } => {
-                let present: i64 = conn
-                    .prepare_cached(&exists)?
-                    .query_row(params_from_iter(values(key)), |r| r.get(0))?;
-                if present > 0 {
-                    out.skipped.insert(key.clone());
-                    continue;
+            Wrote::Refused { unique: true, .. } => waiting.push(change),
+            Wrote::Refused { why, .. } => refuse(&mut out, spec, change, &why),
+        }
+    }
+    // Values freed by later writes: retry until nothing moves.
+    let mut last_why = String::new();
+    loop {
+        let before = waiting.len();
+        let mut still = Vec::new();
+        for change in waiting {
+            match write(conn, &sql, spec, change)? {
+                Wrote::Done => {}
+                Wrote::Changed => {
+                    out.skipped.insert(target(change).clone());
                 }
-                let done = conn
-                    .prepare_cached(&insert)?
-                    .execute(params_from_iter(values(new)));
-                if !wrote(done, &spec.name, key)? {
-                    out.skipped.insert(key.clone());
-                }
-            }
-            Change::Delete { key, old } => {
-                let done = conn
-                    .prepare_cached(&delete)?
-                    .execute(params_from_iter(values(old)));
-                if !wrote(done, &spec.name, key)? {
-                    out.skipped.insert(key.clone());
-                }
-            }
-            Change::SetCount { row, old, new } => {
-                let now: i64 = conn
-                    .prepare_cached(&count)?
-                    .query_row(params_from_iter(values(row)), |r| r.get(0))?;
-                if now as u64 != *old {
-                    out.skipped.insert(row.clone());
-                    continue;
-                }
-                if new > old {
-                    for _ in *old..*new {
-                        let done = conn
-                            .prepare_cached(&insert)?
-                            .execute(params_from_iter(values(row)));
-                        if !wrote(done, &spec.name, row)? {
-                            out.skipped.insert(row.clone());
-                            break;
-                        }
-                    }
-                } else {
-                    let surplus = rusqlite::types::Value::Integer((old - new) as i64);
-                    let mut params = values(row);
-                    params.push(&surplus);
-                    conn.prepare_cached(&delete_some)?
-                        .execute(params_from_iter(params))
-                        .with_context(|| format!("cannot delete rows from table {}", spec.name))?;
+                Wrote::Refused { why, .. } => {
+                    last_why = why;
+                    still.push(change);
                 }
             }
         }
+        waiting = still;
+        if waiting.is_empty() || waiting.len() == before {
+            break;
+        }
+    }
+    if !waiting.is_empty() && !swap(conn, &sql, spec, &waiting)? {
+        for change in waiting {
+            refuse(&mut out, spec, change, &last_why);
+        }
     }
     Ok(out)
+}
+
+fn target(change: &Change) -> &Row {
+    crate::db::merge::target_of(change)
+}
+
+fn refuse(out: &mut Applied, spec: &TableSpec, change: &Change, why: &str) {
+    log::warn!(
+        "table {}: row {} refused by the database ({why}); left for the next run",
+        spec.name,
+        serde_json::to_string(target(change)).unwrap_or_default(),
+    );
+    out.skipped.insert(target(change).clone());
+    out.refused.insert(target(change).clone());
+}
+
+/// Writes that refuse each other (a cycle of unique values) as one step: every old image
+/// deleted, then every new image inserted, in a savepoint. Returns whether it worked.
+fn swap(
+    conn: &Connection,
+    sql: &Statements,
+    spec: &TableSpec,
+    changes: &[&Change],
+) -> Result<bool> {
+    conn.execute_batch("SAVEPOINT cr0sync_swap")?;
+    let done = (|| -> Result<bool> {
+        for change in changes {
+            let old = match change {
+                Change::Upsert { old: Some(old), .. } | Change::Delete { old, .. } => old,
+                _ => continue,
+            };
+            if conn
+                .prepare_cached(&sql.delete)?
+                .execute(params_from_iter(values(old)))?
+                == 0
+            {
+                return Ok(false);
+            }
+        }
+        for change in changes {
+            let new = match change {
+                Change::Upsert { new, .. } => new,
+                _ => continue,
+            };
+            match conn
+                .prepare_cached(&sql.insert)?
+                .execute(params_from_iter(values(new)))
+            {
+                Ok(_) => {}
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == ErrorCode::ConstraintViolation =>
+                {
+                    return Ok(false);
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot write table {}", spec.name));
+                }
+            }
+        }
+        Ok(true)
+    })();
+    match done {
+        Ok(true) => {
+            conn.execute_batch("RELEASE cr0sync_swap")?;
+            Ok(true)
+        }
+        other => {
+            conn.execute_batch("ROLLBACK TO cr0sync_swap; RELEASE cr0sync_swap")?;
+            other.map(|_| false)
+        }
+    }
+}
+
+fn values(row: &[Cell]) -> Vec<&rusqlite::types::Value> {
+    row.iter().map(|c| &c.0).collect()
+}
+
+/// The statements of one table's writes.
+struct Statements {
+    update: String,
+    insert: String,
+    delete: String,
+    exists: String,
+    count: String,
+    delete_some: String,
+}
+
+impl Statements {
+    fn new(db: &str, spec: &TableSpec) -> Statements {
+        let t = format!("{db}.{}", quote(&spec.name));
+        let cols: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
+        let n = cols.len();
+        let match_all = |from: usize| -> String {
+            cols.iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c} IS ?{}", from + i))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let match_key = spec
+            .pk
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| format!("{} IS ?{}", cols[c], i + 1))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+        let sets: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = ?{}", i + 1))
+            .collect();
+        Statements {
+            update: format!(
+                "UPDATE {t} SET {} WHERE {}",
+                sets.join(", "),
+                match_all(n + 1)
+            ),
+            insert: format!(
+                "INSERT INTO {t} ({}) VALUES ({})",
+                cols.join(", "),
+                marks.join(", ")
+            ),
+            delete: format!("DELETE FROM {t} WHERE {}", match_all(1)),
+            exists: format!("SELECT count(*) FROM {t} WHERE {match_key}"),
+            count: format!("SELECT count(*) FROM {t} WHERE {}", match_all(1)),
+            delete_some: format!(
+                "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE {} LIMIT ?{})",
+                match_all(1),
+                n + 1
+            ),
+        }
+    }
+}
+
+/// One optimistic write.
+fn write(conn: &Connection, sql: &Statements, spec: &TableSpec, change: &Change) -> Result<Wrote> {
+    let outcome = |r: rusqlite::Result<usize>| -> Result<Wrote> {
+        match r {
+            Ok(0) => Ok(Wrote::Changed),
+            Ok(_) => Ok(Wrote::Done),
+            Err(rusqlite::Error::SqliteFailure(e, msg))
+                if e.code == ErrorCode::ConstraintViolation =>
+            {
+                Ok(Wrote::Refused {
+                    // SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY
+                    unique: e.extended_code == 2067 || e.extended_code == 1555,
+                    why: msg.unwrap_or_else(|| e.to_string()),
+                })
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot write table {}", spec.name)),
+        }
+    };
+    match change {
+        Change::Upsert {
+            old: Some(old),
+            new,
+            ..
+        } => {
+            let mut params = values(new);
+            params.extend(values(old));
+            outcome(
+                conn.prepare_cached(&sql.update)?
+                    .execute(params_from_iter(params)),
+            )
+        }
+        Change::Upsert {
+            key,
+            old: None,
+            new,
+        } => {
+            let present: i64 = conn
+                .prepare_cached(&sql.exists)?
+                .query_row(params_from_iter(values(key)), |r| r.get(0))?;
+            if present > 0 {
+                return Ok(Wrote::Changed);
+            }
+            outcome(
+                conn.prepare_cached(&sql.insert)?
+                    .execute(params_from_iter(values(new))),
+            )
+        }
+        Change::Delete { old, .. } => outcome(
+            conn.prepare_cached(&sql.delete)?
+                .execute(params_from_iter(values(old))),
+        ),
+        Change::SetCount { row, old, new } => {
+            let now: i64 = conn
+                .prepare_cached(&sql.count)?
+                .query_row(params_from_iter(values(row)), |r| r.get(0))?;
+            if now as u64 != *old {
+                return Ok(Wrote::Changed);
+            }
+            if new > old {
+                for _ in *old..*new {
+                    match outcome(
+                        conn.prepare_cached(&sql.insert)?
+                            .execute(params_from_iter(values(row))),
+                    )? {
+                        Wrote::Done => {}
+                        other => return Ok(other),
+                    }
+                }
+            } else {
+                let surplus = rusqlite::types::Value::Integer((old - new) as i64);
+                let mut params = values(row);
+                params.push(&surplus);
+                conn.prepare_cached(&sql.delete_some)?
+                    .execute(params_from_iter(params))
+                    .with_context(|| format!("cannot delete rows from table {}", spec.name))?;
+            }
+            Ok(Wrote::Done)
+        }
+    }
 }
 
 /// Writes keyed changes without the optimistic check: for the merge base, which only
@@ -200,23 +358,6 @@ pub fn overwrite(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Chang
         }
     }
     Ok(())
-}
-
-/// Whether a write changed a row. A constraint the database enforces is a skip with a
-/// warning; any other error ends the apply (and the caller's transaction).
-fn wrote(result: rusqlite::Result<usize>, table: &str, key: &Row) -> Result<bool> {
-    match result {
-        Ok(n) => Ok(n > 0),
-        Err(rusqlite::Error::SqliteFailure(e, msg)) if e.code == ErrorCode::ConstraintViolation => {
-            log::warn!(
-                "table {table}: row {} refused by the database ({}); left as it is",
-                serde_json::to_string(key).unwrap_or_default(),
-                msg.unwrap_or_else(|| e.to_string())
-            );
-            Ok(false)
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot write table {table}")),
-    }
 }
 
 #[cfg(test)]
@@ -279,6 +420,48 @@ mod tests {
         assert_eq!(now.len(), 3);
         assert_eq!(now[0][2], Cell(t("new")));
         assert_eq!(now[1][2], Cell(t("x")));
+    }
+
+    #[test]
+    fn a_swap_of_unique_values_applies_and_a_real_violation_is_refused() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE u (id INTEGER PRIMARY KEY, nick TEXT UNIQUE);
+             INSERT INTO u VALUES (1, 'alice'), (2, 'bob'), (3, 'carol');",
+        )
+        .unwrap();
+        let spec = schemas(&conn, "main").unwrap()[0].spec(&[], "");
+        let row = |id: i64, nick: &str| cells(&[Value::Integer(id), Value::Text(nick.into())]);
+        let key = |id: i64| cells(&[Value::Integer(id)]);
+        let upd = |id: i64, from: &str, to: &str| Change::Upsert {
+            key: key(id),
+            old: Some(row(id, from)),
+            new: row(id, to),
+        };
+        // alice <-> bob, and carol takes a name freed only by a later write.
+        let changes = vec![
+            upd(1, "alice", "bob"),
+            upd(3, "carol", "dave"),
+            upd(2, "bob", "alice"),
+        ];
+        let applied = apply(&conn, "main", &spec, &changes).unwrap();
+        assert!(applied.skipped.is_empty(), "{applied:?}");
+        let names: Vec<String> = conn
+            .prepare("SELECT nick FROM u ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(names, ["bob", "alice", "dave"]);
+        // A new row taking a name another row keeps is refused, and nothing else moves.
+        let insert = Change::Upsert {
+            key: key(4),
+            old: None,
+            new: row(4, "bob"),
+        };
+        let applied = apply(&conn, "main", &spec, &[insert]).unwrap();
+        assert_eq!(applied.refused.len(), 1);
     }
 
     #[test]

@@ -101,6 +101,9 @@ pub enum ConflictKind {
     InsertInsert,
     /// One side updated the row, the other deleted it.
     UpdateDelete,
+    /// Two rows under different keys hold the same value of a UNIQUE constraint (the same
+    /// nick registered under two ids): the loser is removed from the side that holds it.
+    Unique,
 }
 
 /// The outcome of merging one table.
@@ -364,7 +367,7 @@ fn counters_moved_on_both(
 
 /// Which side wins a conflict under `policy`. A deletion has no `updated_at`,
 /// so newest-wins falls back to central-wins for it, as for ties and NULLs.
-fn pick(spec: &TableSpec, policy: Policy, c: Option<&Row>, p: Option<&Row>) -> Winner {
+pub fn pick(spec: &TableSpec, policy: Policy, c: Option<&Row>, p: Option<&Row>) -> Winner {
     match policy {
         Policy::CentralWins => Winner::Central,
         Policy::PeerWins => Winner::Peer,

@@ -35,7 +35,7 @@ use crate::db::base;
 use crate::db::conflicts::ConflictRecord;
 use crate::db::journal::{self, Journal};
 use crate::db::merge::{
-    self, Change, Conflict, Counts, Rules, TableSpec, counts, merge_key, multiset,
+    self, Change, Conflict, Counts, Rules, TableSpec, Winner, counts, merge_key, multiset,
 };
 use crate::db::migrate;
 use crate::db::snapshot::{self, Schema, quote};
@@ -386,11 +386,17 @@ fn sync_pair_inner(
     let mut works = Vec::new();
     for (schema, base_state) in plans {
         let spec = spec_of(db, &schema);
-        works.push(if spec.keyed() {
+        let mut work = if spec.keyed() {
             merge_keyed(&conn, schema, spec, base_state, rules)?
         } else {
             merge_multiset(&conn, schema, spec, base_state, rules)?
-        });
+        };
+        if rules.direction == Direction::Both {
+            resolve_unique(&conn, &mut work, rules).with_context(|| {
+                format!("cannot check the UNIQUE constraints of {}", work.spec.name)
+            })?;
+        }
+        works.push(work);
     }
     phases.mark("diff and merge");
 
@@ -464,7 +470,11 @@ fn sync_pair_inner(
                 .collect()
         })
         .collect();
-    let write_peer = to_peer.iter().any(|c| !c.is_empty());
+    // AUTOINCREMENT counters: every side's `sqlite_sequence` is raised to the highest one,
+    // so no side hands out again an id another side has used (even for a row that lost).
+    let sequences = sequence_targets(&conn, &works)?;
+    let peer_seq_behind = sequences.iter().any(|s| s.2);
+    let write_peer = to_peer.iter().any(|c| !c.is_empty()) || peer_seq_behind;
 
     // The journal, then the peer's commit with its marker.
     let mut left_alone = vec![BTreeSet::new(); works.len()];
@@ -475,13 +485,18 @@ fn sync_pair_inner(
             .with_context(|| format!("{name}/{peer_name}: nothing was written"))?;
         phases.mark("journal");
         fault::point("after-journal")?;
-        left_alone = write_peer_side(&peer_path, busy, &works, &to_peer, &txid, &fts)
-            .with_context(|| {
-                format!(
-                    "{name}/{peer_name}: cannot write peer {}; nothing was written",
-                    peer_path.display()
-                )
-            })?;
+        let side = PeerWrite {
+            to_peer: &to_peer,
+            txid: &txid,
+            fts: &fts,
+            sequences: &sequences,
+        };
+        left_alone = write_peer_side(&peer_path, busy, &works, &side).with_context(|| {
+            format!(
+                "{name}/{peer_name}: cannot write peer {}; nothing was written",
+                peer_path.display()
+            )
+        })?;
         fault::point("after-peer-commit")?;
     }
     phases.mark("peer writes");
@@ -502,6 +517,7 @@ fn sync_pair_inner(
             .any(|w| w.spec.name == t && !w.to_central.is_empty())
     })
     .with_context(central_write)?;
+    raise_sequences(&tx, &sequences).with_context(central_write)?;
     commit_central(
         ctx,
         &conn,
@@ -1253,6 +1269,165 @@ fn merge_multiset(
     })
 }
 
+/// The UNIQUE constraints (other than the key) of a table, as column indices; indexes on
+/// expressions and partial indexes are left to the database (a write they refuse is
+/// reported and retried next run).
+fn unique_indexes(conn: &Connection, db: &str, spec: &TableSpec) -> Result<Vec<Vec<usize>>> {
+    let mut out = Vec::new();
+    let mut list = conn.prepare(&format!("PRAGMA {db}.index_list({})", quote(&spec.name)))?;
+    let indexes: Vec<(String, bool, String, bool)> = list
+        .query_map([], |r| Ok((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+        .collect::<Result<_, _>>()?;
+    for (name, unique, origin, partial) in indexes {
+        if !unique || origin == "pk" || partial {
+            continue;
+        }
+        let mut info = conn.prepare(&format!("PRAGMA {db}.index_info({})", quote(&name)))?;
+        let cols: Vec<Option<String>> = info
+            .query_map([], |r| r.get(2))?
+            .collect::<Result<_, _>>()?;
+        let idx: Option<Vec<usize>> = cols
+            .iter()
+            .map(|c| {
+                c.as_ref()
+                    .and_then(|c| spec.columns.iter().position(|n| n == c))
+            })
+            .collect();
+        if let Some(idx) = idx {
+            out.push(idx);
+        }
+    }
+    Ok(out)
+}
+
+/// Rows the merge would write into a side where a row under another key holds the same
+/// value of a UNIQUE constraint (the same nick registered under two ids, one on each
+/// side) are `unique` conflicts, resolved by the policy between the two rows: the loser
+/// is removed from the side that holds it (and not copied to the other), and recorded.
+/// Both sides then converge on the winner. Values freed or swapped by the same set of
+/// changes are no conflict (`apply` writes them in a working order).
+fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> Result<()> {
+    if !w.keyed() {
+        return Ok(());
+    }
+    let indexes = unique_indexes(conn, "main", &w.spec)?;
+    if indexes.is_empty() {
+        return Ok(());
+    }
+    for into_peer in [true, false] {
+        let (side, origin) = if into_peer {
+            ("p", "main")
+        } else {
+            ("main", "p")
+        };
+        let list = if into_peer { &w.to_peer } else { &w.to_central };
+        // Each key's final row on this side after its changes (None: deleted).
+        let finals: BTreeMap<Key, Option<Row>> = list
+            .iter()
+            .filter_map(|c| match c {
+                Change::Upsert { key, new, .. } => Some((key.clone(), Some(new.clone()))),
+                Change::Delete { key, .. } => Some((key.clone(), None)),
+                Change::SetCount { .. } => None,
+            })
+            .collect();
+        let mut found = Vec::new();
+        for (key, row) in finals.iter().filter_map(|(k, r)| Some((k, r.as_ref()?))) {
+            for cols in &indexes {
+                if cols.iter().any(|&i| row[i].is_null()) {
+                    continue; // NULLs never collide in a UNIQUE index
+                }
+                let same: Vec<String> = cols
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &i)| format!("{} IS ?{}", quote(&w.spec.columns[i]), n + 1))
+                    .collect();
+                let all: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
+                let sql = format!(
+                    "SELECT {} FROM {side}.{} WHERE {}",
+                    all.join(", "),
+                    quote(&w.spec.name),
+                    same.join(" AND ")
+                );
+                let values: Vec<&rusqlite::types::Value> =
+                    cols.iter().map(|&i| &row[i].0).collect();
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let holders: Vec<Row> = stmt
+                    .query_map(params_from_iter(values), |r| {
+                        (0..all.len())
+                            .map(|i| r.get(i).map(Cell))
+                            .collect::<Result<Row, _>>()
+                    })?
+                    .collect::<Result<_, _>>()?;
+                for holder in holders {
+                    let h = w.spec.key_of(&holder);
+                    let freed = finals.get(&h).is_some_and(|f| {
+                        f.as_ref()
+                            .is_none_or(|f| cols.iter().any(|&i| f[i] != row[i]))
+                    });
+                    if &h != key && !freed {
+                        found.push((key.clone(), row.clone(), holder));
+                    }
+                }
+            }
+        }
+        for (key, row, holder) in found {
+            let h = w.spec.key_of(&holder);
+            let (central, peer) = if into_peer {
+                (&row, &holder)
+            } else {
+                (&holder, &row)
+            };
+            let winner = merge::pick(&w.spec, rules.policy, Some(central), Some(peer));
+            let holder_wins = (winner == Winner::Peer) == into_peer;
+            let (loser_key, loser_side) = if holder_wins {
+                (key.clone(), origin)
+            } else {
+                (h.clone(), side)
+            };
+            // The loser leaves the side holding it and is copied nowhere.
+            let loser_now =
+                snapshot::lookup(conn, &snapshot::lookup_sql(&w.spec, loser_side), &loser_key)?;
+            let (to_loser_side, to_other) = if loser_side == "p" {
+                (&mut w.to_peer, &mut w.to_central)
+            } else {
+                (&mut w.to_central, &mut w.to_peer)
+            };
+            to_loser_side.retain(|c| merge::target_of(c) != &loser_key);
+            to_other.retain(|c| merge::target_of(c) != &loser_key);
+            if let Some(old) = loser_now.clone() {
+                to_loser_side.push(Change::Delete {
+                    key: loser_key.clone(),
+                    old,
+                });
+            }
+            w.to_base.retain(|c| merge::target_of(c) != &loser_key);
+            w.to_base.push(Change::Delete {
+                key: loser_key.clone(),
+                old: Vec::new(),
+            });
+            w.new_base.remove(&loser_key);
+            if loser_side == "p" {
+                w.new_base.insert(loser_key.clone(), None);
+            }
+            w.conflicts.push(Conflict {
+                table: w.spec.name.clone(),
+                key: loser_key,
+                kind: merge::ConflictKind::Unique,
+                base: None,
+                central: Some(central.clone()),
+                peer: Some(peer.clone()),
+                winner,
+                result: Some(if holder_wins {
+                    holder.clone()
+                } else {
+                    row.clone()
+                }),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Brings the base up to date for one table, inside the central transaction. Rows a side
 /// deferred keep their old base, so the next run sees their change again.
 fn settle_base(
@@ -1426,6 +1601,53 @@ fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &
     Ok(())
 }
 
+/// What a peer's transaction writes besides its rows' changes.
+struct PeerWrite<'a> {
+    to_peer: &'a [Vec<Change>],
+    txid: &'a str,
+    fts: &'a [(String, String)],
+    sequences: &'a [(String, i64, bool)],
+}
+
+/// `(table, highest sqlite_sequence of the two sides, the peer's is lower)` for the merged
+/// tables with an AUTOINCREMENT counter on both sides.
+fn sequence_targets(conn: &Connection, works: &[Work]) -> Result<Vec<(String, i64, bool)>> {
+    let has = |db: &str| -> Result<bool> {
+        Ok(conn.query_row(
+            &format!("SELECT count(*) > 0 FROM {db}.sqlite_schema WHERE name = 'sqlite_sequence'"),
+            [],
+            |r| r.get(0),
+        )?)
+    };
+    if !has("main")? || !has("p")? {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut stmt = conn.prepare(
+        "SELECT c.name, max(c.seq, x.seq), x.seq < c.seq FROM main.sqlite_sequence AS c \
+         JOIN p.sqlite_sequence AS x ON x.name = c.name",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?;
+    for row in rows {
+        let row = row?;
+        if works.iter().any(|w| w.spec.name == row.0) {
+            out.push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// Raises `main.sqlite_sequence` (inside the caller's transaction) to the targets.
+fn raise_sequences(conn: &Connection, sequences: &[(String, i64, bool)]) -> Result<()> {
+    for (table, seq, _) in sequences {
+        conn.execute(
+            "UPDATE main.sqlite_sequence SET seq = ?2 WHERE name = ?1 AND seq < ?2",
+            rusqlite::params![table, seq],
+        )?;
+    }
+    Ok(())
+}
+
 /// Writes the peer's changes and the journal's marker in one immediate transaction on
 /// the live file. Returns, per table, the rows left alone because the peer's own writer
 /// changed them after the snapshot.
@@ -1433,10 +1655,9 @@ fn write_peer_side(
     path: &Path,
     busy: std::time::Duration,
     works: &[Work],
-    to_peer: &[Vec<Change>],
-    txid: &str,
-    fts: &[(String, String)],
+    side: &PeerWrite,
 ) -> Result<Vec<BTreeSet<Key>>> {
+    let (to_peer, txid, fts) = (side.to_peer, side.txid, side.fts);
     let mut conn = open_for_merge(path, busy)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::new();
@@ -1459,6 +1680,7 @@ fn write_peer_side(
             .zip(to_peer)
             .any(|(w, c)| w.spec.name == t && !c.is_empty())
     })?;
+    raise_sequences(&tx, side.sequences)?;
     journal::mark_peer(&tx, &marker)?;
     tx.commit()?;
     Ok(out)
