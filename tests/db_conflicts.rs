@@ -246,3 +246,51 @@ fn conflict_records_keep_blobs_infinities_and_negative_zero_losslessly() {
         .unwrap();
     assert_eq!(v, f64::INFINITY);
 }
+
+#[test]
+fn rows_a_side_refuses_are_a_status_problem_and_are_retried_without_the_fast_path() {
+    // The website's copy of the table has a CHECK the bot's lacks: the bot's negative
+    // balance is refused there, every run retries it, and status says so until it applies.
+    let p = Pair::new(true);
+    exec(
+        &p.web,
+        "CREATE TABLE w (id INTEGER PRIMARY KEY, coins INTEGER CHECK (coins >= 0));",
+    );
+    exec(
+        &p.bot,
+        "CREATE TABLE w (id INTEGER PRIMARY KEY, coins INTEGER);",
+    );
+    exec(
+        &p.central(),
+        "CREATE TABLE w (id INTEGER PRIMARY KEY, coins INTEGER);",
+    );
+    p.run(&["db", "sync"]);
+    exec(&p.bot, "INSERT INTO w VALUES (1, -5), (2, 5)");
+    p.run(&["db", "sync"]);
+    let status = p.r.status_json();
+    assert!(
+        status["problems"]
+            .to_string()
+            .contains("1 row(s) unapplied"),
+        "{status}"
+    );
+    let again = p.run(&["db", "sync", "--peer", "web"]);
+    assert!(
+        !again.contains("unchanged") && !again.contains("in sync"),
+        "{again}"
+    );
+    // Fixed at the source: the next run applies it and the problem goes away.
+    exec(&p.bot, "UPDATE w SET coins = 0 WHERE id = 1");
+    p.run(&["db", "sync"]);
+    p.run(&["db", "sync"]);
+    let coins: i64 = Connection::open(&p.web)
+        .unwrap()
+        .query_row("SELECT coins FROM w WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(coins, 0);
+    assert!(
+        !p.r.status_json()["problems"]
+            .to_string()
+            .contains("unapplied")
+    );
+}

@@ -333,6 +333,8 @@ pub struct PairStatus {
     pub last_sync: Option<String>,
     pub last_changes: Option<serde_json::Value>,
     pub skipped_tables: Vec<sync::SkippedTable>,
+    /// Rows the last sync left for the next run (changed meanwhile, or refused).
+    pub unapplied: usize,
     /// Open conflicts (recorded, not yet reviewed with `db resolve`).
     pub conflicts: usize,
     pub last_error: Option<String>,
@@ -368,6 +370,9 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
                     let (c, p, k) = s.report.changes();
                     json!({"central": c, "peer": p, "conflicts": k})
                 }),
+                unapplied: state
+                    .as_ref()
+                    .map_or(0, |s| s.report.tables.iter().map(|t| t.deferred).sum()),
                 skipped_tables: state.map(|s| s.report.skipped_tables).unwrap_or_default(),
                 conflicts: all_conflicts
                     .iter()
@@ -512,6 +517,14 @@ pub fn section(ctx: &Context) -> Result<Section> {
             paint("error", Tone::Bad)
         } else if p.last_sync.is_none() {
             paint("never synced", Tone::Warn)
+        } else if p.unapplied > 0 {
+            problems.push(format!(
+                "database {}/{}: the last sync left {} row(s) unapplied (changed meanwhile, \
+                 or refused by the database: see logs/cron_database_sync.log); the sides \
+                 differ until they apply. Try: cr0sync db sync --db {} --peer {}",
+                p.database, p.peer, p.unapplied, p.database, p.peer
+            ));
+            paint(&format!("{} row(s) unapplied", p.unapplied), Tone::Warn)
         } else if !p.skipped_tables.is_empty() {
             for t in &p.skipped_tables {
                 problems.push(format!(

@@ -552,7 +552,10 @@ fn sync_pair_inner(
         central_wal: FileStat::of(&wal(&central_path)),
         peer: peer_stat.0,
         peer_wal: peer_stat.1,
-        racy: racy(&[peer_stat.0, peer_stat.1], seen_at),
+        // Rows left for the next run (changed meanwhile, or refused) must be retried even
+        // if no file changes: never fast-path such a pair.
+        racy: racy(&[peer_stat.0, peer_stat.1], seen_at)
+            || report.tables.iter().any(|t| t.deferred > 0),
     };
     ctx.state.save(
         &state_file,
