@@ -104,6 +104,9 @@ pub enum ConflictKind {
     /// Two rows under different keys hold the same value of a UNIQUE constraint (the same
     /// nick registered under two ids): the loser is removed from the side that holds it.
     Unique,
+    /// A parent row deleted on one side while the other still has rows referencing it:
+    /// the parent is kept (its deletion undone).
+    ForeignKey,
 }
 
 /// The outcome of merging one table.

@@ -398,6 +398,10 @@ fn sync_pair_inner(
         }
         works.push(work);
     }
+    if rules.direction == Direction::Both {
+        keep_referenced_parents(&conn, &mut works)
+            .with_context(|| format!("{name}/{peer_name}: cannot check foreign keys"))?;
+    }
     phases.mark("diff and merge");
 
     for w in &works {
@@ -1426,6 +1430,158 @@ fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> Result<()> {
                     row.clone()
                 }),
             });
+        }
+    }
+    Ok(())
+}
+
+/// A parent row deleted on one side while the other side still has rows referencing it
+/// (a comment added to a post the bot deleted): applying the delete would leave orphans,
+/// so the parent is kept (its deletion undone where it was deleted) and the conflict is
+/// recorded. Declared single-column foreign keys are followed; cr0sync's own writes never
+/// cascade, so after a sync `PRAGMA foreign_key_check` reports nothing new.
+fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> Result<()> {
+    // (child table, child column, parent table) for every declared single-column key.
+    let mut refs = Vec::new();
+    for w in works.iter() {
+        let mut stmt = conn.prepare(
+            "SELECT id, \"table\", \"from\", count(*) OVER (PARTITION BY id) \
+             FROM pragma_foreign_key_list(?1, 'main')",
+        )?;
+        let rows = stmt.query_map([&w.spec.name], |r| {
+            Ok((
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (parent, from, parts) = row?;
+            if parts == 1 {
+                refs.push((w.spec.name.clone(), from, parent));
+            }
+        }
+    }
+    for (child, column, parent) in refs {
+        let Some(pi) = works
+            .iter()
+            .position(|w| w.spec.name == parent && w.keyed())
+        else {
+            continue;
+        };
+        if works[pi].spec.pk.len() != 1 {
+            continue;
+        }
+        for into_peer in [true, false] {
+            // A delete on its way to `side`, whose rows may still reference the parent.
+            let (side, origin) = if into_peer {
+                ("p", "main")
+            } else {
+                ("main", "p")
+            };
+            let deletes: Vec<(Key, Row)> = {
+                let list = if into_peer {
+                    &works[pi].to_peer
+                } else {
+                    &works[pi].to_central
+                };
+                list.iter()
+                    .filter_map(|c| match c {
+                        Change::Delete { key, old } => Some((key.clone(), old.clone())),
+                        _ => None,
+                    })
+                    .collect()
+            };
+            for (key, parent_row) in deletes {
+                let ci = works.iter().position(|w| w.spec.name == child);
+                let Some(ci) = ci else { continue };
+                let child_deletes: BTreeSet<Key> = {
+                    let list = if into_peer {
+                        &works[ci].to_peer
+                    } else {
+                        &works[ci].to_central
+                    };
+                    list.iter()
+                        .filter(|c| matches!(c, Change::Delete { .. }))
+                        .map(|c| merge::target_of(c).clone())
+                        .collect()
+                };
+                let cspec = works[ci].spec.clone();
+                let kcols: Vec<String> =
+                    cspec.pk.iter().map(|&i| quote(&cspec.columns[i])).collect();
+                let sql = format!(
+                    "SELECT {} FROM {side}.{} WHERE {} = ?1",
+                    if kcols.is_empty() {
+                        "rowid".to_string()
+                    } else {
+                        kcols.join(", ")
+                    },
+                    quote(&child),
+                    quote(&column)
+                );
+                let mut stmt = conn.prepare_cached(&sql)?;
+                let n = kcols.len().max(1);
+                let referencing: Vec<Key> = stmt
+                    .query_map([&key[0].0], |r| {
+                        (0..n)
+                            .map(|i| r.get(i).map(Cell))
+                            .collect::<Result<Key, _>>()
+                    })?
+                    .collect::<Result<_, _>>()?;
+                let orphans = referencing
+                    .iter()
+                    .filter(|k| !child_deletes.contains(*k))
+                    .count();
+                if orphans == 0 {
+                    continue;
+                }
+                // Keep the parent: no delete on `side`, and `origin` gets it back.
+                let w = &mut works[pi];
+                let (to_side, to_origin) = if into_peer {
+                    (&mut w.to_peer, &mut w.to_central)
+                } else {
+                    (&mut w.to_central, &mut w.to_peer)
+                };
+                to_side.retain(|c| merge::target_of(c) != &key);
+                to_origin.retain(|c| merge::target_of(c) != &key);
+                let origin_now =
+                    snapshot::lookup(conn, &snapshot::lookup_sql(&w.spec, origin), &key)?;
+                if let Some(change) = merge::change(&key, origin_now.as_ref(), Some(&parent_row)) {
+                    to_origin.push(change);
+                }
+                w.to_base.retain(|c| merge::target_of(c) != &key);
+                w.to_base.push(Change::Upsert {
+                    key: key.clone(),
+                    old: None,
+                    new: parent_row.clone(),
+                });
+                w.new_base.insert(key.clone(), Some(parent_row.clone()));
+                let (central, peer) = if into_peer {
+                    (None, Some(parent_row.clone()))
+                } else {
+                    (Some(parent_row.clone()), None)
+                };
+                let winner = if into_peer {
+                    Winner::Peer
+                } else {
+                    Winner::Central
+                };
+                w.conflicts.push(Conflict {
+                    table: w.spec.name.clone(),
+                    key: key.clone(),
+                    kind: merge::ConflictKind::ForeignKey,
+                    base: None,
+                    central,
+                    peer,
+                    winner,
+                    result: Some(parent_row.clone()),
+                });
+                log::warn!(
+                    "table {parent}: row {} was deleted on one side but {orphans} row(s) of {child} \
+                     still reference it on the other; it is kept everywhere (recorded)",
+                    serde_json::to_string(&key).unwrap_or_default()
+                );
+            }
         }
     }
     Ok(())
