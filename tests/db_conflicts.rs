@@ -294,3 +294,27 @@ fn rows_a_side_refuses_are_a_status_problem_and_are_retried_without_the_fast_pat
             .contains("unapplied")
     );
 }
+
+#[test]
+fn a_table_with_text_that_is_not_utf8_is_named_and_the_other_tables_still_sync() {
+    let p = Pair::with(true, "CREATE TABLE m (id INTEGER PRIMARY KEY, v TEXT);");
+    exec(&p.bot, "INSERT INTO m VALUES (1, CAST(x'ff00fe' AS TEXT))");
+    exec(&p.bot, "UPDATE users SET coins = coins + 1 WHERE id = 1");
+    let out = p.r.cmd().args(["db", "sync"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr_of(&out);
+    assert!(
+        text.contains("m") && text.contains("cannot be compared"),
+        "{text}"
+    );
+    let coins: i64 = Connection::open(p.central())
+        .unwrap()
+        .query_row("SELECT coins FROM users WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(coins, 101, "the pair's other tables synced");
+    assert!(
+        p.r.status_json()["problems"]
+            .to_string()
+            .contains("table m is not synced"),
+        "status names it"
+    );
+}

@@ -528,8 +528,7 @@ pub fn section(ctx: &Context) -> Result<Section> {
         } else if !p.skipped_tables.is_empty() {
             for t in &p.skipped_tables {
                 problems.push(format!(
-                    "database {}/{}: table {} is not synced: {}. Make the schemas agree \
-                     (same columns and primary key on both sides)",
+                    "database {}/{}: table {} is not synced: {}",
                     p.database, p.peer, t.table, t.reason
                 ));
             }

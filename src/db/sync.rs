@@ -386,10 +386,27 @@ fn sync_pair_inner(
     let mut works = Vec::new();
     for (schema, base_state) in plans {
         let spec = spec_of(db, &schema);
-        let mut work = if spec.keyed() {
-            merge_keyed(&conn, schema, spec, base_state, rules)?
+        let table = schema.name.clone();
+        let merged = if spec.keyed() {
+            merge_keyed(&conn, schema, spec, base_state, rules)
         } else {
-            merge_multiset(&conn, schema, spec, base_state, rules)?
+            merge_multiset(&conn, schema, spec, base_state, rules)
+        };
+        // A table that cannot be read (a value cr0sync cannot represent yet) is skipped
+        // with its reason; the pair's other tables still sync.
+        let mut work = match merged {
+            Ok(work) => work,
+            Err(e) => {
+                let reason = format!(
+                    "cannot be compared: {e:#}. Try: find the value with sqlite3 (for TEXT \
+                     that is not UTF-8: SELECT rowid FROM \"{table}\" WHERE NOT \
+                     CAST(col AS BLOB) = CAST(CAST(col AS TEXT) AS BLOB)) and fix it at its \
+                     source, or exclude_tables"
+                );
+                log::warn!("{name}/{peer_name} table {table} skipped: {reason}");
+                report.skipped_tables.push(SkippedTable { table, reason });
+                continue;
+            }
         };
         if rules.direction == Direction::Both {
             resolve_unique(&conn, &mut work, rules).with_context(|| {
@@ -920,8 +937,16 @@ fn plan_tables(
     let mut out = Vec::new();
     for table in names {
         let reason = match (central.get(table), peer.get(table)) {
-            (Some(_), None) => Some("exists in the central copy only".to_string()),
-            (None, Some(_)) => Some("exists in the peer only".to_string()),
+            (Some(_), None) => Some(
+                "exists in the central copy only. Try: create it in the peer with the same \
+                 columns and key, or exclude_tables"
+                    .to_string(),
+            ),
+            (None, Some(_)) => Some(
+                "exists in the peer only. Try: create it in the central copy with the same \
+                 columns and key (sqlite3 databases/<db>.db), or exclude_tables"
+                    .to_string(),
+            ),
             (Some(c), Some(p)) if c != p => Some(format!(
                 "columns or primary key differ: central {} / peer {}. Try: make them agree \
                  (a column added by a migration is propagated by itself; a dropped, renamed or \
