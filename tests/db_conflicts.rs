@@ -318,3 +318,50 @@ fn a_table_with_text_that_is_not_utf8_is_named_and_the_other_tables_still_sync()
         "status names it"
     );
 }
+
+#[test]
+fn rows_with_a_null_in_a_composite_key_merge_as_whole_rows_and_never_flip() {
+    let p = Pair::with(
+        true,
+        "CREATE TABLE s2 (network TEXT, nick TEXT, score INTEGER, PRIMARY KEY (network, nick));",
+    );
+    exec(
+        &p.bot,
+        "INSERT INTO s2 VALUES ('efnet', NULL, 2); INSERT INTO s2 VALUES ('efnet', NULL, 3);",
+    );
+    exec(&p.web, "INSERT INTO s2 VALUES ('efnet', NULL, 9);");
+    p.run(&["db", "sync"]);
+    p.run(&["db", "sync"]);
+    let rows = |db: &Path| -> Vec<i64> {
+        let c = Connection::open(db).unwrap();
+        let mut s = c
+            .prepare("SELECT score FROM s2 WHERE nick IS NULL ORDER BY score")
+            .unwrap();
+        s.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    for db in [&p.central(), &p.bot, &p.web] {
+        assert_eq!(rows(db), [2, 3, 9], "{}", db.display());
+    }
+    // Later syncs change nothing: no row flips in or out.
+    let before: Vec<Vec<u8>> = [&p.central(), &p.bot, &p.web]
+        .iter()
+        .map(|d| std::fs::read(d).unwrap())
+        .collect();
+    p.run(&["db", "sync"]);
+    p.run(&["db", "sync"]);
+    for (i, db) in [&p.central(), &p.bot, &p.web].iter().enumerate() {
+        assert_eq!(rows(db), [2, 3, 9]);
+        assert_eq!(std::fs::read(db).unwrap(), before[i], "{}", db.display());
+    }
+    // A delete of one of them on one side is a delete everywhere.
+    exec(&p.web, "DELETE FROM s2 WHERE nick IS NULL AND score = 3");
+    p.run(&["db", "sync"]);
+    p.run(&["db", "sync"]);
+    for db in [&p.central(), &p.bot, &p.web] {
+        assert_eq!(rows(db), [2, 9], "{}", db.display());
+    }
+    assert!(p.open().is_empty());
+}

@@ -1221,7 +1221,6 @@ fn merge_keyed(
     let fresh = matches!(base, BaseState::Fresh);
     let mut keys = differing_rows(conn, &schema, &spec, fresh)
         .with_context(|| format!("cannot compare table {}", schema.name))?;
-    let sql_b = snapshot::lookup_sql(&spec, "b");
     let mut w = Work {
         schema,
         spec,
@@ -1234,10 +1233,55 @@ fn merge_keyed(
         counter_merges: 0,
         new_base: BTreeMap::new(),
     };
-    for (key, [b, _, _]) in &mut keys {
-        // A NULL in the key does not match with `=`: look its base row up with `IS`.
-        if fresh && b.is_none() && key.iter().any(Cell::is_null) {
-            *b = snapshot::lookup(conn, &sql_b, key)?;
+    // Rows with a NULL in a key column (SQLite allows it outside INTEGER PRIMARY KEY) are
+    // no key at all: several may share one. They merge as whole rows, like a table
+    // without a key, so none is lost and none flips between runs.
+    keys.retain(|key, _| !key.iter().any(Cell::is_null));
+    let null_key: Vec<String> = w
+        .spec
+        .pk
+        .iter()
+        .map(|&i| format!("{} IS NULL", quote(&w.spec.columns[i])))
+        .collect();
+    let null_rows = |db: &str| -> Result<Vec<Row>> {
+        let cols: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {} FROM {db}.{} WHERE {}",
+            cols.join(", "),
+            quote(&w.spec.name),
+            null_key.join(" OR ")
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            (0..cols.len())
+                .map(|i| r.get(i).map(Cell))
+                .collect::<Result<Row, _>>()
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    };
+    let (nc, np) = (null_rows("main")?, null_rows("p")?);
+    let nb = if fresh { Some(null_rows("b")?) } else { None };
+    if !(nc.is_empty() && np.is_empty() && nb.as_ref().is_none_or(Vec::is_empty)) {
+        let whole = TableSpec {
+            pk: Vec::new(),
+            ..w.spec.clone()
+        };
+        let m = merge::merge_table(&whole, rules, nb.as_deref(), &nc, &np);
+        w.to_central.extend(m.to_central);
+        w.to_peer.extend(m.to_peer);
+        let (bm, cm, pm, newm) = (
+            nb.as_deref().map(multiset),
+            multiset(&nc),
+            multiset(&np),
+            multiset(&m.new_base),
+        );
+        let count = |m: &BTreeMap<Row, u64>, r: &Row| m.get(r).copied().unwrap_or(0);
+        let rows: BTreeSet<&Row> = cm.keys().chain(pm.keys()).chain(newm.keys()).collect();
+        for r in rows {
+            let fallback = match &bm {
+                Some(bm) => count(bm, r),
+                None => count(&cm, r).min(count(&pm, r)),
+            };
+            w.multiset_base.push((r.clone(), count(&newm, r), fallback));
         }
     }
     // Consumed as merged, so each key's three rows are freed once its changes are made.
@@ -1647,6 +1691,38 @@ fn settle_base(
         apply(conn, "b", &w.spec, &changes)?;
         return Ok(());
     }
+    if matches!(w.base, BaseState::Fresh) && !w.multiset_base.is_empty() {
+        // Rows with a NULL in the key: their base is a multiset, like a keyless table's.
+        let null_key: Vec<String> = w
+            .spec
+            .pk
+            .iter()
+            .map(|&i| format!("{} IS NULL", quote(&w.spec.columns[i])))
+            .collect();
+        conn.execute_batch(&format!(
+            "DELETE FROM b.{t} WHERE {}",
+            null_key.join(" OR ")
+        ))?;
+        let whole = TableSpec {
+            pk: Vec::new(),
+            ..w.spec.clone()
+        };
+        let changes: Vec<Change> = w
+            .multiset_base
+            .iter()
+            .map(|(row, keep, fallback)| Change::SetCount {
+                row: row.clone(),
+                old: 0,
+                new: if deferred.contains(row) {
+                    *fallback
+                } else {
+                    *keep
+                },
+            })
+            .filter(|c| !matches!(c, Change::SetCount { new: 0, .. }))
+            .collect();
+        apply(conn, "b", &whole, &changes)?;
+    }
     match w.base {
         BaseState::Fresh => {
             // The new base row of every settled key is what `from` now holds, so it is
@@ -1731,7 +1807,9 @@ fn settle_base(
                 .map(|(i, &c)| format!("{} IS ?{}", quote(&w.spec.columns[c]), i + 1))
                 .collect();
             let sql = format!("DELETE FROM b.{t} WHERE {}", key_cols.join(" AND "));
-            for key in deferred {
+            // (Deferred rows with a NULL in the key are whole rows, not keys: the next
+            // first sync treats them as it treats a keyless table's.)
+            for key in deferred.iter().filter(|k| k.len() == w.spec.pk.len()) {
                 conn.execute(&sql, params_from_iter(key.iter().map(|c| &c.0)))?;
             }
         }
