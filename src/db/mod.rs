@@ -1,11 +1,16 @@
 //! The database job: row-level three-way sync between each central copy and its
 //! peers.
 //!
-//! - `sync`: one pair's sync (fast path, snapshot, SQL diff, journal, apply, commit).
+//! - `sync`: one pair's sync (fast path, snapshot, SQL diff, merge, the application-schema
+//!   rules: UNIQUE, foreign keys, FTS, migrations; apply, commit).
+//! - `journal`: the commit protocol that makes a stopped sync complete exactly (journal,
+//!   peer marker, roll-forward, conflict outbox), with its recovery table.
 //! - `merge`: the pure three-way merge (per key, and per table for multisets and tests).
-//! - `apply`: optimistic writes; `base`: the merge base and its journal.
-//! - `snapshot`, `backup`, `conflicts`, `value`.
-//! - `job`: pair selection, recovery commands, backup cleanup, the status section.
+//! - `apply`: optimistic writes, in any order a valid change set needs; `base`: the merge
+//!   base; `migrate`: columns added by a migration on one side.
+//! - `snapshot`, `backup`, `conflicts` (records, open until resolved), `value`.
+//! - `job`: pair selection, recovery commands (`sync-from-bot`, `restore`, `resolve`),
+//!   backup cleanup, the status section.
 
 pub mod apply;
 pub mod backup;
