@@ -1237,19 +1237,14 @@ fn merge_keyed(
     // no key at all: several may share one. They merge as whole rows, like a table
     // without a key, so none is lost and none flips between runs.
     keys.retain(|key, _| !key.iter().any(Cell::is_null));
-    let null_key: Vec<String> = w
-        .spec
-        .pk
-        .iter()
-        .map(|&i| format!("{} IS NULL", quote(&w.spec.columns[i])))
-        .collect();
+    let null_key = null_key(&w.spec);
     let null_rows = |db: &str| -> Result<Vec<Row>> {
         let cols: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
         let mut stmt = conn.prepare(&format!(
             "SELECT {} FROM {db}.{} WHERE {}",
             cols.join(", "),
             quote(&w.spec.name),
-            null_key.join(" OR ")
+            null_key
         ))?;
         let rows = stmt.query_map([], |r| {
             (0..cols.len())
@@ -1656,6 +1651,34 @@ fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> Result<()> 
     Ok(())
 }
 
+/// `k1 IS NULL OR k2 IS NULL ...`: the rows of a keyed table that have no key.
+fn null_key(spec: &TableSpec) -> String {
+    let parts: Vec<String> = spec
+        .pk
+        .iter()
+        .map(|&i| format!("{} IS NULL", quote(&spec.columns[i])))
+        .collect();
+    parts.join(" OR ")
+}
+
+/// The base's multiset rows as counts to write: the new count, or the old one for a row
+/// a side left for the next run.
+fn multiset_base_counts(w: &Work, deferred: &BTreeSet<Key>) -> Vec<Change> {
+    w.multiset_base
+        .iter()
+        .map(|(row, keep, fallback)| Change::SetCount {
+            row: row.clone(),
+            old: 0,
+            new: if deferred.contains(row) {
+                *fallback
+            } else {
+                *keep
+            },
+        })
+        .filter(|c| !matches!(c, Change::SetCount { new: 0, .. }))
+        .collect()
+}
+
 /// Brings the base up to date for one table, inside the central transaction. Rows a side
 /// deferred keep their old base, so the next run sees their change again.
 fn settle_base(
@@ -1674,53 +1697,18 @@ fn settle_base(
         } else {
             conn.execute_batch(&format!("DELETE FROM b.{t}"))?;
         }
-        let changes: Vec<Change> = w
-            .multiset_base
-            .iter()
-            .map(|(row, keep, fallback)| Change::SetCount {
-                row: row.clone(),
-                old: 0,
-                new: if deferred.contains(row) {
-                    *fallback
-                } else {
-                    *keep
-                },
-            })
-            .filter(|c| !matches!(c, Change::SetCount { new: 0, .. }))
-            .collect();
+        let changes = multiset_base_counts(w, deferred);
         apply(conn, "b", &w.spec, &changes)?;
         return Ok(());
     }
     if matches!(w.base, BaseState::Fresh) && !w.multiset_base.is_empty() {
         // Rows with a NULL in the key: their base is a multiset, like a keyless table's.
-        let null_key: Vec<String> = w
-            .spec
-            .pk
-            .iter()
-            .map(|&i| format!("{} IS NULL", quote(&w.spec.columns[i])))
-            .collect();
-        conn.execute_batch(&format!(
-            "DELETE FROM b.{t} WHERE {}",
-            null_key.join(" OR ")
-        ))?;
+        conn.execute_batch(&format!("DELETE FROM b.{t} WHERE {}", null_key(&w.spec)))?;
         let whole = TableSpec {
             pk: Vec::new(),
             ..w.spec.clone()
         };
-        let changes: Vec<Change> = w
-            .multiset_base
-            .iter()
-            .map(|(row, keep, fallback)| Change::SetCount {
-                row: row.clone(),
-                old: 0,
-                new: if deferred.contains(row) {
-                    *fallback
-                } else {
-                    *keep
-                },
-            })
-            .filter(|c| !matches!(c, Change::SetCount { new: 0, .. }))
-            .collect();
+        let changes = multiset_base_counts(w, deferred);
         apply(conn, "b", &whole, &changes)?;
     }
     match w.base {
