@@ -769,3 +769,29 @@ fn a_row_both_sides_deleted_and_one_side_inserted_again_is_a_plain_insert() {
     }
     assert!(w.conflicts().is_empty(), "{:?}", w.conflicts());
 }
+
+#[test]
+fn sync_from_bot_after_a_stopped_sync_does_not_complete_the_stale_journal() {
+    // The web pair stops after its peer commit; the operator then makes the website's copy
+    // the central copy. The stale journal must not add the website's coins a second time.
+    let w = World::new("central-wins");
+    round(&w);
+    let out = w.sync(&["--peer", "web"], Some("after-peer-commit"));
+    assert!(!out.status.success());
+    let web_coins = w.one("web", "SELECT coins FROM users WHERE id = 1");
+    let out =
+        w.r.cmd()
+            .args(["sync-from-bot", "--db", "users", "--peer", "web"])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    for side in ["central", "bot", "web"] {
+        assert_eq!(
+            w.one(side, "SELECT coins FROM users WHERE id = 1"),
+            web_coins,
+            "{side}"
+        );
+    }
+}

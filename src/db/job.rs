@@ -226,6 +226,12 @@ pub fn sync_from_peer(run: &mut JobRun, db: &DbConfig, peer: &PeerConfig) -> Res
             saved = format!(" (previous central copy saved as {})", b.display());
         }
         copy_into_live(&scratch, &central, busy, true)?;
+        // The pair starts over: conflict records still in its base are appended first, and
+        // the journal of an interrupted sync goes (the peer's copy is the new truth).
+        let base = ctx.state.path(&crate::db::base::name(name, peer_name));
+        crate::db::journal::flush_outbox_of(ctx, &base)?;
+        ctx.state
+            .remove(&crate::db::journal::name(name, peer_name))?;
         ctx.state
             .replace_with(&crate::db::base::name(name, peer_name), |tmp| {
                 snapshot::snapshot_to(&scratch, tmp, busy)
