@@ -859,14 +859,8 @@ fn add_migrated_columns(
     report: &mut PairReport,
 ) -> Result<()> {
     let (name, peer_name) = (db.name.get_ref().as_str(), report.peer.clone());
-    let by_name = |v: Vec<Schema>| -> BTreeMap<String, Schema> {
-        v.into_iter()
-            .filter(|s| !db.exclude_tables.contains(&s.name))
-            .map(|s| (s.name.clone(), s))
-            .collect()
-    };
-    let central = by_name(snapshot::schemas(conn, "main")?);
-    let peer = by_name(snapshot::schemas(conn, "p")?);
+    let central = tables(conn, "main", db)?;
+    let peer = tables(conn, "p", db)?;
     for (table, c) in &central {
         let Some(p) = peer.get(table) else {
             continue;
@@ -899,8 +893,8 @@ fn add_migrated_columns(
     }
     // The base follows the sides that now agree: existing base rows take the default the
     // migration gave every existing row, so only real edits differ from it.
-    let central = by_name(snapshot::schemas(conn, "main")?);
-    let peer = by_name(snapshot::schemas(conn, "p")?);
+    let central = tables(conn, "main", db)?;
+    let peer = tables(conn, "p", db)?;
     for b in snapshot::schemas(conn, "b")? {
         let (Some(c), Some(p)) = (central.get(&b.name), peer.get(&b.name)) else {
             continue;
@@ -918,21 +912,24 @@ fn add_migrated_columns(
     Ok(())
 }
 
+/// The ordinary tables of attached database `schema`, by name, less `exclude_tables`.
+fn tables(conn: &Connection, schema: &str, db: &DbConfig) -> Result<BTreeMap<String, Schema>> {
+    Ok(snapshot::schemas(conn, schema)?
+        .into_iter()
+        .filter(|s| !db.exclude_tables.contains(&s.name))
+        .map(|s| (s.name.clone(), s))
+        .collect())
+}
+
 /// Which tables merge, and which are skipped with a reason.
 fn plan_tables(
     conn: &Connection,
     db: &DbConfig,
     report: &mut PairReport,
 ) -> Result<Vec<(Schema, BaseState)>> {
-    let by_name = |v: Vec<Schema>| -> BTreeMap<String, Schema> {
-        v.into_iter()
-            .filter(|s| !db.exclude_tables.contains(&s.name))
-            .map(|s| (s.name.clone(), s))
-            .collect()
-    };
-    let central = by_name(snapshot::schemas(conn, "main")?);
-    let peer = by_name(snapshot::schemas(conn, "p")?);
-    let base = by_name(snapshot::schemas(conn, "b")?);
+    let central = tables(conn, "main", db)?;
+    let peer = tables(conn, "p", db)?;
+    let base = tables(conn, "b", db)?;
     let names: BTreeSet<&String> = central.keys().chain(peer.keys()).collect();
     let mut out = Vec::new();
     for table in names {
