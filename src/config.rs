@@ -119,6 +119,18 @@ pub struct DbConfig {
     #[serde(default)]
     pub exclude_tables: Vec<String>,
     pub peers: Vec<PeerConfig>,
+    /// Rows both sides inserted under one INTEGER PRIMARY KEY both survive: the peer's
+    /// row moves to a fresh key (on by default).
+    #[serde(default = "default_true")]
+    pub rekey: bool,
+    /// Undeclared references followed when a key moves: parent table ->
+    /// `["child_table.column"]`.
+    #[serde(default)]
+    pub rekey_refs: BTreeMap<String, Vec<String>>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_updated_at() -> String {
@@ -415,6 +427,20 @@ impl Config {
                     format!("key `peers`: database {name:?} has no peers"),
                 ));
             }
+            for (parent, refs) in &db.rekey_refs {
+                if let Some(bad) = refs.iter().find(|r| {
+                    r.split_once('.')
+                        .is_none_or(|(t, c)| t.is_empty() || c.is_empty())
+                }) {
+                    return Err(at(
+                        db.name.span(),
+                        format!(
+                            "key `rekey_refs`: database {name:?} table {parent:?}: {bad:?} is \
+                             not \"table.column\""
+                        ),
+                    ));
+                }
+            }
             let mut peer_names = HashSet::new();
             for peer in &db.peers {
                 let pname = peer.name.get_ref();
@@ -581,6 +607,8 @@ mod tests {
             "counters",
             "exclude_tables",
             "peers",
+            "rekey",
+            "rekey_refs",
             "direction",
             "rotate_size",
             "rotate_keep",

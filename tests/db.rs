@@ -251,7 +251,8 @@ fn policies_decide_conflicts() {
 
 #[test]
 fn update_delete_and_insert_insert_are_conflicts_resolved_by_policy() {
-    let s = Setup::new("policy = \"peer-wins\"");
+    // With `rekey` on (the default) both id-9 rows would survive (tests/db_schemas.rs).
+    let s = Setup::new("policy = \"peer-wins\"\nrekey = false");
     s.sync_ok();
     exec(
         &s.central(),

@@ -415,3 +415,134 @@ fn a_post_deleted_on_one_side_while_the_other_commented_on_it_is_kept_with_the_c
     assert_eq!(c.len(), 1, "{c:?}");
     assert_eq!(c[0]["kind"], "foreign-key");
 }
+
+/// The oracle of a registration race: every (nick, post title, comment body) either app
+/// wrote, joined through the ids as the app sees them.
+const THREADS: &str = "SELECT u.nick || '/' || p.title || '/' || c.body FROM comments AS c \
+     JOIN posts AS p ON p.id = c.post_id JOIN users AS u ON u.id = p.user_id ORDER BY 1";
+
+#[test]
+fn an_id_both_sides_handed_out_keeps_both_registrations_and_their_children() {
+    let s = Site::new("");
+    s.r.write_config(
+        &std::fs::read_to_string(s.r.path("cr0sync.toml"))
+            .unwrap()
+            .replace(
+                "name = \"site\"",
+                "name = \"site\"\nrekey_refs = { users = [\"audit.user_id\"] }",
+            ),
+    );
+    // Between two syncs each app registers a user, who writes a post that gets a comment,
+    // and edits their profile (the audit trigger fires): AUTOINCREMENT hands out the same
+    // ids on both sides (user 3, post 3, comment 2, audit 1).
+    let register = |db: &Path, nick: &str| {
+        app(
+            db,
+            &format!(
+                "INSERT INTO users (nick) VALUES ('{nick}');
+                 INSERT INTO posts (user_id, title, body) VALUES (last_insert_rowid(), '{nick} here', 'a post by {nick}');
+                 INSERT INTO comments (post_id, body) VALUES (last_insert_rowid(), 'hi {nick}');
+                 UPDATE users SET email = '{nick}@example.org' WHERE nick = '{nick}';"
+            ),
+        );
+    };
+    register(&s.bot, "dave");
+    register(&s.web, "erin");
+    let expected = {
+        let mut t = query(&s.bot, THREADS);
+        t.extend(query(&s.web, THREADS));
+        t.sort();
+        t.dedup();
+        t
+    };
+    assert_eq!(one(&s.web, "SELECT id FROM users WHERE nick = 'erin'"), "3");
+    s.sync();
+    s.sync();
+    s.assert_converged();
+    for db in s.sides() {
+        assert_eq!(query(&db, THREADS), expected, "{}", db.display());
+        assert_eq!(
+            query(&db, "SELECT id || ' ' || nick FROM users ORDER BY id"),
+            ["1 alice", "2 bob", "3 dave", "4 erin"],
+            "{}",
+            db.display()
+        );
+        // The undeclared reference (rekey_refs) followed the move.
+        assert_eq!(
+            query(
+                &db,
+                "SELECT u.nick FROM audit AS a JOIN users AS u ON u.id = a.user_id ORDER BY 1"
+            ),
+            ["dave", "erin"],
+            "{}",
+            db.display()
+        );
+        // The full-text index answers for the moved post on every side.
+        assert_eq!(
+            query(
+                &db,
+                "SELECT rowid FROM posts_fts WHERE posts_fts MATCH 'erin'"
+            ),
+            ["4"],
+            "{}",
+            db.display()
+        );
+        assert_eq!(
+            query(
+                &db,
+                "INSERT INTO posts_fts (posts_fts) VALUES ('integrity-check')"
+            ),
+            Vec::<String>::new()
+        );
+        // No side hands out a used id again.
+        assert_eq!(
+            one(&db, "SELECT seq FROM sqlite_sequence WHERE name = 'users'"),
+            "4",
+            "{}",
+            db.display()
+        );
+    }
+    // One rekey record per moved row, naming old and new key.
+    let c = conflicts(&s);
+    let moves: Vec<String> = c
+        .iter()
+        .map(|r| {
+            assert_eq!(r["kind"], "rekey", "{r}");
+            format!("{} {} -> {}", r["table"], r["key"], r["new_key"])
+        })
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            "\"audit\" [1] -> [2]",
+            "\"comments\" [2] -> [3]",
+            "\"posts\" [3] -> [4]",
+            "\"users\" [3] -> [4]"
+        ]
+    );
+    // Nothing moves again.
+    let before = s.sync();
+    assert!(!before.contains("rekey"), "{before}");
+    assert_eq!(conflicts(&s).len(), 4);
+}
+
+#[test]
+fn with_rekey_off_an_id_collision_is_an_insert_conflict_resolved_by_the_policy() {
+    let s = Site::new("");
+    s.r.write_config(
+        &std::fs::read_to_string(s.r.path("cr0sync.toml"))
+            .unwrap()
+            .replace("name = \"site\"", "name = \"site\"\nrekey = false"),
+    );
+    app(&s.bot, "INSERT INTO users (nick) VALUES ('dave')");
+    app(&s.web, "INSERT INTO users (nick) VALUES ('erin')");
+    s.sync();
+    s.sync();
+    s.assert_converged();
+    for db in s.sides() {
+        assert_eq!(one(&db, "SELECT nick FROM users WHERE id = 3"), "dave");
+    }
+    let c = conflicts(&s);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(c[0]["kind"], "insert-insert");
+}

@@ -48,6 +48,9 @@ pub struct ConflictRecord {
     pub winner: String,
     /// The row both sides hold after the merge (`null`: deleted).
     pub result: serde_json::Value,
+    /// `rekey`: the key the peer's row moved to (its old key is `key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_key: Option<serde_json::Value>,
 }
 
 impl ConflictRecord {
@@ -77,6 +80,10 @@ impl ConflictRecord {
                 Winner::Peer => "peer".into(),
             },
             result: json(&c.result).unwrap_or(serde_json::Value::Null),
+            new_key: c
+                .moved_to
+                .as_ref()
+                .map(|k| serde_json::to_value(k).unwrap_or_default()),
         }
     }
 }

@@ -409,6 +409,18 @@ pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String>
                  conflicts --all"
             )
         })?;
+    if record.new_key.is_some() && side.is_some() {
+        anyhow::bail!(
+            "conflict {id} is a rekey: both rows were kept (the peer's under key {}), so there \
+             is no side to keep. Try: update anything outside the database that holds the old \
+             id, then cr0sync db resolve {id} --ack",
+            record
+                .new_key
+                .as_ref()
+                .map(|k| k.to_string())
+                .unwrap_or_default()
+        );
+    }
     let Some(side) = side else {
         if !run.dry_run {
             conflicts::close(ctx, &[closing(id, "ack", run.now)])?;

@@ -420,7 +420,8 @@ pub fn taken_conflicts(journal: &Journal, marker: &Marker) -> Vec<ConflictRecord
         .collect()
 }
 
-fn count(conn: &Connection, db: &str, spec: &TableSpec, row: &Row) -> Result<u64> {
+/// How often `row` occurs in `db.<spec.name>` (a multiset table).
+pub fn count(conn: &Connection, db: &str, spec: &TableSpec, row: &Row) -> Result<u64> {
     let same: Vec<String> = spec
         .columns
         .iter()

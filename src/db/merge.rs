@@ -90,6 +90,8 @@ pub struct Conflict {
     pub peer: Option<Row>,
     pub winner: Winner,
     pub result: Option<Row>,
+    /// `rekey`: the fresh key the peer's row moved to.
+    pub moved_to: Option<Key>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -107,6 +109,9 @@ pub enum ConflictKind {
     /// A parent row deleted on one side while the other still has rows referencing it:
     /// the parent is kept (its deletion undone).
     ForeignKey,
+    /// Both sides inserted different rows under one INTEGER PRIMARY KEY: both are kept,
+    /// the peer's under a fresh key (`moved_to`).
+    Rekey,
 }
 
 /// The outcome of merging one table.
@@ -231,6 +236,7 @@ pub fn merge_key(
         peer: pv.cloned(),
         winner,
         result: result.clone(),
+        moved_to: None,
     });
     let to_central = match rules.direction {
         Direction::Push => None,

@@ -7,7 +7,8 @@
 //!   peer marker, roll-forward, conflict outbox), with its recovery table.
 //! - `merge`: the pure three-way merge (per key, and per table for multisets and tests).
 //! - `apply`: optimistic writes, in any order a valid change set needs; `base`: the merge
-//!   base; `migrate`: columns added by a migration on one side.
+//!   base; `migrate`: columns added by a migration on one side; `rekey`: rows inserted on
+//!   both sides under one INTEGER PRIMARY KEY, both kept.
 //! - `snapshot`, `backup`, `conflicts` (records, open until resolved), `value`.
 //! - `job`: pair selection, recovery commands (`sync-from-bot`, `restore`, `resolve`),
 //!   backup cleanup, the status section.
@@ -20,6 +21,7 @@ pub mod job;
 pub mod journal;
 pub mod merge;
 pub mod migrate;
+pub mod rekey;
 pub mod snapshot;
 pub mod sync;
 pub mod value;

@@ -38,6 +38,7 @@ use crate::db::merge::{
     self, Change, Conflict, Counts, Rules, TableSpec, Winner, counts, merge_key, multiset,
 };
 use crate::db::migrate;
+use crate::db::rekey;
 use crate::db::snapshot::{self, Schema, quote};
 use crate::db::value::{Cell, Key, Row};
 use crate::fsutil;
@@ -218,6 +219,10 @@ struct Work {
     counter_merges: usize,
     /// Keyed tables: the new base row of every key the peer is to take (for the journal).
     new_base: BTreeMap<Key, Option<Row>>,
+    /// Rows of the peer moved to fresh keys (see `rekey`), with the references rewritten:
+    /// written to the peer before `to_peer` (which is relative to the moved snapshot), all
+    /// of them or none.
+    peer_edits: Vec<Change>,
 }
 
 impl Work {
@@ -387,14 +392,9 @@ fn sync_pair_inner(
     for (schema, base_state) in plans {
         let spec = spec_of(db, &schema);
         let table = schema.name.clone();
-        let merged = if spec.keyed() {
-            merge_keyed(&conn, schema, spec, base_state, rules)
-        } else {
-            merge_multiset(&conn, schema, spec, base_state, rules)
-        };
         // A table that cannot be read (a value cr0sync cannot represent yet) is skipped
         // with its reason; the pair's other tables still sync.
-        let mut work = match merged {
+        let work = match merge_one(&conn, schema, spec, base_state, rules) {
             Ok(work) => work,
             Err(e) => {
                 let reason = format!(
@@ -408,14 +408,24 @@ fn sync_pair_inner(
                 continue;
             }
         };
-        if rules.direction == Direction::Both {
-            resolve_unique(&conn, &mut work, rules).with_context(|| {
+        works.push(work);
+    }
+    if rules.direction == Direction::Both && db.rekey {
+        if !collisions(&conn, &works)?.is_empty() {
+            // The peer's backup comes from the snapshot, which the moves edit.
+            if !opts.dry_run {
+                maybe_backup(ctx, name, peer_name, &conn, "p", now, &mut report)?;
+            }
+            works = rekey_rows(&conn, db, works, rules)
+                .with_context(|| format!("{name}/{peer_name}: cannot move colliding rows"))?;
+        }
+    }
+    if rules.direction == Direction::Both {
+        for work in &mut works {
+            resolve_unique(&conn, work, rules).with_context(|| {
                 format!("cannot check the UNIQUE constraints of {}", work.spec.name)
             })?;
         }
-        works.push(work);
-    }
-    if rules.direction == Direction::Both {
         keep_referenced_parents(&conn, &mut works)
             .with_context(|| format!("{name}/{peer_name}: cannot check foreign keys"))?;
     }
@@ -425,7 +435,7 @@ fn sync_pair_inner(
         report.tables.push(TableReport {
             table: w.spec.name.clone(),
             central: counts(&w.to_central),
-            peer: counts(&w.to_peer),
+            peer: counts(&[&w.peer_edits[..], &w.to_peer[..]].concat()),
             conflicts: w.conflicts.len(),
             counter_merges: w.counter_merges,
             deferred: 0,
@@ -495,7 +505,9 @@ fn sync_pair_inner(
     // so no side hands out again an id another side has used (even for a row that lost).
     let sequences = sequence_targets(&conn, &works)?;
     let peer_seq_behind = sequences.iter().any(|s| s.2);
-    let write_peer = to_peer.iter().any(|c| !c.is_empty()) || peer_seq_behind;
+    let write_peer = to_peer.iter().any(|c| !c.is_empty())
+        || works.iter().any(|w| !w.peer_edits.is_empty())
+        || peer_seq_behind;
 
     // The journal, then the peer's commit with its marker.
     let mut left_alone = vec![BTreeSet::new(); works.len()];
@@ -551,11 +563,20 @@ fn sync_pair_inner(
     .with_context(base_write)?;
     phases.mark("central commit");
     for r in &records {
-        let line = format!(
-            "conflict in {name}/{peer_name} table {} key {}: {} wins ({}, id {}). Try: cr0sync \
-             db conflicts; cr0sync db resolve {} --keep central|peer|base or --ack",
-            r.table, r.key, r.winner, r.kind, r.id, r.id
-        );
+        let line = match &r.new_key {
+            Some(new_key) => format!(
+                "conflict in {name}/{peer_name} table {} key {}: both sides inserted a row \
+                 there; both are kept, the peer's under key {new_key} (rekey, id {}). Try: \
+                 update anything outside the database that holds the old id, then cr0sync db \
+                 resolve {} --ack",
+                r.table, r.key, r.id, r.id
+            ),
+            None => format!(
+                "conflict in {name}/{peer_name} table {} key {}: {} wins ({}, id {}). Try: \
+                 cr0sync db conflicts; cr0sync db resolve {} --keep central|peer|base or --ack",
+                r.table, r.key, r.winner, r.kind, r.id, r.id
+            ),
+        };
         log::warn!("{line}");
         report.new_conflicts.push(line);
     }
@@ -1229,6 +1250,7 @@ fn merge_keyed(
         conflicts: Vec::new(),
         counter_merges: 0,
         new_base: BTreeMap::new(),
+        peer_edits: Vec::new(),
     };
     // Rows with a NULL in a key column (SQLite allows it outside INTEGER PRIMARY KEY) are
     // no key at all: several may share one. They merge as whole rows, like a table
@@ -1295,6 +1317,148 @@ fn merge_keyed(
     Ok(w)
 }
 
+fn merge_one(
+    conn: &Connection,
+    schema: Schema,
+    spec: TableSpec,
+    base: BaseState,
+    rules: Rules,
+) -> Result<Work> {
+    if spec.keyed() {
+        merge_keyed(conn, schema, spec, base, rules)
+    } else {
+        merge_multiset(conn, schema, spec, base, rules)
+    }
+}
+
+/// `(table, key)` of every insert/insert conflict on a table keyed by its rowid whose base
+/// is known (on a first sync every difference looks like one).
+fn collisions(conn: &Connection, works: &[Work]) -> Result<Vec<(String, Key)>> {
+    let mut out = Vec::new();
+    for w in works {
+        if !w.keyed()
+            || !matches!(w.base, BaseState::Fresh)
+            || !w
+                .conflicts
+                .iter()
+                .any(|c| c.kind == merge::ConflictKind::InsertInsert)
+            || !rekey::rowid_key(conn, "main", &w.schema)?
+        {
+            continue;
+        }
+        out.extend(
+            w.conflicts
+                .iter()
+                .filter(|c| c.kind == merge::ConflictKind::InsertInsert)
+                .map(|c| (w.spec.name.clone(), c.key.clone())),
+        );
+    }
+    Ok(out)
+}
+
+/// Moves the peer's row of every collision to a fresh key in the snapshot (see `rekey`),
+/// merges the tables the moves touched again, and records each move as a `rekey`
+/// conflict; the moves become those tables' `peer_edits`. Repeated until no collision is
+/// left: two rows that looked identical (the same audit line for user 3 on both sides)
+/// differ once one side's user 3 has moved, and collide in turn.
+fn rekey_rows(
+    conn: &Connection,
+    db: &DbConfig,
+    mut works: Vec<Work>,
+    rules: Rules,
+) -> Result<Vec<Work>> {
+    let specs: BTreeMap<String, TableSpec> = works
+        .iter()
+        .map(|w| (w.spec.name.clone(), w.spec.clone()))
+        .collect();
+    let mut mover = rekey::Mover::default();
+    let mut moves: Vec<rekey::Moved> = Vec::new();
+    let mut centrals: BTreeMap<(String, Key), Option<Row>> = BTreeMap::new();
+    loop {
+        let found: Vec<(String, Key)> = collisions(conn, &works)?
+            .into_iter()
+            .filter(|c| !centrals.contains_key(c))
+            .collect();
+        if found.is_empty() {
+            break;
+        }
+        for (t, k) in &found {
+            let row = snapshot::lookup(conn, &snapshot::lookup_sql(&specs[t], "main"), k)?;
+            centrals.insert((t.clone(), k.clone()), row);
+        }
+        moves.extend(mover.move_rows(conn, &specs, &found, &db.rekey_refs)?);
+        let tables = mover.tables();
+        works = works
+            .into_iter()
+            .map(|w| {
+                if tables.contains(w.spec.name.as_str()) {
+                    merge_one(conn, w.schema, w.spec, w.base, rules)
+                } else {
+                    Ok(w)
+                }
+            })
+            .collect::<Result<_>>()?;
+    }
+    let mut edits = mover.edits(conn, &specs)?;
+    for w in &mut works {
+        let Some(edits) = edits.remove(&w.spec.name) else {
+            continue;
+        };
+        if w.keyed() {
+            // Keys only the moves changed: the peer holds the merge's result once they
+            // are written (the journal needs it as their new base).
+            let sql = snapshot::lookup_sql(&w.spec, "p");
+            for e in &edits {
+                let key = merge::target_of(e);
+                if !w.new_base.contains_key(key) {
+                    w.new_base
+                        .insert(key.clone(), snapshot::lookup(conn, &sql, key)?);
+                }
+            }
+        }
+        w.peer_edits = edits;
+    }
+    for m in moves {
+        let Some(w) = works.iter_mut().find(|w| w.spec.name == m.table) else {
+            continue;
+        };
+        let mut result = m.row.clone();
+        result[w.spec.pk[0]] = m.to[0].clone();
+        let refs: Vec<String> = m
+            .references
+            .iter()
+            .map(|(c, n)| format!("{n} in {c}"))
+            .collect();
+        log::warn!(
+            "table {}: both sides inserted a row under key {}; the peer's moved to {}{} \
+             (recorded)",
+            m.table,
+            serde_json::to_string(&m.from).unwrap_or_default(),
+            serde_json::to_string(&m.to).unwrap_or_default(),
+            if refs.is_empty() {
+                String::new()
+            } else {
+                format!(", with the rows referencing it ({})", refs.join(", "))
+            }
+        );
+        let central = centrals
+            .remove(&(m.table.clone(), m.from.clone()))
+            .flatten();
+        w.conflicts.push(Conflict {
+            table: m.table,
+            key: m.from,
+            kind: merge::ConflictKind::Rekey,
+            base: None,
+            central,
+            peer: Some(m.row),
+            winner: Winner::Central,
+            result: Some(result),
+            moved_to: Some(m.to),
+        });
+    }
+    Ok(works)
+}
+
 fn merge_multiset(
     conn: &Connection,
     schema: Schema,
@@ -1334,6 +1498,7 @@ fn merge_multiset(
         conflicts: m.conflicts,
         counter_merges: m.counter_merges,
         new_base: BTreeMap::new(),
+        peer_edits: Vec::new(),
     })
 }
 
@@ -1490,6 +1655,7 @@ fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> Result<()> {
                 } else {
                     row.clone()
                 }),
+                moved_to: None,
             });
         }
     }
@@ -1636,6 +1802,7 @@ fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> Result<()> 
                     peer,
                     winner,
                     result: Some(parent_row.clone()),
+                    moved_to: None,
                 });
                 log::warn!(
                     "table {parent}: row {} was deleted on one side but {orphans} row(s) of {child} \
@@ -1912,6 +2079,17 @@ fn write_peer_side(
         txid: txid.to_string(),
         ..Default::default()
     };
+    for w in works.iter().filter(|w| !w.peer_edits.is_empty()) {
+        let skipped = apply(&tx, "main", &w.spec, &w.peer_edits)?.skipped;
+        if let Some(key) = skipped.first() {
+            anyhow::bail!(
+                "table {}: row {} changed while its key was being moved to a fresh one; \
+                 the next run tries again",
+                w.spec.name,
+                serde_json::to_string(key).unwrap_or_default()
+            );
+        }
+    }
     for (w, changes) in works.iter().zip(to_peer) {
         let skipped = apply(&tx, "main", &w.spec, changes)?.skipped;
         if !skipped.is_empty() {
@@ -1925,7 +2103,7 @@ fn write_peer_side(
         works
             .iter()
             .zip(to_peer)
-            .any(|(w, c)| w.spec.name == t && !c.is_empty())
+            .any(|(w, c)| w.spec.name == t && !(c.is_empty() && w.peer_edits.is_empty()))
     })?;
     raise_sequences(&tx, side.sequences)?;
     journal::mark_peer(&tx, &marker)?;
