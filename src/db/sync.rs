@@ -410,15 +410,13 @@ fn sync_pair_inner(
         };
         works.push(work);
     }
-    if rules.direction == Direction::Both && db.rekey {
-        if !collisions(&conn, &works)?.is_empty() {
-            // The peer's backup comes from the snapshot, which the moves edit.
-            if !opts.dry_run {
-                maybe_backup(ctx, name, peer_name, &conn, "p", now, &mut report)?;
-            }
-            works = rekey_rows(&conn, db, works, rules)
-                .with_context(|| format!("{name}/{peer_name}: cannot move colliding rows"))?;
+    if rules.direction == Direction::Both && db.rekey && !collisions(&conn, &works)?.is_empty() {
+        // The peer's backup comes from the snapshot, which the moves edit.
+        if !opts.dry_run {
+            maybe_backup(ctx, name, peer_name, &conn, "p", now, &mut report)?;
         }
+        works = rekey_rows(&conn, db, works, rules)
+            .with_context(|| format!("{name}/{peer_name}: cannot move colliding rows"))?;
     }
     if rules.direction == Direction::Both {
         for work in &mut works {
