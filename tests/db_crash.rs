@@ -160,7 +160,8 @@ fn dump(db: &Path) -> Vec<(String, Vec<String>)> {
 /// The changes of one round: the bot's are synced first (so the central copy holds them),
 /// then the website's, which the sync under test carries: counters with equal and unequal
 /// deltas on both sides, a counter on a row also updated elsewhere, multiset inserts on
-/// both sides, a delete, inserts, and a same-cell conflict.
+/// both sides, a delete, inserts, a same-cell conflict, and one id (300) both sides
+/// handed out to a different user (rekeyed).
 fn round(w: &World) {
     exec(
         &w.bot,
@@ -168,6 +169,7 @@ fn round(w: &World) {
          UPDATE users SET coins = coins + 1 WHERE id = 2;
          UPDATE users SET nick = 'carol_bot', coins = coins + 2 WHERE id = 3;
          INSERT INTO users VALUES (100, 'dave', NULL, 5, 't1');
+         INSERT INTO users VALUES (300, 'frank', NULL, 1, 't1');
          INSERT INTO seen VALUES ('x', '#c', 't1');",
     );
     w.sync_ok(&["--peer", "bot"]);
@@ -177,6 +179,7 @@ fn round(w: &World) {
          UPDATE users SET coins = coins + 1 WHERE id = 2;
          UPDATE users SET nick = 'carol_web', email = 'c@web', coins = coins + 2 WHERE id = 3;
          INSERT INTO users VALUES (200, 'erin', NULL, 7, 't2');
+         INSERT INTO users VALUES (300, 'gina', NULL, 1, 't2');
          DELETE FROM scores WHERE nick = 'bob';
          INSERT INTO seen VALUES ('x', '#c', 't1');
          INSERT INTO seen VALUES ('alice', '#cr0', '2025-11-01T09:59:00Z');",
@@ -229,6 +232,14 @@ fn assert_law(w: &World, extra: usize) {
             "2"
         );
         assert_eq!(w.one(side, "SELECT count(*) FROM scores"), "1", "{side}");
+        assert_eq!(
+            query(
+                &w.side(side),
+                "SELECT id || nick FROM users WHERE id >= 300 ORDER BY id"
+            ),
+            ["300frank", "301gina"],
+            "{side}: both registrations, the website's under a fresh id"
+        );
         assert_eq!(w.one(side, "PRAGMA integrity_check"), "ok");
         assert_eq!(
             w.one(
@@ -240,8 +251,17 @@ fn assert_law(w: &World, extra: usize) {
         );
     }
     let c = w.conflicts();
-    assert_eq!(c.len(), 1, "the nick conflict, once: {c:?}");
+    assert_eq!(
+        c.len(),
+        2,
+        "the nick conflict and the move, once each: {c:?}"
+    );
     assert_eq!(c[0]["key"], serde_json::json!([3]));
+    assert_eq!(c[1]["kind"], "rekey");
+    assert_eq!(
+        (&c[1]["key"], &c[1]["new_key"]),
+        (&serde_json::json!([300]), &serde_json::json!([301]))
+    );
 }
 
 /// Runs `sync --peer web` with `fault` armed `times` times in a row, each run stopping
@@ -382,7 +402,7 @@ fn the_peer_writer_changing_journalled_rows_between_the_runs_is_counted_once() {
             "3"
         );
     }
-    assert_eq!(w.conflicts().len(), 1);
+    assert_eq!(w.conflicts().len(), 2);
 }
 
 #[test]
@@ -739,7 +759,11 @@ fn a_full_disk_under_the_central_store_is_reported_and_completed_exactly() {
         assert_eq!(dump(&central), dump(&w.web), "{free_kib} KiB");
         assert_eq!(dump(&central), dump(&w.bot), "{free_kib} KiB");
         let text = std::fs::read_to_string(root.join("state/conflicts.jsonl")).unwrap();
-        assert_eq!(text.lines().count(), 1, "{free_kib} KiB: {text}");
+        assert_eq!(
+            text.lines().count(),
+            2,
+            "{free_kib} KiB: the nick conflict and the move: {text}"
+        );
         drop(tmpfs);
     }
     eprintln!("distinct failures: {failures:#?}");
