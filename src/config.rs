@@ -588,6 +588,21 @@ mod tests {
     }
 
     #[test]
+    fn rekey_refs_must_name_table_dot_column() {
+        let text = "[[database.db]]\nname = \"users\"\nrekey_refs = { users = [\"scores\"] }\n\
+                    peers = [{ name = \"bot\", path = \"/tmp/bot.db\" }]\n";
+        let e = Config::parse(text).unwrap_err().to_string();
+        assert!(
+            e.contains("rekey_refs") && e.contains("table.column"),
+            "{e}"
+        );
+        let ok = text.replace("[\"scores\"]", "[\"scores.user_id\"]");
+        let c = Config::parse(&ok).unwrap();
+        assert!(c.database.db[0].rekey, "rekey is on by default");
+        assert_eq!(c.database.db[0].rekey_refs["users"], ["scores.user_id"]);
+    }
+
+    #[test]
     fn template_mentions_every_key() {
         for key in [
             "owner",

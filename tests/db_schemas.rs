@@ -524,6 +524,21 @@ fn an_id_both_sides_handed_out_keeps_both_registrations_and_their_children() {
     let before = s.sync();
     assert!(!before.contains("rekey"), "{before}");
     assert_eq!(conflicts(&s).len(), 4);
+    // Both rows were kept: there is no side to keep, only a review to acknowledge.
+    let id = c[3]["id"].as_str().unwrap();
+    let out =
+        s.r.cmd()
+            .args(["db", "resolve", id, "--keep", "peer"])
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("--ack"), "{}", stderr_of(&out));
+    let out =
+        s.r.cmd()
+            .args(["db", "resolve", id, "--ack"])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
 }
 
 #[test]
