@@ -22,6 +22,18 @@ const USERS_SQL: &str = include_str!("../fixtures/users.sql");
 const BOT_CHANGES: &str = include_str!("../fixtures/bot_changes.sql");
 const WEBSITE_CHANGES: &str = include_str!("../fixtures/website_changes.sql");
 const IRC_LOG: &str = include_str!("../fixtures/logs/rizon/#cr0.log");
+const WEBSITE_SQL: &str = include_str!("../fixtures/website.sql");
+
+/// A registration with a post, as the site (or the bot) writes it: AUTOINCREMENT hands out
+/// the next free ids, the FTS triggers index the post.
+fn register(nick: &str) -> String {
+    format!(
+        "PRAGMA foreign_keys = ON;\n\
+         INSERT INTO users (nick) VALUES ('{nick}');\n\
+         INSERT INTO posts (user_id, title, body) VALUES (last_insert_rowid(), 'hi from {nick}', \
+         '{nick} joined the channel');\n"
+    )
+}
 
 /// The demo's directories.
 #[derive(Debug, Clone)]
@@ -50,6 +62,12 @@ impl Demo {
         self.website.join("data/users.db")
     }
 
+    /// The application database with the website's real schema (UNIQUE nick,
+    /// AUTOINCREMENT ids, cascades, an audit trigger, a full-text index).
+    pub fn site_db(&self, side: &Path) -> PathBuf {
+        side.join("data/site.db")
+    }
+
     pub fn bot_logs(&self) -> PathBuf {
         self.bot.join("logs")
     }
@@ -62,12 +80,17 @@ impl Demo {
              [[database.db]]\nname = \"users\"\ncounters = {{ users = [\"coins\"] }}\n\
              peers = [\n  {{ name = \"bot\", path = \"{bot_db}\" }},\n  \
              {{ name = \"website\", path = \"{website_db}\" }},\n]\n\n\
+             [[database.db]]\nname = \"site\"\n\
+             peers = [\n  {{ name = \"bot\", path = \"{bot_site}\" }},\n  \
+             {{ name = \"website\", path = \"{website_site}\" }},\n]\n\n\
              [[logs.stream]]\nname = \"rizon\"\nfrom = \"{bot_logs}\"\n\
              to = \"logs/irc_networks/rizon\"\n\n\
              [security]\nintegrity_paths = [\"{website}\", \"shared_storage/api_keys.json\"]\n",
             bot_db = self.bot_db().display(),
             bot_logs = self.bot_logs().display(),
             website_db = self.website_db().display(),
+            bot_site = self.site_db(&self.bot).display(),
+            website_site = self.site_db(&self.website).display(),
             website = self.website.display(),
         )
     }
@@ -92,6 +115,9 @@ impl Demo {
         )?;
         for side in [&self.bot_db(), &self.website_db()] {
             create_db(side, USERS_SQL)?;
+        }
+        for side in [&self.bot, &self.website] {
+            create_db(&self.site_db(side), WEBSITE_SQL)?;
         }
         fs::create_dir_all(self.bot_logs())?;
         fs::write(self.bot_logs().join("#cr0.log"), IRC_LOG)?;
@@ -138,7 +164,9 @@ fn create_db(path: &Path, sql: &str) -> Result<()> {
 }
 
 /// The database part: a first sync, then both sides write (the same user renamed on both,
-/// coins added on both), and two syncs merge them: a conflict, a counter merge, backups.
+/// coins added on both; in the site database, two users registered under one id), and two
+/// syncs merge them: a conflict, a counter merge, an id collision kept, backups; the
+/// operator then resolves the conflicts with `db resolve`.
 fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     let sync = |out: &mut String, title: &str| -> Result<()> {
         let mut reports = Vec::new();
@@ -158,9 +186,13 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     )?;
     create_db(&demo.bot_db(), BOT_CHANGES)?;
     create_db(&demo.website_db(), WEBSITE_CHANGES)?;
+    create_db(&demo.site_db(&demo.bot), &register("dave"))?;
+    create_db(&demo.site_db(&demo.website), &register("erin"))?;
     out.push_str(
         "the bot renames carol and adds 30 coins to bob; the website renames carol too,\n\
-         adds 20 coins to bob and changes alice's email\n\n",
+         adds 20 coins to bob and changes alice's email\n\
+         in the site database the bot registers dave and the website erin: both get user id 3\n\
+         and post id 3\n\n",
     );
     sync(
         out,
@@ -174,22 +206,51 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     out.push_str(&format!(
         "bob's coins: 50 + 30 (bot) + 20 (website) = {bob} on every side\n"
     ));
+    let site = rusqlite::Connection::open(ctx.layout.central_db("site"))?;
+    let who: Vec<String> = site
+        .prepare(
+            "SELECT u.id || ' ' || u.nick || ' (post ' || p.id || ')' FROM users AS u \
+             JOIN posts AS p ON p.user_id = u.id WHERE u.id > 2 ORDER BY u.id",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let found: i64 = site.query_row(
+        "SELECT rowid FROM posts_fts WHERE posts_fts MATCH 'erin'",
+        [],
+        |r| r.get(0),
+    )?;
+    out.push_str(&format!(
+        "site: both registrations kept on every side: user {}; a search for erin finds \
+         post {found}\n",
+        who.join(", user ")
+    ));
     for c in crate::db::conflicts::open(ctx)? {
-        out.push_str(&format!(
-            "conflict in {} table {} key {}: {} wins; the losing row is kept in \
-             state/conflicts.jsonl (cr0sync db conflicts)\n",
-            c.database, c.table, c.key, c.winner
-        ));
-        // The operator reviews it and keeps the website's name after all.
+        // The operator reviews each conflict: a moved id is acknowledged (both rows were
+        // kept); for carol's name the website's is kept after all.
+        let (side, flag) = match &c.new_key {
+            Some(new_key) => {
+                out.push_str(&format!(
+                    "conflict in {} table {} key {}: both rows kept, the website's under key \
+                     {new_key} (rekey)\n",
+                    c.database, c.table, c.key
+                ));
+                (None, "--ack")
+            }
+            None => {
+                out.push_str(&format!(
+                    "conflict in {} table {} key {}: {} wins; the losing row is kept in \
+                     state/conflicts.jsonl (cr0sync db conflicts)\n",
+                    c.database, c.table, c.key, c.winner
+                ));
+                (Some("peer"), "--keep peer")
+            }
+        };
         let mut line = String::new();
         run_job(ctx, Job::Database, Trigger::Manual, false, |run| {
-            line = crate::db::job::resolve(run, &c.id, Some("peer"))?;
+            line = crate::db::job::resolve(run, &c.id, side)?;
             Ok(())
         })?;
-        out.push_str(&format!(
-            "$ cr0sync db resolve {} --keep peer\n{line}\n",
-            c.id
-        ));
+        out.push_str(&format!("$ cr0sync db resolve {} {flag}\n{line}\n", c.id));
     }
     sync(out, "the kept row reaches every side")?;
     for b in crate::db::backup::list(ctx, "users")? {

@@ -28,6 +28,42 @@ fn demo_runs_every_job_and_prints_status() {
         "{text}"
     );
     assert!(text.contains("backup: "), "{text}");
+    // The site database (the website's real schema): an id both sides handed out, both
+    // registrations kept with their posts, the search index agreeing, the move acknowledged.
+    assert!(
+        text.contains("user 3 dave (post 3), user 4 erin (post 4); a search for erin finds post 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("conflict in site table users key [3]: both rows kept, the website's under key [4] (rekey)"),
+        "{text}"
+    );
+    let central_site = dir.join("root/databases/site.db");
+    for side in ["bot", "website"] {
+        let db = dir.join(side).join("data/site.db");
+        for table in ["users", "posts", "comments", "audit", "sqlite_sequence"] {
+            let diff = std::process::Command::new("sqldiff")
+                .args(["--primarykey", "--table", table])
+                .arg(&central_site)
+                .arg(&db)
+                .output()
+                .unwrap();
+            assert!(
+                diff.status.success() && diff.stdout.is_empty(),
+                "{side} {table}: {}",
+                String::from_utf8_lossy(&diff.stdout)
+            );
+        }
+        let out = std::process::Command::new("sqlite3")
+            .arg(&db)
+            .arg(
+                "INSERT INTO posts_fts (posts_fts) VALUES ('integrity-check'); \
+                 PRAGMA integrity_check; PRAGMA foreign_key_check;",
+            )
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n", "{side}");
+    }
     // The log part: a source rotated between runs, every line exactly once.
     assert!(
         text.contains("exactly the old and the new source together"),
