@@ -206,37 +206,78 @@ fn an_external_content_fts_index_answers_for_the_merged_content_on_every_side() 
 }
 
 #[test]
-fn virtual_tables_that_cannot_be_merged_are_named_and_the_rest_syncs() {
+fn fts_indexes_with_their_own_content_and_rtrees_merge_by_rowid_and_pass_their_checks() {
     let s = Site::new(
         "CREATE VIRTUAL TABLE notes USING fts5 (text);
-         CREATE VIRTUAL TABLE places USING rtree (id, x0, x1);",
+         CREATE VIRTUAL TABLE places USING rtree (id, x0, x1);
+         CREATE VIRTUAL TABLE blind USING fts5 (text, content = '');",
     );
+    // Both sides add a note (FTS5 hands out rowid 1 on each: a collision, rekeyed) and a
+    // place; the contentless index cannot be merged (its text is not stored).
     app(
         &s.bot,
-        "INSERT INTO notes VALUES ('bot note'); INSERT INTO places VALUES (1, 0, 1);",
+        "INSERT INTO notes VALUES ('bot note'); INSERT INTO places VALUES (1, 0, 1);
+         INSERT INTO blind (rowid, text) VALUES (1, 'secret');",
     );
-    app(&s.web, "UPDATE users SET coins = coins + 1 WHERE id = 1");
+    app(
+        &s.web,
+        "INSERT INTO notes VALUES ('web note'); INSERT INTO places VALUES (2, 5, 6);
+         UPDATE users SET coins = coins + 1 WHERE id = 1;",
+    );
     let out = s.sync();
     assert!(
-        out.contains("notes") && out.contains("virtual table (fts5)"),
-        "{out}"
-    );
-    assert!(
-        out.contains("places") && out.contains("virtual table (rtree)"),
+        out.contains("blind") && out.contains("virtual table (fts5)"),
         "{out}"
     );
     s.sync();
+    // Then edits and deletes through the virtual tables, on both sides.
+    app(&s.bot, "DELETE FROM places WHERE id = 2");
+    app(
+        &s.web,
+        "UPDATE notes SET text = 'web note edited' WHERE rowid = 2",
+    );
+    s.sync();
+    s.sync();
     for db in s.sides() {
+        let d = db.display();
         assert_eq!(one(&db, "SELECT coins FROM users WHERE id = 1"), "101");
-        assert_eq!(one(&db, "PRAGMA integrity_check"), "ok");
+        assert_eq!(one(&db, "PRAGMA integrity_check"), "ok", "{d}");
         assert_eq!(
             query(&db, "INSERT INTO notes (notes) VALUES ('integrity-check')"),
-            Vec::<String>::new()
+            Vec::<String>::new(),
+            "{d}"
         );
-        assert_eq!(one(&db, "SELECT rtreecheck('places')"), "ok");
+        assert_eq!(
+            query(&db, "SELECT rowid || ' ' || text FROM notes ORDER BY rowid"),
+            ["1 bot note", "2 web note edited"],
+            "{d}"
+        );
+        assert_eq!(
+            query(&db, "SELECT rowid FROM notes WHERE notes MATCH 'edited'"),
+            ["2"],
+            "{d}: the index answers for the merged content"
+        );
+        assert_eq!(one(&db, "SELECT rtreecheck('places')"), "ok", "{d}");
+        assert_eq!(
+            query(&db, "SELECT id FROM places WHERE x0 <= 0.5 AND x1 >= 0.5"),
+            ["1"],
+            "{d}"
+        );
+        assert_eq!(one(&db, "SELECT count(*) FROM places"), "1", "{d}");
     }
-    // Their shadow tables were not touched on the other side.
-    assert_eq!(one(&s.web, "SELECT count(*) FROM notes"), "0");
+    // The contentless index was left alone on each side.
+    assert_eq!(one(&s.web, "SELECT count(*) FROM blind"), "0");
+    assert_eq!(one(&s.bot, "SELECT count(*) FROM blind"), "1");
+    let c = conflicts(&s);
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_eq!(
+        (&c[0]["table"], &c[0]["kind"], &c[0]["new_key"]),
+        (
+            &serde_json::json!("notes"),
+            &serde_json::json!("rekey"),
+            &serde_json::json!([2])
+        )
+    );
 }
 
 #[test]

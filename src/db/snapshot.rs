@@ -243,6 +243,9 @@ pub struct VirtualTable {
     pub module: String,
     /// For an external-content FTS index, its content table.
     pub content: Option<String>,
+    /// An FTS index without a `content=` option, or an R*Tree: it holds its own rows,
+    /// which merge through the virtual table by rowid (see [`virtual_schema`]).
+    pub own_content: bool,
 }
 
 /// The virtual tables of attached database `db`.
@@ -257,10 +260,16 @@ pub fn virtual_tables(conn: &Connection, db: &str) -> Result<Vec<VirtualTable>> 
     let mut out = Vec::new();
     for row in rows {
         let (name, sql) = row?;
+        let module = module_of(&sql);
+        let own_content = matches!(
+            module.as_str(),
+            "fts3" | "fts4" | "fts5" | "rtree" | "rtree_i32"
+        ) && content_value(&sql).is_none();
         out.push(VirtualTable {
             name,
-            module: module_of(&sql),
+            module,
             content: content_option(&sql),
+            own_content,
         });
     }
     Ok(out)
@@ -282,9 +291,26 @@ fn module_of(sql: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The shape of a virtual table that holds its own rows, as a keyed table: an FTS index
+/// is keyed by its rowid (a leading `rowid` column, which SQLite resolves to the rowid in
+/// every statement), an R*Tree by its first column, which is its rowid.
+pub fn virtual_schema(conn: &Connection, db: &str, v: &VirtualTable) -> Result<Schema> {
+    let mut s = schema_of(conn, db, &v.name)?;
+    if v.module.starts_with("fts") {
+        s.columns.insert(0, ("rowid".into(), "INTEGER".into()));
+    }
+    s.pk = vec![0];
+    Ok(s)
+}
+
 /// The table named by an FTS `content=` option, if it names one (`content=''` is a
 /// contentless index, not an external-content one).
 fn content_option(sql: &str) -> Option<String> {
+    content_value(sql).filter(|v| !v.is_empty())
+}
+
+/// The value of a `content=` option, if there is one (`""` for a contentless index).
+fn content_value(sql: &str) -> Option<String> {
     let lower = sql.to_ascii_lowercase();
     let bytes = lower.as_bytes();
     let mut from = 0;
@@ -305,7 +331,7 @@ fn content_option(sql: &str) -> Option<String> {
             .next()
             .unwrap_or_default()
             .trim();
-        return (!value.is_empty()).then(|| value.to_string());
+        return Some(value.to_string());
     }
     None
 }

@@ -880,8 +880,14 @@ fn add_migrated_columns(
     let (name, peer_name) = (db.name.get_ref().as_str(), report.peer.clone());
     let central = tables(conn, "main", db)?;
     let peer = tables(conn, "p", db)?;
+    // A virtual table's columns cannot be added to (a difference skips it, named).
+    let fixed: BTreeSet<String> = snapshot::virtual_tables(conn, "main")?
+        .into_iter()
+        .chain(snapshot::virtual_tables(conn, "p")?)
+        .map(|v| v.name)
+        .collect();
     for (table, c) in &central {
-        let Some(p) = peer.get(table) else {
+        let Some(p) = peer.get(table).filter(|_| !fixed.contains(table)) else {
             continue;
         };
         if let Some(cols) = migrate::added_columns(p, c) {
@@ -931,13 +937,21 @@ fn add_migrated_columns(
     Ok(())
 }
 
-/// The ordinary tables of attached database `schema`, by name, less `exclude_tables`.
+/// The tables of attached database `schema` that merge row by row, by name, less
+/// `exclude_tables`: the ordinary tables and the virtual tables that hold their own rows
+/// (FTS without `content=`, R*Tree), keyed by rowid.
 fn tables(conn: &Connection, schema: &str, db: &DbConfig) -> Result<BTreeMap<String, Schema>> {
-    Ok(snapshot::schemas(conn, schema)?
+    let mut out: BTreeMap<String, Schema> = snapshot::schemas(conn, schema)?
         .into_iter()
-        .filter(|s| !db.exclude_tables.contains(&s.name))
         .map(|s| (s.name.clone(), s))
-        .collect())
+        .collect();
+    for v in snapshot::virtual_tables(conn, schema)? {
+        if v.own_content {
+            out.insert(v.name.clone(), snapshot::virtual_schema(conn, schema, &v)?);
+        }
+    }
+    out.retain(|name, _| !db.exclude_tables.contains(name));
+    Ok(out)
 }
 
 /// Which tables merge, and which are skipped with a reason.
@@ -1028,12 +1042,17 @@ fn plan_virtual_tables(
             out.push((name.clone(), content.clone()));
             continue;
         }
+        // Merged row by row by `plan_tables` (a difference in shape is named there).
+        if c.or(p).is_some_and(|v| v.own_content) {
+            continue;
+        }
         let module = c.or(p).map(|v| v.module.as_str()).unwrap_or_default();
         let reason = format!(
-            "virtual table ({module}): its rows are not merged (only an external-content FTS \
-             index is kept up to date, rebuilt from its content table); its shadow tables are \
-             left alone and the other tables sync. Try: exclude_tables = [\"{name}\"] once its \
-             content lives in an ordinary table"
+            "virtual table ({module}): cr0sync cannot merge its rows (it merges FTS indexes \
+             that hold their own content and R*Trees by rowid, and rebuilds external-content \
+             FTS indexes from their content table); its shadow tables are left alone and the \
+             other tables sync. Try: exclude_tables = [\"{name}\"] once its content lives in \
+             an ordinary table"
         );
         log::warn!("{} table {name} skipped: {reason}", db.name.get_ref());
         report.skipped_tables.push(SkippedTable {
