@@ -296,27 +296,53 @@ fn rows_a_side_refuses_are_a_status_problem_and_are_retried_without_the_fast_pat
 }
 
 #[test]
-fn a_table_with_text_that_is_not_utf8_is_named_and_the_other_tables_still_sync() {
+fn text_that_is_not_utf8_is_synced_recorded_and_resolved_byte_for_byte() {
     let p = Pair::with(true, "CREATE TABLE m (id INTEGER PRIMARY KEY, v TEXT);");
-    exec(&p.bot, "INSERT INTO m VALUES (1, CAST(x'ff00fe' AS TEXT))");
-    exec(&p.bot, "UPDATE users SET coins = coins + 1 WHERE id = 1");
-    let out = p.r.cmd().args(["db", "sync"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &stderr_of(&out);
-    assert!(
-        text.contains("m") && text.contains("cannot be compared"),
-        "{text}"
+    // Bytes an application stored as TEXT: invalid UTF-8 with an embedded NUL.
+    exec(
+        &p.bot,
+        "INSERT INTO m VALUES (1, CAST(x'ff00fe' AS TEXT)), (2, 'plain');",
     );
-    let coins: i64 = Connection::open(p.central())
-        .unwrap()
-        .query_row("SELECT coins FROM users WHERE id = 1", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(coins, 101, "the pair's other tables synced");
-    assert!(
-        p.r.status_json()["problems"]
-            .to_string()
-            .contains("table m is not synced"),
-        "status names it"
+    p.run(&["db", "sync"]);
+    p.run(&["db", "sync"]);
+    let cell = |db: &Path, id: i64| -> String {
+        Connection::open(db)
+            .unwrap()
+            .query_row(
+                "SELECT typeof(v) || ' ' || hex(v) FROM m WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    for db in [p.central(), p.bot.clone(), p.web.clone()] {
+        assert_eq!(cell(&db, 1), "text FF00FE", "{}", db.display());
+    }
+    // Both sides change row 2 to different invalid bytes: a conflict whose record keeps
+    // both exactly, and the operator puts the losing bytes back.
+    exec(
+        &p.bot,
+        "UPDATE m SET v = CAST(x'c328' AS TEXT) WHERE id = 2",
     );
+    p.run(&["db", "sync", "--peer", "bot"]);
+    exec(&p.web, "UPDATE m SET v = CAST(x'80' AS TEXT) WHERE id = 2");
+    p.run(&["db", "sync"]);
+    let records: serde_json::Value =
+        serde_json::from_str(&p.run(&["db", "conflicts", "--json"])).unwrap();
+    let r = &records[0];
+    assert_eq!(
+        r["rows"]["central"][1],
+        serde_json::json!({"text_hex": "c328"})
+    );
+    assert_eq!(r["rows"]["peer"][1], serde_json::json!({"text_hex": "80"}));
+    let id = r["id"].as_str().unwrap().to_string();
+    p.run(&["db", "resolve", &id, "--keep", "peer"]);
+    p.run(&["db", "sync"]);
+    p.run(&["db", "sync"]);
+    for db in [p.central(), p.bot.clone(), p.web.clone()] {
+        assert_eq!(cell(&db, 2), "text 80", "{}", db.display());
+        assert_eq!(cell(&db, 1), "text FF00FE", "{}", db.display());
+    }
 }
 
 #[test]

@@ -183,8 +183,8 @@ fn swap(
     }
 }
 
-fn values(row: &[Cell]) -> Vec<&rusqlite::types::Value> {
-    row.iter().map(|c| &c.0).collect()
+fn values(row: &[Cell]) -> Vec<&Cell> {
+    row.iter().collect()
 }
 
 /// The statements of one table's writes.
@@ -314,7 +314,7 @@ fn write(conn: &Connection, sql: &Statements, spec: &TableSpec, change: &Change)
                     }
                 }
             } else {
-                let surplus = rusqlite::types::Value::Integer((old - new) as i64);
+                let surplus = Cell::Sql(rusqlite::types::Value::Integer((old - new) as i64));
                 let mut params = values(row);
                 params.push(&surplus);
                 conn.prepare_cached(&sql.delete_some)?
@@ -349,10 +349,10 @@ pub fn overwrite(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Chang
     for change in changes {
         match change {
             Change::Upsert { new, .. } => {
-                upsert.execute(params_from_iter(new.iter().map(|c| &c.0)))?;
+                upsert.execute(params_from_iter(new.iter()))?;
             }
             Change::Delete { key, .. } => {
-                delete.execute(params_from_iter(key.iter().map(|c| &c.0)))?;
+                delete.execute(params_from_iter(key.iter()))?;
             }
             Change::SetCount { .. } => anyhow::bail!("overwrite is for keyed tables"),
         }
@@ -382,7 +382,7 @@ mod tests {
     }
 
     fn cells(v: &[Value]) -> Row {
-        v.iter().cloned().map(Cell).collect()
+        v.iter().cloned().map(Cell::Sql).collect()
     }
 
     #[test]
@@ -418,8 +418,8 @@ mod tests {
         let schema = &schemas(&conn, "main").unwrap()[1];
         let now = rows(&conn, "main", schema).unwrap();
         assert_eq!(now.len(), 3);
-        assert_eq!(now[0][2], Cell(t("new")));
-        assert_eq!(now[1][2], Cell(t("x")));
+        assert_eq!(now[0][2], Cell::Sql(t("new")));
+        assert_eq!(now[1][2], Cell::Sql(t("x")));
     }
 
     #[test]

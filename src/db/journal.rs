@@ -434,9 +434,7 @@ pub fn count(conn: &Connection, db: &str, spec: &TableSpec, row: &Row) -> Result
             quote(&spec.name),
             same.join(" AND ")
         ))?
-        .query_row(rusqlite::params_from_iter(row.iter().map(|c| &c.0)), |r| {
-            r.get(0)
-        })?;
+        .query_row(rusqlite::params_from_iter(row.iter()), |r| r.get(0))?;
     Ok(n as u64)
 }
 

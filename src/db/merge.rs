@@ -486,13 +486,13 @@ mod tests {
     use rusqlite::types::Value;
 
     fn int(i: i64) -> Cell {
-        Cell(Value::Integer(i))
+        Cell::Sql(Value::Integer(i))
     }
     fn text(s: &str) -> Cell {
-        Cell(Value::Text(s.into()))
+        Cell::Sql(Value::Text(s.into()))
     }
     fn null() -> Cell {
-        Cell(Value::Null)
+        Cell::Sql(Value::Null)
     }
 
     /// users(id PK, nick, email, coins counter, updated_at)

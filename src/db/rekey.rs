@@ -77,10 +77,7 @@ impl Mover {
         let mut out = Vec::new();
         for (table, key) in collisions {
             let spec = &specs[table];
-            let Some(from) = key.first().and_then(|c| match c.0 {
-                rusqlite::types::Value::Integer(i) => Some(i),
-                _ => None,
-            }) else {
+            let Some(from) = key.first().and_then(Cell::as_integer) else {
                 continue;
             };
             let Some(row) = snapshot::lookup(conn, &snapshot::lookup_sql(spec, "p"), key)? else {
@@ -91,7 +88,7 @@ impl Mover {
                 None => fresh_key(conn, spec)?,
             };
             self.next.insert(table.clone(), fresh + 1);
-            let to = vec![Cell(rusqlite::types::Value::Integer(fresh))];
+            let to = vec![Cell::Sql(rusqlite::types::Value::Integer(fresh))];
             self.touched.keyed(conn, spec, key)?;
             self.touched.keyed(conn, spec, &to)?;
             let pk = quote(&spec.columns[spec.pk[0]]);
@@ -253,13 +250,13 @@ fn rewrite(
     let rows: Vec<Row> = stmt
         .query_map([from], |r| {
             (0..cols.len())
-                .map(|i| r.get(i).map(Cell))
+                .map(|i| r.get::<_, Cell>(i))
                 .collect::<Result<Row, _>>()
         })?
         .collect::<Result<_, _>>()?;
     for row in &rows {
         let mut moved = row.clone();
-        moved[at] = Cell(rusqlite::types::Value::Integer(to));
+        moved[at] = Cell::Sql(rusqlite::types::Value::Integer(to));
         if spec.keyed() {
             touched.keyed(conn, spec, &spec.key_of(row))?;
             touched.keyed(conn, spec, &spec.key_of(&moved))?;

@@ -205,14 +205,14 @@ pub fn lookup_sql(spec: &TableSpec, db: &str) -> String {
 /// The row with primary key `key`, through a statement from [`lookup_sql`].
 pub fn lookup(conn: &Connection, sql: &str, key: &[Cell]) -> Result<Option<Row>> {
     let mut stmt = conn.prepare_cached(sql)?;
-    let mut rows = stmt.query(rusqlite::params_from_iter(key.iter().map(|c| &c.0)))?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(key.iter()))?;
     let Some(r) = rows.next()? else {
         return Ok(None);
     };
     let n = r.as_ref().column_count();
     Ok(Some(
         (0..n)
-            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
+            .map(|i| r.get::<_, Cell>(i))
             .collect::<Result<Row, _>>()?,
     ))
 }
@@ -374,7 +374,7 @@ pub fn rows(conn: &Connection, db: &str, schema: &Schema) -> Result<Vec<Row>> {
     let n = cols.len();
     let rows = stmt.query_map([], |r| {
         (0..n)
-            .map(|i| r.get::<_, rusqlite::types::Value>(i).map(Cell))
+            .map(|i| r.get::<_, Cell>(i))
             .collect::<Result<Row, _>>()
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -467,7 +467,7 @@ mod tests {
         let users = rows(&snap, "main", &s[2]).unwrap();
         assert_eq!(
             users[0][2],
-            Cell(rusqlite::types::Value::Blob(vec![0, 0xff]))
+            Cell::Sql(rusqlite::types::Value::Blob(vec![0, 0xff]))
         );
         assert!(users[1][1].is_null());
     }

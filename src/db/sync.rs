@@ -392,16 +392,14 @@ fn sync_pair_inner(
     for (schema, base_state) in plans {
         let spec = spec_of(db, &schema);
         let table = schema.name.clone();
-        // A table that cannot be read (a value cr0sync cannot represent yet) is skipped
-        // with its reason; the pair's other tables still sync.
+        // A table that cannot be read is skipped with its reason; the pair's other tables
+        // still sync.
         let work = match merge_one(&conn, schema, spec, base_state, rules) {
             Ok(work) => work,
             Err(e) => {
                 let reason = format!(
-                    "cannot be compared: {e:#}. Try: find the value with sqlite3 (for TEXT \
-                     that is not UTF-8: SELECT rowid FROM \"{table}\" WHERE NOT \
-                     CAST(col AS BLOB) = CAST(CAST(col AS TEXT) AS BLOB)) and fix it at its \
-                     source, or exclude_tables"
+                    "cannot be compared: {e:#}. Try: check the table with sqlite3 (PRAGMA \
+                     integrity_check), or exclude_tables; the pair's other tables sync"
                 );
                 log::warn!("{name}/{peer_name} table {table} skipped: {reason}");
                 report.skipped_tables.push(SkippedTable { table, reason });
@@ -1150,7 +1148,7 @@ fn differing_rows(
             return Ok(None);
         }
         (at + 1..=at + n)
-            .map(|i| r.get(i).map(Cell))
+            .map(|i| r.get::<_, Cell>(i))
             .collect::<Result<_, _>>()
             .map(Some)
     };
@@ -1284,7 +1282,7 @@ fn merge_keyed(
         ))?;
         let rows = stmt.query_map([], |r| {
             (0..cols.len())
-                .map(|i| r.get(i).map(Cell))
+                .map(|i| r.get::<_, Cell>(i))
                 .collect::<Result<Row, _>>()
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1598,13 +1596,12 @@ fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> Result<()> {
                     quote(&w.spec.name),
                     same.join(" AND ")
                 );
-                let values: Vec<&rusqlite::types::Value> =
-                    cols.iter().map(|&i| &row[i].0).collect();
+                let values: Vec<&Cell> = cols.iter().map(|&i| &row[i]).collect();
                 let mut stmt = conn.prepare_cached(&sql)?;
                 let holders: Vec<Row> = stmt
                     .query_map(params_from_iter(values), |r| {
                         (0..all.len())
-                            .map(|i| r.get(i).map(Cell))
+                            .map(|i| r.get::<_, Cell>(i))
                             .collect::<Result<Row, _>>()
                     })?
                     .collect::<Result<_, _>>()?;
@@ -1766,9 +1763,9 @@ fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> Result<()> 
                 let mut stmt = conn.prepare_cached(&sql)?;
                 let n = kcols.len().max(1);
                 let referencing: Vec<Key> = stmt
-                    .query_map([&key[0].0], |r| {
+                    .query_map([&key[0]], |r| {
                         (0..n)
-                            .map(|i| r.get(i).map(Cell))
+                            .map(|i| r.get::<_, Cell>(i))
                             .collect::<Result<Key, _>>()
                     })?
                     .collect::<Result<_, _>>()?;
@@ -1928,7 +1925,7 @@ fn settle_base(
                     marks.join(", ")
                 ))?;
                 for (key, _) in &plain {
-                    insert.execute(params_from_iter(key.iter().map(|c| &c.0)))?;
+                    insert.execute(params_from_iter(key.iter()))?;
                 }
                 let same_key: Vec<String> = w
                     .spec
@@ -1979,7 +1976,7 @@ fn settle_base(
             // (Deferred rows with a NULL in the key are whole rows, not keys: the next
             // first sync treats them as it treats a keyless table's.)
             for key in deferred.iter().filter(|k| k.len() == w.spec.pk.len()) {
-                conn.execute(&sql, params_from_iter(key.iter().map(|c| &c.0)))?;
+                conn.execute(&sql, params_from_iter(key.iter()))?;
             }
         }
     }

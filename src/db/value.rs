@@ -9,8 +9,13 @@ use std::cmp::Ordering;
 use rusqlite::types::Value;
 use serde::ser::{Serialize, Serializer};
 
+/// One SQLite value, byte for byte. TEXT that is not valid UTF-8 (SQLite stores whatever
+/// bytes it is given) is kept as its bytes, read and written as TEXT.
 #[derive(Debug, Clone)]
-pub struct Cell(pub Value);
+pub enum Cell {
+    Sql(Value),
+    RawText(Vec<u8>),
+}
 
 /// A whole row, columns in table order.
 pub type Row = Vec<Cell>;
@@ -18,27 +23,33 @@ pub type Row = Vec<Cell>;
 /// The primary-key cells of a row.
 pub type Key = Vec<Cell>;
 
-fn rank(v: &Value) -> u8 {
-    match v {
-        Value::Null => 0,
-        Value::Integer(_) | Value::Real(_) => 1,
-        Value::Text(_) => 2,
-        Value::Blob(_) => 3,
+fn rank(c: &Cell) -> u8 {
+    match c {
+        Cell::Sql(Value::Null) => 0,
+        Cell::Sql(Value::Integer(_) | Value::Real(_)) => 1,
+        Cell::Sql(Value::Text(_)) | Cell::RawText(_) => 2,
+        Cell::Sql(Value::Blob(_)) => 3,
     }
 }
 
 impl Ord for Cell {
     fn cmp(&self, other: &Self) -> Ordering {
         use Value::*;
-        match (&self.0, &other.0) {
-            (Integer(a), Integer(b)) => a.cmp(b),
-            (Real(a), Real(b)) => a.total_cmp(b),
-            // Same number as INTEGER and REAL: order INTEGER first so equality stays exact.
-            (Integer(a), Real(b)) => (*a as f64).total_cmp(b).then(Ordering::Less),
-            (Real(a), Integer(b)) => a.total_cmp(&(*b as f64)).then(Ordering::Greater),
-            (Text(a), Text(b)) => a.cmp(b),
-            (Blob(a), Blob(b)) => a.cmp(b),
-            (a, b) => rank(a).cmp(&rank(b)),
+        // TEXT compares byte by byte, as SQLite's BINARY collation does.
+        if let (Some(a), Some(b)) = (self.text_bytes(), other.text_bytes()) {
+            return a.cmp(b);
+        }
+        match (self, other) {
+            (Cell::Sql(a), Cell::Sql(b)) => match (a, b) {
+                (Integer(a), Integer(b)) => a.cmp(b),
+                (Real(a), Real(b)) => a.total_cmp(b),
+                // Same number as INTEGER and REAL: INTEGER first so equality stays exact.
+                (Integer(a), Real(b)) => (*a as f64).total_cmp(b).then(Ordering::Less),
+                (Real(a), Integer(b)) => a.total_cmp(&(*b as f64)).then(Ordering::Greater),
+                (Blob(a), Blob(b)) => a.cmp(b),
+                _ => rank(self).cmp(&rank(other)),
+            },
+            _ => rank(self).cmp(&rank(other)),
         }
     }
 }
@@ -59,14 +70,29 @@ impl Eq for Cell {}
 
 impl Cell {
     pub fn is_null(&self) -> bool {
-        matches!(self.0, Value::Null)
+        matches!(self, Cell::Sql(Value::Null))
     }
 
     /// The cell as a number, for counters: INTEGER or REAL.
     pub fn as_number(&self) -> Option<Number> {
-        match self.0 {
-            Value::Integer(i) => Some(Number::Int(i)),
-            Value::Real(f) => Some(Number::Real(f)),
+        match self {
+            Cell::Sql(Value::Integer(i)) => Some(Number::Int(*i)),
+            Cell::Sql(Value::Real(f)) => Some(Number::Real(*f)),
+            _ => None,
+        }
+    }
+
+    pub fn as_integer(&self) -> Option<i64> {
+        match self {
+            Cell::Sql(Value::Integer(i)) => Some(*i),
+            _ => None,
+        }
+    }
+
+    fn text_bytes(&self) -> Option<&[u8]> {
+        match self {
+            Cell::Sql(Value::Text(t)) => Some(t.as_bytes()),
+            Cell::RawText(b) => Some(b),
             _ => None,
         }
     }
@@ -74,7 +100,32 @@ impl Cell {
 
 impl From<Value> for Cell {
     fn from(v: Value) -> Self {
-        Cell(v)
+        Cell::Sql(v)
+    }
+}
+
+impl rusqlite::types::FromSql for Cell {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        Ok(match v {
+            rusqlite::types::ValueRef::Text(b) => match std::str::from_utf8(b) {
+                Ok(t) => Cell::Sql(Value::Text(t.to_string())),
+                Err(_) => Cell::RawText(b.to_vec()),
+            },
+            rusqlite::types::ValueRef::Null => Cell::Sql(Value::Null),
+            rusqlite::types::ValueRef::Integer(i) => Cell::Sql(Value::Integer(i)),
+            rusqlite::types::ValueRef::Real(f) => Cell::Sql(Value::Real(f)),
+            rusqlite::types::ValueRef::Blob(b) => Cell::Sql(Value::Blob(b.to_vec())),
+        })
+    }
+}
+
+impl rusqlite::ToSql for Cell {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, ValueRef};
+        Ok(match self {
+            Cell::Sql(v) => ToSqlOutput::Borrowed(ValueRef::from(v)),
+            Cell::RawText(b) => ToSqlOutput::Borrowed(ValueRef::Text(b)),
+        })
     }
 }
 
@@ -89,7 +140,7 @@ pub enum Number {
 pub fn counter_merge(base: &Cell, central: &Cell, peer: &Cell) -> Option<Cell> {
     use Number::*;
     let (b, c, p) = (base.as_number()?, central.as_number()?, peer.as_number()?);
-    Some(Cell(match (b, c, p) {
+    Some(Cell::Sql(match (b, c, p) {
         (Int(b), Int(c), Int(p)) => {
             let v = (c as i128) + (p as i128) - (b as i128);
             Value::Integer(v.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
@@ -104,16 +155,26 @@ pub fn counter_merge(base: &Cell, central: &Cell, peer: &Cell) -> Option<Cell> {
     }))
 }
 
-/// Cells in conflict records and dry-run output: JSON values; BLOBs as `{"hex": "..."}`.
+/// Cells in conflict records and dry-run output: JSON values; BLOBs as `{"hex": "..."}`,
+/// TEXT that is not UTF-8 as `{"text_hex": "..."}`.
 impl Serialize for Cell {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match &self.0 {
+        use serde::ser::SerializeMap;
+        let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+        let v = match self {
+            Cell::Sql(v) => v,
+            Cell::RawText(b) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("text_hex", &hex(b))?;
+                return m.end();
+            }
+        };
+        match v {
             Value::Null => s.serialize_none(),
             Value::Integer(i) => s.serialize_i64(*i),
             Value::Real(f) if f.is_finite() => s.serialize_f64(*f),
             // JSON has no infinities or NaN: `{"real": "inf"}`, so nothing is lost.
             Value::Real(f) => {
-                use serde::ser::SerializeMap;
                 let word = if f.is_nan() {
                     "nan"
                 } else if *f > 0.0 {
@@ -127,10 +188,8 @@ impl Serialize for Cell {
             }
             Value::Text(t) => s.serialize_str(t),
             Value::Blob(b) => {
-                use serde::ser::SerializeMap;
-                let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
                 let mut m = s.serialize_map(Some(1))?;
-                m.serialize_entry("hex", &hex)?;
+                m.serialize_entry("hex", &hex(b))?;
                 m.end()
             }
         }
@@ -147,7 +206,22 @@ impl<'de> serde::Deserialize<'de> for Cell {
 
 pub fn cell_from_json(v: &serde_json::Value) -> Option<Cell> {
     use serde_json::Value as J;
-    Some(Cell(match v {
+    let bytes = |hex: &str| -> Option<Vec<u8>> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+            .collect()
+    };
+    if let J::Object(m) = v
+        && let Some(hex) = m.get("text_hex")
+    {
+        let b = bytes(hex.as_str()?)?;
+        return Some(match String::from_utf8(b) {
+            Ok(t) => Cell::Sql(Value::Text(t)),
+            Err(e) => Cell::RawText(e.into_bytes()),
+        });
+    }
+    Some(Cell::Sql(match v {
         J::Null => Value::Null,
         J::Number(n) => match n.as_i64() {
             Some(i) => Value::Integer(i),
@@ -160,14 +234,7 @@ pub fn cell_from_json(v: &serde_json::Value) -> Option<Cell> {
             "nan" => f64::NAN,
             _ => return None,
         }),
-        J::Object(m) => {
-            let hex = m.get("hex")?.as_str()?;
-            let bytes = (0..hex.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-                .collect::<Option<Vec<u8>>>()?;
-            Value::Blob(bytes)
-        }
+        J::Object(m) => Value::Blob(bytes(m.get("hex")?.as_str()?)?),
         J::Bool(_) | J::Array(_) => return None,
     }))
 }
@@ -182,7 +249,7 @@ mod tests {
     use super::*;
 
     fn c(v: Value) -> Cell {
-        Cell(v)
+        Cell::Sql(v)
     }
 
     #[test]
@@ -249,11 +316,23 @@ mod tests {
             c(Value::Real(f64::INFINITY)),
             c(Value::Real(f64::NEG_INFINITY)),
             c(Value::Real(-0.0)),
+            Cell::RawText(vec![b'a', 0xff, 0]),
         ];
         let json = serde_json::to_value(&row).unwrap();
         let back = row_from_json(&json).unwrap();
         assert_eq!(back, row);
-        assert!(matches!(back[2].0, Value::Real(_)));
+        assert!(matches!(back[2], Cell::Sql(Value::Real(_))));
+        assert!(matches!(back[8], Cell::RawText(_)));
+        assert_eq!(json[8], serde_json::json!({"text_hex": "61ff00"}));
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_text_compared_byte_by_byte() {
+        let raw = Cell::RawText(vec![b'b', 0xff]);
+        assert!(c(Value::Text("b".into())) < raw);
+        assert!(raw < c(Value::Text("c".into())));
+        assert!(raw < c(Value::Blob(vec![0])));
+        assert_ne!(raw, c(Value::Blob(vec![b'b', 0xff])));
     }
 
     #[test]
