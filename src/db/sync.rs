@@ -474,6 +474,7 @@ fn sync_pair_inner(
     if works.iter().any(|w| !w.to_central.is_empty()) {
         maybe_backup(ctx, name, "central", &conn, "main", now, &mut report)?;
     }
+    phases.mark("backups");
     let tx = lock_central(&conn, &central_path)?;
     let mut refused = Vec::new();
     let central_write = || format!("cannot write the central copy {}", central_path.display());
@@ -485,6 +486,7 @@ fn sync_pair_inner(
                 .skipped,
         );
     }
+    phases.mark("central apply");
     // A row the central copy refused is not written to the peer either.
     let to_peer: Vec<Vec<Change>> = works
         .iter()
@@ -540,6 +542,7 @@ fn sync_pair_inner(
         report.tables[i].deferred = deferred.len();
         settle_base(&tx, w, rules.direction, &deferred).with_context(base_write)?;
     }
+    phases.mark("undo+settle");
     rebuild_indexes(&tx, "main", &fts, |t| {
         works
             .iter()
