@@ -819,3 +819,65 @@ fn sync_from_bot_after_a_stopped_sync_does_not_complete_the_stale_journal() {
         );
     }
 }
+
+#[test]
+fn rows_the_website_changes_while_the_sync_writes_them_are_left_for_the_next_run_and_counted_once()
+{
+    // The website's sync pauses after its journal (the peer not written yet, the base being
+    // settled beside the peer's commit); meanwhile the website adds coins to the very rows
+    // the sync is about to write, and one more multiset row it is about to set. Those are
+    // left alone, their base put back, and the next runs count every write once.
+    let w = World::new("central-wins");
+    round(&w);
+    let mut child = std::process::Command::new(common::BIN)
+        .arg("--root")
+        .arg(&w.r.root)
+        .args(["db", "sync", "--peer", "web"])
+        .env("CR0SYNC_FAULT", "after-journal:sleep=3000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let journal = w.r.path("state/db/users/web.journal.json");
+    let start = std::time::Instant::now();
+    while !journal.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "the sync never reached its journal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    exec(
+        &w.web,
+        "UPDATE users SET coins = coins + 10 WHERE id IN (1, 2);
+         INSERT INTO seen VALUES ('x', '#c', 't1');",
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("users") && report.contains("row(s) changed meanwhile"),
+        "{report}"
+    );
+    w.sync_ok(&[]);
+    w.sync_ok(&[]);
+    for side in ["central", "bot", "web"] {
+        let coins = |id: i64| w.one(side, &format!("SELECT coins FROM users WHERE id = {id}"));
+        assert_eq!(coins(1), "118", "{side}: 100 + 3 + 5 + 10");
+        assert_eq!(coins(2), "62", "{side}: 50 + 1 + 1 + 10");
+        assert_eq!(
+            w.one(side, "SELECT count(*) FROM seen WHERE nick = 'x'"),
+            "3",
+            "{side}: the bot's x and the website's two"
+        );
+        assert_eq!(w.one(side, "PRAGMA integrity_check"), "ok");
+    }
+    // The bases agree with the sides: one more run finds nothing to do.
+    let out = w.r.cmd().args(["db", "sync"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains('+') || text.lines().all(|l| !l.contains("+1") && !l.contains("~1")),
+        "{text}"
+    );
+    assert_eq!(w.conflicts().len(), 2);
+}

@@ -516,33 +516,58 @@ fn sync_pair_inner(
             .with_context(|| format!("{name}/{peer_name}: nothing was written"))?;
         phases.mark("journal");
         fault::point("after-journal")?;
+        // The peer's commit runs beside the settling of the base, which goes on in the
+        // central copy's open transaction (nothing of it is durable before the central
+        // commit below); a row the peer then leaves alone is put back afterwards.
+        let before = base_before(&conn, &works, &to_peer)?;
         let side = PeerWrite {
             to_peer: &to_peer,
             txid: &txid,
             fts: &fts,
             sequences: &sequences,
         };
-        left_alone = write_peer_side(&peer_path, busy, &works, &side).with_context(|| {
-            format!(
-                "{name}/{peer_name}: cannot write peer {}; nothing was written",
-                peer_path.display()
-            )
-        })?;
+        let (peer, settled) = std::thread::scope(|s| {
+            let peer = s.spawn(|| write_peer_side(&peer_path, busy, &works, &side));
+            let settled = settle_bases(&tx, &works, rules.direction, &refused);
+            (peer.join(), settled)
+        });
+        left_alone = peer
+            .map_err(|_| anyhow::anyhow!("the peer's writer stopped unexpectedly"))?
+            .with_context(|| {
+                format!(
+                    "{name}/{peer_name}: cannot write peer {}; nothing was written",
+                    peer_path.display()
+                )
+            })?;
+        settled.with_context(base_write)?;
         fault::point("after-peer-commit")?;
+        phases.mark("peer writes and base");
+        // Rows the peer left alone get the central copy's old row and keep their old base.
+        for (i, w) in works.iter().enumerate() {
+            if left_alone[i].is_empty() {
+                continue;
+            }
+            undo(&tx, w, &left_alone[i]).with_context(central_write)?;
+            let deferred: BTreeSet<Key> = refused[i].union(&left_alone[i]).cloned().collect();
+            unsettle(
+                &tx,
+                w,
+                rules.direction,
+                &deferred,
+                &left_alone[i],
+                &before[i],
+            )
+            .with_context(base_write)?;
+        }
+    } else {
+        settle_bases(&tx, &works, rules.direction, &refused).with_context(base_write)?;
+        phases.mark("base");
     }
-    phases.mark("peer writes");
     // Erased before the conflict warnings below.
     drop(progress);
-
-    // Rows the peer left alone get the central copy's old row and keep their old base;
-    // the rest enter the base. Then the conflicts, and the commit.
-    for (i, w) in works.iter().enumerate() {
-        undo(&tx, w, &left_alone[i]).with_context(central_write)?;
-        let deferred: BTreeSet<Key> = refused[i].union(&left_alone[i]).cloned().collect();
-        report.tables[i].deferred = deferred.len();
-        settle_base(&tx, w, rules.direction, &deferred).with_context(base_write)?;
+    for (i, t) in report.tables.iter_mut().enumerate() {
+        t.deferred = refused[i].union(&left_alone[i]).count();
     }
-    phases.mark("undo+settle");
     rebuild_indexes(&tx, "main", &fts, |t| {
         works
             .iter()
@@ -1862,6 +1887,94 @@ fn multiset_base_counts(w: &Work, deferred: &BTreeSet<Key>) -> Vec<Change> {
 
 /// Brings the base up to date for one table, inside the central transaction. Rows a side
 /// deferred keep their old base, so the next run sees their change again.
+/// Settles the base of every table for what the central copy now holds, less `deferred`.
+fn settle_bases(
+    conn: &Connection,
+    works: &[Work],
+    direction: Direction,
+    deferred: &[BTreeSet<Key>],
+) -> Result<()> {
+    for (w, deferred) in works.iter().zip(deferred) {
+        settle_base(conn, w, direction, deferred)?;
+    }
+    Ok(())
+}
+
+/// The base rows, before the base is settled, of the keys about to be written to the peer
+/// (keyed tables with a base): what a key the peer leaves alone goes back to.
+fn base_before(
+    conn: &Connection,
+    works: &[Work],
+    to_peer: &[Vec<Change>],
+) -> Result<Vec<BTreeMap<Key, Option<Row>>>> {
+    works
+        .iter()
+        .zip(to_peer)
+        .map(|(w, changes)| {
+            let mut out = BTreeMap::new();
+            if w.keyed() && matches!(w.base, BaseState::Fresh) {
+                let sql = snapshot::lookup_sql(&w.spec, "b");
+                for key in changes.iter().map(merge::target_of) {
+                    if !key.iter().any(Cell::is_null) {
+                        out.insert(key.clone(), snapshot::lookup(conn, &sql, key)?);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Puts back the base of the keys the peer left alone (`left`) after `settle_bases` took
+/// them in: their rows from `before`, or the table settled again with `deferred`.
+fn unsettle(
+    conn: &Connection,
+    w: &Work,
+    direction: Direction,
+    deferred: &BTreeSet<Key>,
+    left: &BTreeSet<Key>,
+    before: &BTreeMap<Key, Option<Row>>,
+) -> Result<()> {
+    if !(w.keyed() && matches!(w.base, BaseState::Fresh)) {
+        // Multisets and first syncs settle from scratch: again, with the rows left alone.
+        return settle_base(conn, w, direction, deferred);
+    }
+    let back: Vec<Change> = left
+        .iter()
+        .filter_map(|key| {
+            Some(match before.get(key)? {
+                Some(row) => Change::Upsert {
+                    key: key.clone(),
+                    old: None,
+                    new: row.clone(),
+                },
+                None => Change::Delete {
+                    key: key.clone(),
+                    old: Vec::new(),
+                },
+            })
+        })
+        .collect();
+    crate::db::apply::overwrite(conn, "b", &w.spec, &back)?;
+    settle_null_key_rows(conn, w, deferred)
+}
+
+/// Rows with a NULL in the key: their base is a multiset, like a keyless table's.
+fn settle_null_key_rows(conn: &Connection, w: &Work, deferred: &BTreeSet<Key>) -> Result<()> {
+    if !matches!(w.base, BaseState::Fresh) || w.multiset_base.is_empty() {
+        return Ok(());
+    }
+    let t = quote(&w.schema.name);
+    conn.execute_batch(&format!("DELETE FROM b.{t} WHERE {}", null_key(&w.spec)))?;
+    let whole = TableSpec {
+        pk: Vec::new(),
+        ..w.spec.clone()
+    };
+    let changes = multiset_base_counts(w, deferred);
+    apply(conn, "b", &whole, &changes)?;
+    Ok(())
+}
+
 fn settle_base(
     conn: &Connection,
     w: &Work,
@@ -1882,16 +1995,7 @@ fn settle_base(
         apply(conn, "b", &w.spec, &changes)?;
         return Ok(());
     }
-    if matches!(w.base, BaseState::Fresh) && !w.multiset_base.is_empty() {
-        // Rows with a NULL in the key: their base is a multiset, like a keyless table's.
-        conn.execute_batch(&format!("DELETE FROM b.{t} WHERE {}", null_key(&w.spec)))?;
-        let whole = TableSpec {
-            pk: Vec::new(),
-            ..w.spec.clone()
-        };
-        let changes = multiset_base_counts(w, deferred);
-        apply(conn, "b", &whole, &changes)?;
-    }
+    settle_null_key_rows(conn, w, deferred)?;
     match w.base {
         BaseState::Fresh => {
             // The new base row of every settled key is what `from` now holds, so it is

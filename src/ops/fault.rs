@@ -5,7 +5,9 @@
 //! destructor, no rollback, no flush runs: exactly what a power cut or the OOM killer
 //! leaves). `CR0SYNC_FAULT=NAME:enospc` instead makes the point fail with "No space left
 //! on device", so the ordinary error path runs (transactions roll back, the run reports
-//! the error). Several points may be given, separated by commas.
+//! the error). `CR0SYNC_FAULT=NAME:sleep=MS` pauses there for MS milliseconds, so a test
+//! can write into a database at that precise step, as a concurrent application would.
+//! Several points may be given, separated by commas.
 //!
 //! Like `CR0SYNC_NOW`, this is a test hook: the README documents it as such, and it must
 //! never be set in production. When it is unset a point costs one cached lookup.
@@ -19,6 +21,7 @@ pub const FAULT_ENV: &str = "CR0SYNC_FAULT";
 enum Action {
     Kill,
     NoSpace,
+    Sleep(std::time::Duration),
 }
 
 fn armed() -> &'static [(String, Action)] {
@@ -32,6 +35,11 @@ fn armed() -> &'static [(String, Action)] {
             .filter(|s| !s.is_empty())
             .map(|s| match s.split_once(':') {
                 Some((name, "enospc")) => (name.to_string(), Action::NoSpace),
+                Some((name, how)) if how.starts_with("sleep=") => {
+                    let ms = how["sleep=".len()..].parse().unwrap_or(0);
+                    let pause = std::time::Duration::from_millis(ms);
+                    (name.to_string(), Action::Sleep(pause))
+                }
                 _ => (s.to_string(), Action::Kill),
             })
             .collect()
@@ -58,6 +66,7 @@ pub fn point(name: &str) -> io::Result<()> {
                 Action::NoSpace => {
                     return Err(io::Error::from_raw_os_error(libc::ENOSPC));
                 }
+                Action::Sleep(pause) => std::thread::sleep(*pause),
             }
         }
     }
