@@ -829,7 +829,7 @@ fn rows_the_website_changes_while_the_sync_writes_them_are_left_for_the_next_run
     // left alone, their base put back, and the next runs count every write once.
     let w = World::new("central-wins");
     round(&w);
-    let mut child = std::process::Command::new(common::BIN)
+    let child = std::process::Command::new(common::BIN)
         .arg("--root")
         .arg(&w.r.root)
         .args(["db", "sync", "--peer", "web"])
