@@ -388,13 +388,20 @@ fn sync_pair_inner(
     }
     let plans = plan_tables(&conn, db, &mut report)?;
     let fts = plan_virtual_tables(&conn, db, &mut report)?;
+    // A second read-only connection for the peer's side of a large table's diff (see
+    // `differing_rows`); closed before anything is written.
+    let reader = if std::fs::metadata(&snap).map_or(0, |m| m.len()) >= PARALLEL_DIFF_BYTES {
+        Some(std::sync::Mutex::new(open_reader(&conn)?))
+    } else {
+        None
+    };
     let mut works = Vec::new();
     for (schema, base_state) in plans {
         let spec = spec_of(db, &schema);
         let table = schema.name.clone();
         // A table that cannot be read is skipped with its reason; the pair's other tables
         // still sync.
-        let work = match merge_one(&conn, schema, spec, base_state, rules) {
+        let work = match merge_one(&conn, reader.as_ref(), schema, spec, base_state, rules) {
             Ok(work) => work,
             Err(e) => {
                 let reason = format!(
@@ -408,6 +415,7 @@ fn sync_pair_inner(
         };
         works.push(work);
     }
+    drop(reader);
     if rules.direction == Direction::Both && db.rekey && !collisions(&conn, &works)?.is_empty() {
         // The peer's backup comes from the snapshot, which the moves edit.
         if !opts.dry_run {
@@ -893,6 +901,34 @@ fn open_central(path: &Path, busy: std::time::Duration) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Snapshots at least this large diff on two connections (below it, opening the second
+/// costs more than it saves).
+const PARALLEL_DIFF_BYTES: u64 = 8 << 20;
+
+/// A read-only connection to the same central copy, snapshot (`p`) and base (`b`) as
+/// `conn`, for reading beside it on another thread.
+fn open_reader(conn: &Connection) -> Result<Connection> {
+    let files: Vec<(String, String)> = conn
+        .prepare("SELECT name, file FROM pragma_database_list WHERE name IN ('main', 'p', 'b')")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let main = files
+        .iter()
+        .find(|(n, _)| n == "main")
+        .map(|(_, f)| f.clone())
+        .unwrap_or_default();
+    let reader = Connection::open_with_flags(
+        &main,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    for (name, file) in files.iter().filter(|(n, _)| n != "main") {
+        // An in-memory base (a dry run's) has no file: the reader gets an empty one too.
+        let file = if file.is_empty() { ":memory:" } else { file };
+        reader.execute(&format!("ATTACH ?1 AS {name}"), [file])?;
+    }
+    Ok(reader)
+}
+
 /// Columns a migration added on one side are added to the other side, the snapshot and
 /// the base (see `migrate`), backups first, so the table merges cell by cell.
 fn add_migrated_columns(
@@ -1129,6 +1165,7 @@ type Sides = [Option<Row>; 3];
 /// with `IS`), one pass over each side, the base consulted only for rows that differ.
 fn differing_rows(
     conn: &Connection,
+    reader: Option<&std::sync::Mutex<Connection>>,
     schema: &Schema,
     spec: &TableSpec,
     with_base: bool,
@@ -1169,7 +1206,6 @@ fn differing_rows(
     };
     let (base_cols, base_join) = base_part("c");
     let n = cols.len();
-    let mut out = BTreeMap::new();
     // Reads `n` cells from column `at`, or `None` if the flag column before them is set.
     let read = |r: &rusqlite::Row, at: usize| -> rusqlite::Result<Option<Row>> {
         if r.get::<_, bool>(at)? {
@@ -1202,20 +1238,24 @@ fn differing_rows(
         on_key("x", "c"),
         pk[0],
     );
-    let mut stmt = conn.prepare(&changed)?;
-    let mut rows = stmt.query([])?;
     // Central rows without a base row, and peer-only rows with one: with the table sizes
     // they tell whether any base row is missing from both sides (see below).
-    let (mut central_unbased, mut peer_only_based) = (0i64, 0i64);
-    while let Some(r) = rows.next()? {
-        let c = read(r, 0)?;
-        let p = read(r, n + 1)?;
-        let b = if with_base { read(r, 2 * n + 2)? } else { None };
-        if let Some(c) = c {
-            central_unbased += i64::from(b.is_none());
-            out.insert(spec.key_of(&c), [b, Some(c), p]);
+    let central_side = || -> Result<(i64, Vec<(Key, Sides)>)> {
+        let mut stmt = conn.prepare(&changed)?;
+        let mut rows = stmt.query([])?;
+        let mut central_unbased = 0i64;
+        let mut found = Vec::new();
+        while let Some(r) = rows.next()? {
+            let c = read(r, 0)?;
+            let p = read(r, n + 1)?;
+            let b = if with_base { read(r, 2 * n + 2)? } else { None };
+            if let Some(c) = c {
+                central_unbased += i64::from(b.is_none());
+                found.push((spec.key_of(&c), [b, Some(c), p]));
+            }
         }
-    }
+        Ok((central_unbased, found))
+    };
     let (base_cols, base_join) = base_part("x");
     let peer_only = format!(
         "SELECT 0, {}{base_cols} FROM p.{t} AS x LEFT JOIN main.{t} AS c ON {}{base_join} \
@@ -1224,25 +1264,63 @@ fn differing_rows(
         on_key("c", "x"),
         pk[0],
     );
-    let mut stmt = conn.prepare(&peer_only)?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        let p = read(r, 0)?;
-        let b = if with_base { read(r, n + 1)? } else { None };
-        if let Some(p) = p {
-            peer_only_based += i64::from(b.is_some());
-            out.insert(spec.key_of(&p), [b, None, Some(p)]);
+    let count_sql = |db: &str| format!("SELECT count(*) FROM {db}.{t}");
+    let counts = [count_sql("main"), count_sql("b")];
+    // The peer's side (its rows the central copy lacks, and the table sizes) reads other
+    // pages than the central side: on a large table it runs on a second connection, on
+    // the other core, meanwhile.
+    let peer_side = |conn: &Connection| -> Result<(Vec<Sides>, i64, [i64; 2])> {
+        let mut found = Vec::new();
+        let mut peer_only_based = 0i64;
+        let mut stmt = conn.prepare(&peer_only)?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let p = read(r, 0)?;
+            let b = if with_base { read(r, n + 1)? } else { None };
+            if let Some(p) = p {
+                peer_only_based += i64::from(b.is_some());
+                found.push([b, None, Some(p)]);
+            }
+        }
+        let mut sizes = [0i64; 2];
+        if with_base {
+            for (size, sql) in sizes.iter_mut().zip(&counts) {
+                *size = conn.query_row(sql, [], |r| r.get(0))?;
+            }
+        }
+        Ok((found, peer_only_based, sizes))
+    };
+    let (central_side, peer_side) = match reader {
+        Some(reader) => std::thread::scope(|s| {
+            let peer = s.spawn(|| {
+                let reader = reader
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the second reader failed earlier"))?;
+                peer_side(&reader)
+            });
+            let central = central_side();
+            let peer = peer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the second reader stopped unexpectedly"))
+                .and_then(|r| r);
+            (central, peer)
+        }),
+        None => (central_side(), peer_side(conn)),
+    };
+    let (central_unbased, found) = central_side?;
+    let (peer_found, peer_only_based, [central_rows, base_rows]) = peer_side?;
+    let mut out: BTreeMap<Key, Sides> = found.into_iter().collect();
+    for sides in peer_found {
+        if let Some(p) = &sides[2] {
+            out.insert(spec.key_of(p), sides);
         }
     }
     // Base rows whose key the central copy lacks number `central_unbased - (central rows -
     // base rows)`; those the peer still holds were just found. Only if some are left (rows
     // both sides deleted) is the base scanned for them. NULL keys only make the count err
     // towards scanning.
-    let count = |db: &str| -> Result<i64> {
-        Ok(conn.query_row(&format!("SELECT count(*) FROM {db}.{t}"), [], |r| r.get(0))?)
-    };
     let gone_from_both = if with_base {
-        central_unbased - (count("main")? - count("b")?) - peer_only_based
+        central_unbased - (central_rows - base_rows) - peer_only_based
     } else {
         0
     };
@@ -1274,13 +1352,14 @@ fn differing_rows(
 
 fn merge_keyed(
     conn: &Connection,
+    reader: Option<&std::sync::Mutex<Connection>>,
     schema: Schema,
     spec: TableSpec,
     base: BaseState,
     rules: Rules,
 ) -> Result<Work> {
     let fresh = matches!(base, BaseState::Fresh);
-    let mut keys = differing_rows(conn, &schema, &spec, fresh)
+    let mut keys = differing_rows(conn, reader, &schema, &spec, fresh)
         .with_context(|| format!("cannot compare table {}", schema.name))?;
     let mut w = Work {
         schema,
@@ -1362,13 +1441,14 @@ fn merge_keyed(
 
 fn merge_one(
     conn: &Connection,
+    reader: Option<&std::sync::Mutex<Connection>>,
     schema: Schema,
     spec: TableSpec,
     base: BaseState,
     rules: Rules,
 ) -> Result<Work> {
     if spec.keyed() {
-        merge_keyed(conn, schema, spec, base, rules)
+        merge_keyed(conn, reader, schema, spec, base, rules)
     } else {
         merge_multiset(conn, schema, spec, base, rules)
     }
@@ -1435,7 +1515,7 @@ fn rekey_rows(
             .into_iter()
             .map(|w| {
                 if tables.contains(w.spec.name.as_str()) {
-                    merge_one(conn, w.schema, w.spec, w.base, rules)
+                    merge_one(conn, None, w.schema, w.spec, w.base, rules)
                 } else {
                     Ok(w)
                 }
