@@ -49,15 +49,40 @@ else
     set --
 fi
 
-# The current crontab without an earlier cr0sync block (empty if there is none).
-current=$(crontab "$@" -l 2>/dev/null | sed '/^# BEGIN cr0sync$/,/^# END cr0sync$/d') || current=""
+# The current crontab, byte for byte, in a file (command substitution would drop its
+# trailing blank lines). An earlier cr0sync block is replaced; whether the user had a
+# crontab before the first install, and whether it ended in a newline, is kept in the
+# block, so remove_crontabs.sh can give back exactly what was there.
+tmp=$(mktemp)
+trap 'rm -f "$tmp" "$tmp.rest"' EXIT
+none_before=false
+if ! crontab "$@" -l >"$tmp" 2>/dev/null; then
+    : >"$tmp"
+    none_before=true
+fi
+if grep -q '^# cr0sync: there was no crontab before this block$' "$tmp"; then
+    none_before=true
+fi
+no_newline=false
+if grep -q '^# cr0sync: the line before this block had no newline$' "$tmp"; then
+    no_newline=true
+fi
+sed '/^# BEGIN cr0sync$/,/^# END cr0sync$/d' "$tmp" >"$tmp.rest"
+if [ -s "$tmp.rest" ] && [ "$(tail -c 1 "$tmp.rest" | od -An -c | tr -d ' ')" != '\n' ]; then
+    no_newline=true
+    echo >>"$tmp.rest"
+fi
 
 {
-    if [ -n "$current" ]; then
-        printf '%s\n' "$current"
-    fi
+    cat "$tmp.rest"
     echo "# BEGIN cr0sync"
     echo "# installed by install/install_crontabs.sh; remove with install/remove_crontabs.sh"
+    if $none_before; then
+        echo "# cr0sync: there was no crontab before this block"
+    fi
+    if $no_newline; then
+        echo "# cr0sync: the line before this block had no newline"
+    fi
     echo "SHELL=/bin/sh"
     echo "PATH=/usr/local/bin:/usr/bin:/bin"
     echo "MAILTO=${MAILTO:-root}"

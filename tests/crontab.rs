@@ -144,6 +144,42 @@ fn install_is_idempotent_keeps_other_lines_and_remove_takes_only_the_block() {
 }
 
 #[test]
+fn remove_gives_back_the_crontab_byte_for_byte() {
+    let Some(user) = ThrowawayUser::create("c") else {
+        return;
+    };
+    let r = Root::new();
+    let root = r.root.display().to_string();
+    let args = [
+        "--user",
+        user.0.as_str(),
+        "--root",
+        root.as_str(),
+        "--bin",
+        BIN,
+    ];
+    // A user who had no crontab has none again.
+    assert_eq!(user.crontab(), None);
+    ok(&script("install_crontabs.sh", &args));
+    ok(&script("install_crontabs.sh", &args));
+    ok(&script("remove_crontabs.sh", &["--user", &user.0]));
+    assert_eq!(user.crontab(), None, "no empty crontab left behind");
+    // Trailing blank lines, comments and blank lines inside stay exactly.
+    for before in [
+        "0 5 * * * /bin/true\n\n\n",
+        "# mine\n\n0 5 * * * /bin/true # x\n",
+        "\n",
+    ] {
+        user.set_crontab(before);
+        let stored = user.crontab().unwrap();
+        ok(&script("install_crontabs.sh", &args));
+        ok(&script("install_crontabs.sh", &args));
+        ok(&script("remove_crontabs.sh", &["--user", &user.0]));
+        assert_eq!(user.crontab().unwrap(), stored, "{before:?}");
+    }
+}
+
+#[test]
 fn install_refuses_a_missing_binary_or_root_clearly() {
     let Some(user) = ThrowawayUser::create("b") else {
         return;

@@ -3,8 +3,10 @@
 //! jobs never race on one file.
 //!
 //! Invariants: a task is due when it never succeeded or its last success is at least one
-//! interval old, so a task that failed is retried at the next run, not a full interval
-//! later. A success is recorded only after the task's own writes are durable.
+//! interval old, less [`SLACK`] (cron starts each run a little earlier or later, so a
+//! 5-minute task under a 1-minute cron runs every 5 minutes, not every 6); a task that
+//! failed is retried at the next run, not a full interval later. A success is recorded
+//! only after the task's own writes are durable.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,6 +17,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ops::job::Job;
 use crate::ops::state::StateStore;
+
+/// How much earlier than a full interval a task is due again.
+pub const SLACK: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TaskTimes {
@@ -45,10 +50,12 @@ impl Schedule {
         self.next_due(task, interval).is_none_or(|due| due <= now)
     }
 
-    /// When the task is next due; `None` if it never succeeded (due now).
+    /// When the task is next due (one interval after its last success, less [`SLACK`]);
+    /// `None` if it never succeeded (due now).
     pub fn next_due(&self, task: &str, interval: Duration) -> Option<DateTime<Utc>> {
         let last = self.tasks.get(task)?.last_success?;
-        let interval = chrono::Duration::from_std(interval).unwrap_or(chrono::Duration::MAX);
+        let interval = chrono::Duration::from_std(interval.saturating_sub(SLACK))
+            .unwrap_or(chrono::Duration::MAX);
         Some(
             last.checked_add_signed(interval)
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
@@ -90,8 +97,27 @@ mod tests {
         let mut s = Schedule::default();
         s.record("x", at("2026-01-01T00:00:00Z"), &Ok(()));
         let hour = Duration::from_secs(3600);
-        assert!(!s.is_due("x", hour, at("2026-01-01T00:59:59Z")));
-        assert!(s.is_due("x", hour, at("2026-01-01T01:00:00Z")));
+        assert!(!s.is_due("x", hour, at("2026-01-01T00:59:29Z")));
+        assert!(s.is_due("x", hour, at("2026-01-01T00:59:30Z")));
+    }
+
+    #[test]
+    fn a_five_minute_task_under_a_one_minute_cron_runs_every_five_minutes() {
+        // Each run starts up to a few seconds later than the minute; the task still runs
+        // at every fifth one.
+        let mut s = Schedule::default();
+        let five = Duration::from_secs(300);
+        let mut ran = Vec::new();
+        for minute in 0..16 {
+            let now = at("2026-01-01T00:00:00Z")
+                + chrono::Duration::minutes(minute)
+                + chrono::Duration::milliseconds((minute * 737) % 4000);
+            if s.is_due("x", five, now) {
+                s.record("x", now, &Ok(()));
+                ran.push(minute);
+            }
+        }
+        assert_eq!(ran, [0, 5, 10, 15]);
     }
 
     #[test]
