@@ -119,6 +119,27 @@ pub fn lookup_group(name: &str) -> Option<u32> {
 }
 
 /// `fsync` of a directory, making a rename or a new entry in it durable.
+/// What `path` is when it is not a regular file (following symlinks): a directory, a
+/// named pipe, a device or a socket. Checked from its metadata, without opening it:
+/// opening a FIFO blocks until a writer comes, and a job must never hang on a path.
+pub fn special_kind(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::metadata(path).ok()?.file_type();
+    if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a named pipe (FIFO)")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("a device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    }
+}
+
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }

@@ -505,6 +505,78 @@ fn missing_corrupt_truncated_and_locked_peers_fail_clearly_and_leave_central_alo
 }
 
 #[test]
+fn a_peer_that_is_a_fifo_a_device_a_directory_or_empty_is_refused_without_blocking() {
+    let s = Setup::new("");
+    s.sync_ok();
+    let tmp = s.r.tmp.path();
+    let fifo = tmp.join("pipe.db");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let dir = tmp.join("dir.db");
+    std::fs::create_dir(&dir).unwrap();
+    let empty = tmp.join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    let cases = [
+        (fifo, "a named pipe (FIFO)"),
+        (PathBuf::from("/dev/zero"), "a device"),
+        (PathBuf::from("/dev/null"), "a device"),
+        (dir, "a directory"),
+        (empty, "an empty file (0 bytes)"),
+    ];
+    for (path, kind) in cases {
+        s.r.write_config(&format!(
+            "[general]\nbusy_timeout = \"1s\"\n[[database.db]]\nname = \"users\"\n\
+             peers = [\n  {{ name = \"bot\", path = \"{}\" }},\n  {{ name = \"website\", path = \"{}\" }},\n]\n",
+            path.display(),
+            s.web.display()
+        ));
+        exec(&s.web, "UPDATE users SET coins = coins + 1 WHERE id = 1");
+        let mut child = std::process::Command::new(common::BIN)
+            .arg("--root")
+            .arg(&s.r.root)
+            .args(["db", "sync"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{}: the sync blocked", path.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{}: {err}", path.display());
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{}: one line: {err}",
+            path.display()
+        );
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(kind),
+            "{err}"
+        );
+        // The healthy pair still synced.
+        assert_eq!(
+            query(&s.central(), "SELECT coins FROM users WHERE id = 1"),
+            query(&s.web, "SELECT coins FROM users WHERE id = 1")
+        );
+    }
+}
+
+#[test]
 fn mass_delete_guard_stops_a_wiped_peer_unless_forced() {
     let s = Setup::new("");
     exec(

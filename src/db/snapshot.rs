@@ -141,6 +141,20 @@ fn copy_once(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Resu
             path.display()
         );
     }
+    if let Some(kind) = crate::fsutil::special_kind(path) {
+        anyhow::bail!(
+            "{} is {kind}, not an SQLite database file; nothing was read. Try: point the \
+             path at the database file itself",
+            path.display()
+        );
+    }
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        anyhow::bail!(
+            "{} is an empty file (0 bytes), not an SQLite database; nothing was read. Try: \
+             point the path at the application's database, or restore it from backups/",
+            path.display()
+        );
+    }
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let src = Connection::open_with_flags(path, flags)
         .with_context(|| format!("cannot open database {}", path.display()))?;

@@ -28,7 +28,9 @@ fn stream_name(s: &StreamConfig) -> &str {
     s.name.get_ref()
 }
 
-/// The source files of a stream: regular files in `from` matching `pattern`, by name.
+/// The source files of a stream: regular files (or links to them) in `from` matching
+/// `pattern`, by name. A FIFO, device or directory that matches is named in the log and
+/// never opened.
 pub fn sources(ctx: &Context, s: &StreamConfig) -> Result<Vec<(String, PathBuf)>> {
     let from = ctx.resolve(&s.from);
     let entries = std::fs::read_dir(&from).map_err(|e| {
@@ -42,8 +44,24 @@ pub fn sources(ctx: &Context, s: &StreamConfig) -> Result<Vec<(String, PathBuf)>
     let mut out = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if glob_match(&s.pattern, &name) && e.file_type().is_ok_and(|t| t.is_file()) {
-            out.push((name, e.path()));
+        if !glob_match(&s.pattern, &name) {
+            continue;
+        }
+        let path = e.path();
+        if path.is_file() {
+            out.push((name, path));
+            continue;
+        }
+        // (A dangling symlink is nothing yet: left out quietly, as before it exists.)
+        match crate::fsutil::special_kind(&path) {
+            None => {}
+            Some(kind) => log::warn!(
+                "stream {}: {} is {kind}, not a log file; skipped. Try: narrow `pattern`, or \
+                 move it out of {}",
+                stream_name(s),
+                path.display(),
+                from.display()
+            ),
         }
     }
     out.sort();
