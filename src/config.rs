@@ -457,12 +457,45 @@ impl Config {
                         format!("key `name`: duplicate peer {pname:?} in database {name:?}"),
                     ));
                 }
-                let central = root.join("databases").join(format!("{name}.db"));
-                if same_path(&root.join(peer.path.get_ref()), &central) {
+            }
+        }
+        // A peer file belongs to one pair: never a central copy (of this or any database),
+        // never shared by two peers, or the databases would merge into each other.
+        let peers: Vec<(&String, &String, &Spanned<PathBuf>)> = self
+            .database
+            .db
+            .iter()
+            .flat_map(|db| {
+                db.peers
+                    .iter()
+                    .map(move |p| (db.name.get_ref(), p.name.get_ref(), &p.path))
+            })
+            .collect();
+        for (i, (name, pname, path)) in peers.iter().enumerate() {
+            let file = root.join(path.get_ref());
+            for db in &self.database.db {
+                let other = db.name.get_ref();
+                let central = root.join("databases").join(format!("{other}.db"));
+                if same_path(&file, &central) {
+                    let whose = if other == *name {
+                        format!("the central copy of {name:?} itself")
+                    } else {
+                        format!("the central copy of database {other:?}")
+                    };
                     return Err(at(
-                        peer.path.span(),
+                        path.span(),
+                        format!("key `path`: peer {pname:?} of database {name:?} is {whose}"),
+                    ));
+                }
+            }
+            for (other_name, other_peer, other_path) in &peers[..i] {
+                if same_path(&file, &root.join(other_path.get_ref())) {
+                    return Err(at(
+                        path.span(),
                         format!(
-                            "key `path`: peer {pname:?} is the central copy of {name:?} itself"
+                            "key `path`: peer {pname:?} of database {name:?} is the same file \
+                             as peer {other_peer:?} of database {other_name:?}; each peer \
+                             file belongs to one pair"
                         ),
                     ));
                 }
@@ -600,6 +633,33 @@ mod tests {
         let c = Config::parse(&ok).unwrap();
         assert!(c.database.db[0].rekey, "rekey is on by default");
         assert_eq!(c.database.db[0].rekey_refs["users"], ["scores.user_id"]);
+    }
+
+    #[test]
+    fn a_peer_file_belongs_to_one_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let db = |name: &str, peers: &str| {
+            format!("[[database.db]]\nname = \"{name}\"\npeers = [{peers}]\n")
+        };
+        // Another database's central copy.
+        let text = db("users", "{ name = \"bot\", path = \"databases/site.db\" }")
+            + &db("site", "{ name = \"bot\", path = \"/tmp/site-bot.db\" }");
+        let e = Config::parse_at(&text, root).unwrap_err();
+        assert!(e.contains("central copy of database \"site\""), "{e}");
+        // One file for two databases, also through a symlink.
+        std::fs::write(root.join("shared.db"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("shared.db"), root.join("link.db")).unwrap();
+        let text = db("users", "{ name = \"bot\", path = \"shared.db\" }")
+            + &db("site", "{ name = \"web\", path = \"link.db\" }");
+        let e = Config::parse_at(&text, root).unwrap_err();
+        assert!(
+            e.contains("peer \"web\" of database \"site\" is the same file as peer \"bot\" of database \"users\""),
+            "{e}"
+        );
+        let text = db("users", "{ name = \"bot\", path = \"shared.db\" }")
+            + &db("site", "{ name = \"web\", path = \"other.db\" }");
+        Config::parse_at(&text, root).unwrap();
     }
 
     #[test]
