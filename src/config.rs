@@ -284,8 +284,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         };
         total = total.saturating_add(part);
     }
+    if total > MAX_DURATION {
+        return Err(format!(
+            "duration {text:?} is too large (at most 100 years, \"36500d\")"
+        ));
+    }
     Ok(total)
 }
+
+/// The longest duration accepted anywhere: far beyond any interval or age that makes
+/// sense, and small enough that adding it to any time or instant cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 
 /// A size written as `"10MiB"`, `"500KB"`, `"1GiB"` or a byte count (`"4096"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]

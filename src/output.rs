@@ -261,7 +261,7 @@ impl Drop for Progress {
 /// One progress line: a bar with the share done when the total is known, else what was
 /// done so far; then the time taken.
 fn progress_line(label: &str, done: u64, total: u64, elapsed: Duration) -> String {
-    let time = human_ms(elapsed.as_millis() as u64);
+    let time = human_ms(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
     if total == 0 {
         return match done {
             0 => format!("{label}  {time}"),
@@ -269,7 +269,9 @@ fn progress_line(label: &str, done: u64, total: u64, elapsed: Duration) -> Strin
         };
     }
     let share = (done.min(total) as f64 / total as f64).clamp(0.0, 1.0);
-    let filled = (share * 24.0).round() as usize;
+    // 24ths done, rounded: at most 24.
+    let (d, t) = (u128::from(done.min(total)), u128::from(total));
+    let filled = usize::try_from((d * 24 + t / 2) / t).unwrap_or(24).min(24);
     format!(
         "{label} [{}{}] {:>3.0}%  {} / {}  {time}",
         "#".repeat(filled),

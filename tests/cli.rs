@@ -73,3 +73,52 @@ fn completions_and_man_page_are_generated_from_the_commands() {
         &man[..200]
     );
 }
+
+#[test]
+fn inputs_too_large_to_represent_are_clear_errors_never_panics() {
+    let r = Root::new();
+    // A wait too long to add to a clock: a usage error.
+    let out = r
+        .cmd()
+        .args(["run", "database", "--wait", "18446744073709551615s"])
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("too large") && !err.contains("panicked"),
+        "{err}"
+    );
+    // The same in the configuration: exit 2 naming the key.
+    let config = std::fs::read_to_string(r.path("cr0sync.toml")).unwrap();
+    r.write_config(&config.replace(
+        "event_archive_after = \"7d\"",
+        "event_archive_after = \"100000000d\"",
+    ));
+    let out = r.cmd().arg("status").output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("event_archive_after") && err.contains("too large"),
+        "{err}"
+    );
+    r.write_config(&config);
+    // A rate-limit window too long to end (as an integer and as a float): kept, no panic.
+    std::fs::write(
+        r.path("shared_storage/api_sessions.json"),
+        r#"{"sessions": {}, "rate_limits": {
+            "a": {"window_start": 1700000000, "window_seconds": 9000000000000000},
+            "b": {"window_start": 1700000000, "window_seconds": 9e15},
+            "c": {"window_start": 9e300, "window_seconds": 60}}}"#,
+    )
+    .unwrap();
+    for args in [&["security", "cleanup-sessions"][..], &["status"][..]] {
+        let out = r.cmd().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr_of(&out));
+    }
+    let kept = std::fs::read_to_string(r.path("shared_storage/api_sessions.json")).unwrap();
+    assert!(
+        kept.contains("\"a\"") && kept.contains("\"b\"") && kept.contains("\"c\""),
+        "{kept}"
+    );
+}

@@ -1,6 +1,12 @@
 //! End-to-end tests of the database job on real SQLite files, checked with the
 //! independent tools: `sqldiff` between the sides and `PRAGMA integrity_check`.
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::panic,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::unwrap_used
+)]
 
 mod common;
 

@@ -1,6 +1,12 @@
 //! Job locks with a real second process: `flock(1)` from util-linux holds the same kernel
 //! lock cr0sync takes, which is also how an operator pauses a job during maintenance.
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::panic,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::unwrap_used
+)]
 
 mod common;
 

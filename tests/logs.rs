@@ -1,5 +1,11 @@
 //! End-to-end tests of the log job with real files, the real `logrotate`, gzip.
-#![allow(clippy::unwrap_used)]
+#![allow(
+    clippy::panic,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::unwrap_used
+)]
 
 mod common;
 

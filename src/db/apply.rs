@@ -300,7 +300,7 @@ fn write(conn: &Connection, sql: &Statements, spec: &TableSpec, change: &Change)
             let now: i64 = conn
                 .prepare_cached(&sql.count)?
                 .query_row(params_from_iter(values(row)), |r| r.get(0))?;
-            if now as u64 != *old {
+            if u64::try_from(now).ok() != Some(*old) {
                 return Ok(Wrote::Changed);
             }
             if new > old {

@@ -378,7 +378,8 @@ pub fn roll_forward(
                 let want = if now == before {
                     after
                 } else {
-                    (after as i128 + now as i128 - before as i128).max(0) as u64
+                    u64::try_from((i128::from(after) + i128::from(now) - i128::from(before)).max(0))
+                        .unwrap_or(u64::MAX)
                 };
                 set_count(conn, "main", &spec, &e.row, now, want)?;
             }
@@ -435,7 +436,7 @@ pub fn count(conn: &Connection, db: &str, spec: &TableSpec, row: &Row) -> Result
             same.join(" AND ")
         ))?
         .query_row(rusqlite::params_from_iter(row.iter()), |r| r.get(0))?;
-    Ok(n as u64)
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 fn set_count(

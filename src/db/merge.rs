@@ -419,7 +419,8 @@ fn merge_multiset(rules: Rules, base: Option<&[Row]>, central: &[Row], peer: &[R
             Some(b) => b.get(row).copied().unwrap_or(0),
             None => cn.min(pn),
         };
-        let target = (cn as i128 + pn as i128 - bn as i128).max(0) as u64;
+        let target = u64::try_from((i128::from(cn) + i128::from(pn) - i128::from(bn)).max(0))
+            .unwrap_or(u64::MAX);
         if rules.direction != Direction::Push && target != cn {
             out.to_central.push(Change::SetCount {
                 row: row.clone(),
@@ -439,8 +440,10 @@ fn merge_multiset(rules: Rules, base: Option<&[Row]>, central: &[Row], peer: &[R
             Direction::Pull => pn,
             Direction::Push => cn,
         };
-        out.new_base
-            .extend(std::iter::repeat_n(row.clone(), keep as usize));
+        out.new_base.extend(std::iter::repeat_n(
+            row.clone(),
+            usize::try_from(keep).unwrap_or(usize::MAX),
+        ));
     }
     out
 }
@@ -472,7 +475,10 @@ pub fn apply_in_memory(spec: &TableSpec, rows: &[Row], changes: &[Change]) -> Ve
         }
         let mut out = Vec::new();
         for (row, n) in m {
-            out.extend(std::iter::repeat_n(row, n as usize));
+            out.extend(std::iter::repeat_n(
+                row,
+                usize::try_from(n).unwrap_or(usize::MAX),
+            ));
         }
         out
     }

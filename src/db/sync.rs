@@ -2189,14 +2189,17 @@ fn guard(conn: &Connection, works: &[Work], max_percent: u8, name: &str, peer: &
             } else {
                 (deletes * 100).div_ceil(max).max(100)
             };
-            let rows: u64 = conn.query_row(
-                &format!(
-                    "SELECT count(*) FROM (SELECT 1 FROM {db}.{} LIMIT {limit})",
-                    quote(&w.schema.name)
-                ),
-                [],
-                |r| r.get::<_, i64>(0),
-            )? as u64;
+            let rows: u64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT count(*) FROM (SELECT 1 FROM {db}.{} LIMIT {limit})",
+                        quote(&w.schema.name)
+                    ),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?
+                .try_into()
+                .unwrap_or(0);
             let trips = if rows >= limit {
                 max == 0
             } else {

@@ -143,7 +143,7 @@ pub fn counter_merge(base: &Cell, central: &Cell, peer: &Cell) -> Option<Cell> {
     Some(Cell::Sql(match (b, c, p) {
         (Int(b), Int(c), Int(p)) => {
             let v = (c as i128) + (p as i128) - (b as i128);
-            Value::Integer(v.clamp(i64::MIN as i128, i64::MAX as i128) as i64)
+            Value::Integer(i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX }))
         }
         _ => {
             let f = |n: Number| match n {

@@ -82,7 +82,10 @@ fn read_err(path: &Path) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
 
 /// SHA-256 of the first `len` bytes of `file`, or `None` if it is shorter.
 fn fingerprint(file: &mut File, len: u64) -> std::io::Result<Option<String>> {
-    let mut buf = vec![0u8; len as usize];
+    let Ok(len) = usize::try_from(len) else {
+        return Ok(None);
+    };
+    let mut buf = vec![0u8; len];
     file.seek(SeekFrom::Start(0))?;
     let mut got = 0;
     while got < buf.len() {
@@ -99,12 +102,12 @@ fn fingerprint(file: &mut File, len: u64) -> std::io::Result<Option<String>> {
 /// The position just after the last `\n` in `[from, size)`, or `from` if there is none.
 /// Reads backwards in blocks, so memory stays bounded whatever the line length.
 fn complete_end(file: &mut File, from: u64, size: u64) -> std::io::Result<u64> {
-    const BLOCK: u64 = 64 * 1024;
-    let mut buf = vec![0u8; BLOCK as usize];
+    const BLOCK: usize = 64 * 1024;
+    let mut buf = vec![0u8; BLOCK];
     let mut end = size;
     while end > from {
-        let start = end.saturating_sub(BLOCK).max(from);
-        let len = (end - start) as usize;
+        let start = end.saturating_sub(BLOCK as u64).max(from);
+        let len = usize::try_from(end - start).unwrap_or(BLOCK);
         file.seek(SeekFrom::Start(start))?;
         file.read_exact(&mut buf[..len])?;
         if let Some(i) = buf[..len].iter().rposition(|&b| b == b'\n') {
@@ -239,7 +242,7 @@ fn is_prefix(dest: &mut File, len: u64, src: &Path) -> Result<bool> {
     let mut left = len;
     let mut same = true;
     while left > 0 && same {
-        let n = left.min(a.len() as u64) as usize;
+        let n = usize::try_from(left).map_or(a.len(), |left| left.min(a.len()));
         dest.read_exact(&mut a[..n])?;
         s.read_exact(&mut b[..n]).map_err(read_err(src))?;
         same = a[..n] == b[..n];

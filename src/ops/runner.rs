@@ -310,7 +310,7 @@ pub fn run_job(
         let record = RunRecord {
             started,
             finished,
-            duration_ms: duration.as_millis() as u64,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
             result: if failed {
                 RunResult::Error
             } else {
@@ -350,7 +350,7 @@ pub fn run_job(
             outcome,
             skipped: false,
             tasks,
-            duration_ms: duration.as_millis() as u64,
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         }),
         1 => Err(errors.remove(0)),
         _ => Err(Error::Several(errors.iter().map(|e| format!("{e:#}")).collect()).into()),

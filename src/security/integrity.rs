@@ -497,7 +497,7 @@ fn hash_all(paths: &[&str], progress: &Progress) -> Vec<Result<String, String>> 
 fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -898,14 +898,16 @@ pub fn check(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Report>
     let mut previous = overlay(&base, &cache);
 
     // A bounded share of the oldest hashes is redone each run.
-    let rehash_ns = ctx.config.security.full_rehash.0.as_nanos() as i64;
-    let interval = ctx.config.security.integrity_interval.0.as_nanos().max(1) as i64;
-    let runs = (rehash_ns / interval).max(1) as usize;
+    // (Durations are at most 100 years: these nanosecond counts fit in an i128.)
+    let rehash_ns = ctx.config.security.full_rehash.0.as_nanos();
+    let interval = ctx.config.security.integrity_interval.0.as_nanos().max(1);
+    let runs = usize::try_from((rehash_ns / interval).max(1)).unwrap_or(usize::MAX);
     let now_at = now.timestamp_nanos_opt().unwrap_or_else(now_ns);
     let mut stale: Vec<usize> = (0..previous.len())
         .filter(|&i| {
             let e = previous[i].entry;
-            e.kind == Kind::File && now_at - e.hashed_at_ns > rehash_ns
+            e.kind == Kind::File
+                && i128::from(now_at) - i128::from(e.hashed_at_ns) > rehash_ns as i128
         })
         .collect();
     stale.sort_by_key(|&i| previous[i].entry.hashed_at_ns);

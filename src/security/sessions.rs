@@ -44,7 +44,11 @@ fn parse_time(v: &Value) -> Option<DateTime<Utc>> {
             .map(|t| t.with_timezone(&Utc)),
         Value::Number(n) => n
             .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
+            .or_else(|| {
+                // A fractional or huge timestamp: whole seconds, if it is a time at all.
+                let f = n.as_f64()?.trunc();
+                (f.abs() < 1e15).then(|| format!("{f:.0}").parse().ok())?
+            })
             .and_then(|secs| DateTime::from_timestamp(secs, 0)),
         _ => None,
     }
@@ -57,7 +61,9 @@ fn session_expired(entry: &Value, now: DateTime<Utc>) -> Option<bool> {
 fn window_expired(entry: &Value, now: DateTime<Utc>) -> Option<bool> {
     let start = parse_time(entry.get("window_start")?)?;
     let secs = entry.get("window_seconds")?.as_i64()?;
-    Some(start + chrono::Duration::seconds(secs) <= now)
+    // A window too long to represent never ends; `None` (unreadable) keeps it too.
+    let end = start.checked_add_signed(chrono::Duration::try_seconds(secs)?)?;
+    Some(end <= now)
 }
 
 /// Removes expired entries from `doc` (in place); entries whose expiry cannot be read

@@ -1,5 +1,11 @@
 //! Helpers shared by the end-to-end tests: the real binary, real temporary roots.
-#![allow(dead_code)]
+#![allow(
+    clippy::panic,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    dead_code
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
