@@ -72,6 +72,33 @@ fn completions_and_man_page_are_generated_from_the_commands() {
         "{}",
         &man[..200]
     );
+    // With --dir, every page a page refers to exists.
+    let pages = tempfile::tempdir().unwrap();
+    let out = common::cr0sync()
+        .args(["man", "--dir"])
+        .arg(pages.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let mut count = 0;
+    for page in std::fs::read_dir(pages.path()).unwrap() {
+        let text = std::fs::read_to_string(page.unwrap().path()).unwrap();
+        count += 1;
+        for word in text
+            .replace("\\-", "-")
+            .split(|c: char| c.is_whitespace() || c == ',')
+        {
+            if let Some(name) = word.strip_suffix("(1)")
+                && name.starts_with("cr0sync")
+            {
+                assert!(
+                    pages.path().join(format!("{name}.1")).exists(),
+                    "{name}(1) is referred to but not written"
+                );
+            }
+        }
+    }
+    assert!(count > 20, "{count} pages");
 }
 
 #[test]

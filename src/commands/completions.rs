@@ -29,13 +29,31 @@ impl CompletionsCmd {
 
 #[derive(Debug, Args)]
 #[command(
-    about = "Print the man page (roff)",
-    after_help = "Example:\n  cr0sync man | sudo tee /usr/local/share/man/man1/cr0sync.1 && man cr0sync"
+    about = "Print the man page (roff), or write one page per command into a directory",
+    after_help = "Example:\n  sudo cr0sync man --dir /usr/local/share/man/man1 && man cr0sync-db-sync\n  \
+                  cr0sync man | man -l -\n\n\
+                  The page of cr0sync lists its commands as cr0sync-db(1) and so on: --dir \
+                  writes those pages too."
 )]
-pub struct ManCmd {}
+pub struct ManCmd {
+    /// Write cr0sync.1 and a page per command (cr0sync-db.1, cr0sync-db-sync.1, ...) here
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
+}
 
 impl ManCmd {
     pub fn run(&self) -> Result<Outcome> {
+        if let Some(dir) = &self.dir {
+            clap_mangen::generate_to(Cli::command(), dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot write the man pages into {}: {}. Try: create the directory, or \
+                     run with permission to write there",
+                    dir.display(),
+                    crate::error::io_text(&e)
+                )
+            })?;
+            return Ok(Outcome::Success);
+        }
         let mut text = Vec::new();
         clap_mangen::Man::new(Cli::command()).render(&mut text)?;
         print_all(&text)

@@ -61,7 +61,7 @@ pub struct PairArgs {
     /// Only this database (repeatable; default: all)
     #[arg(long = "db", value_name = "NAME")]
     pub databases: Vec<String>,
-    /// Only this peer (sync-from-bot: the peer to copy from)
+    /// Only the pairs with this peer
     #[arg(long, value_name = "NAME")]
     pub peer: Option<String>,
 }
@@ -76,7 +76,10 @@ impl PairArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(after_help = "Example:\n  cr0sync db status\n  cr0sync db conflicts --json | jq length")]
+#[command(
+    about = "Per pair: last sync, changes, conflicts, rows left unapplied, skipped tables",
+    after_help = "Example:\n  cr0sync db status\n  cr0sync db status --json | jq '.[0]'"
+)]
 pub struct JsonFlag {
     /// Print JSON
     #[arg(long)]
