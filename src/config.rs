@@ -45,6 +45,8 @@ pub struct General {
     pub log_size: Size,
     /// ... keeping this many gzip-compressed older files.
     pub log_keep: u32,
+    /// A job's lock held longer than this is a `status` problem (a hung job).
+    pub stuck_after: Dur,
 }
 
 impl Default for General {
@@ -58,6 +60,7 @@ impl Default for General {
             metrics_dir: None,
             log_size: Size(10 << 20),
             log_keep: 5,
+            stuck_after: Dur::secs(600),
         }
     }
 }
@@ -682,6 +685,7 @@ mod tests {
             "metrics_dir",
             "log_size",
             "log_keep",
+            "stuck_after",
             "policy",
             "backup_interval",
             "backup_keep",

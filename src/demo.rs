@@ -385,5 +385,19 @@ pub fn run(dir: &Path) -> Result<String> {
         demo.root.display()
     ));
     out.push_str(&status::collect(&ctx)?.to_human());
+    out.push_str(NEXT_STEPS);
     Ok(out)
 }
+
+/// What to do after the demo, on a real server.
+const NEXT_STEPS: &str = "
+Next, on your server:
+  1. install the binary:    sudo install -m 755 target/release/cr0sync /usr/local/bin/
+  2. create the store:      sudo cr0sync --root /data/cr0_system init
+  3. describe your data:    edit /data/cr0_system/cr0sync.toml (databases and their peers,
+                            log streams, the paths to watch; every key is commented)
+  4. try it without writes: cr0sync --root /data/cr0_system db sync --dry-run
+  5. run it every minute:   install/install_crontabs.sh --user cr0 --root /data/cr0_system
+                            (or the systemd units in install/), then install/test_cron_scripts.sh
+  6. watch it:              cr0sync --root /data/cr0_system status --check
+";

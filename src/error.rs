@@ -19,6 +19,8 @@ pub enum Outcome {
     Success,
     /// Exit 4: an integrity check found something new.
     Findings,
+    /// Exit 1: `status --check` found a problem.
+    Problems,
 }
 
 /// Process exit codes. Scripts rely on these numbers.
@@ -36,6 +38,7 @@ impl From<Outcome> for ExitCode {
         match outcome {
             Outcome::Success => ExitCode::Success,
             Outcome::Findings => ExitCode::Findings,
+            Outcome::Problems => ExitCode::Runtime,
         }
     }
 }

@@ -18,6 +18,10 @@ fn demo_runs_every_job_and_prints_status() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("verdict: all good"), "{text}");
+    assert!(
+        text.contains("Next, on your server:") && text.contains("install_crontabs.sh"),
+        "the demo ends with what to do next: {text}"
+    );
     for job in ["database", "logs", "security"] {
         assert!(text.contains(&format!("ran cron {job}: ok")), "{text}");
     }

@@ -148,3 +148,109 @@ fn metrics_files_are_written_for_node_exporter() {
     // No temporary file left next to them.
     assert_eq!(std::fs::read_dir(&metrics).unwrap().count(), 3);
 }
+
+fn check_at(r: &Root, now: Option<&str>) -> (i32, String) {
+    let mut cmd = r.cmd();
+    cmd.args(["status", "--check"]);
+    if let Some(now) = now {
+        cmd.env("CR0SYNC_NOW", now);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[test]
+fn check_exits_1_exactly_when_a_job_stopped_running_or_hangs() {
+    let r = Root::new();
+    // A fresh root that never ran: nothing to report yet.
+    assert_eq!(check_at(&r, None), (0, String::new()));
+    let out = r.cmd().args(["cron", "database"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(check_at(&r, None), (0, String::new()));
+    // Three minutes later without another run: cron is not running it.
+    let later = rfc3339(chrono::Utc::now() + chrono::Duration::minutes(4));
+    let (code, text) = check_at(&r, Some(&later));
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("database job has had no successful run") && text.contains("crontab -l"),
+        "{text}"
+    );
+    // A job holding its lock past stuck_after (10m by default) is named with its pid.
+    let db = r.tmp.path().join("bot.db");
+    let setup = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t VALUES (1, 'a');")
+        .status()
+        .unwrap();
+    assert!(setup.success());
+    r.write_config(&format!(
+        "[[database.db]]\nname = \"d\"\npeers = [{{ name = \"bot\", path = \"{}\" }}]\n",
+        db.display()
+    ));
+    let first = r.cmd().args(["db", "sync"]).output().unwrap();
+    assert!(first.status.success(), "{}", stderr_of(&first));
+    // A change for the peer, so the sync writes a journal and pauses after it.
+    std::process::Command::new("sqlite3")
+        .arg(r.path("databases/d.db"))
+        .arg("UPDATE t SET v = 'b'")
+        .status()
+        .unwrap();
+    let mut slow = std::process::Command::new(BIN)
+        .arg("--root")
+        .arg(&r.root)
+        .args(["db", "sync"])
+        .env("CR0SYNC_FAULT", "after-journal:sleep=4000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal = r.path("state/db/d/bot.journal.json");
+    let start = std::time::Instant::now();
+    while !journal.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no journal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (code, text) = check_at(&r, None);
+    assert_eq!(code, 0, "held for a moment only: {text}");
+    let much_later = rfc3339(chrono::Utc::now() + chrono::Duration::minutes(11));
+    let (code, text) = check_at(&r, Some(&much_later));
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("has held its lock since") && text.contains(&format!("pid {}", slow.id())),
+        "{text}"
+    );
+    assert!(slow.wait().unwrap().success());
+}
+
+#[test]
+fn a_job_that_cannot_open_its_log_file_is_recorded_as_failed_and_named() {
+    let r = Root::new();
+    // A log file nobody can open as a file (a directory in its place, which even root
+    // cannot write into as a file).
+    let log = r.path("logs/cron_database_sync.log");
+    let _ = std::fs::remove_file(&log);
+    std::fs::create_dir(&log).unwrap();
+    let out = r.cmd().args(["cron", "database"]).output().unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot open log file") && err.contains("Try:"),
+        "{err}"
+    );
+    let (code, text) = check_at(&r, None);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("the database job failed") && text.contains("cron_database_sync.log"),
+        "{text}"
+    );
+    assert_eq!(r.status_json()["jobs"]["database"]["last_result"], "error");
+}

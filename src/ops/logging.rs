@@ -91,7 +91,13 @@ pub fn setup(target: LogTarget<'_>) -> Result<()> {
         let file = RollingFileAppender::builder()
             .encoder(Box::new(PatternEncoder::new(FILE_PATTERN)))
             .build(path, Box::new(policy))
-            .with_context(|| format!("cannot open log file {}", path.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot open log file {} (ls -l it: it must be writable by the user that \
+                     runs cr0sync). Try: chown it to that user, or remove it (it is recreated)",
+                    path.display()
+                )
+            })?;
         builder = builder.appender(Appender::builder().build("file", Box::new(file)));
         root = root.appender("file");
         level = LevelFilter::Info;

@@ -237,6 +237,31 @@ pub struct RunReport {
 }
 
 /// Runs `body` as one run of `job`: see the module doc for what this guarantees.
+/// Records a run that failed before it started its work (best effort: the error itself is
+/// what the caller reports).
+fn record_early_failure(
+    ctx: &Context,
+    job: Job,
+    trigger: Trigger,
+    command: &str,
+    e: &anyhow::Error,
+) {
+    let now = clock::now();
+    let previous: Option<RunRecord> = ctx.state.load(&record_file(job)).unwrap_or(None);
+    let record = RunRecord {
+        started: now,
+        finished: now,
+        duration_ms: 0,
+        result: RunResult::Error,
+        trigger,
+        command: command.to_string(),
+        error: Some(format!("{e:#}")),
+        tasks: Vec::new(),
+        last_success: previous.and_then(|p| p.last_success),
+    };
+    let _ = ctx.state.save(&record_file(job), &record);
+}
+
 pub fn run_job(
     ctx: &Context,
     job: Job,
@@ -245,13 +270,20 @@ pub fn run_job(
     body: impl FnOnce(&mut JobRun) -> Result<()>,
 ) -> Result<RunReport> {
     let log_path = ctx.layout.job_log(job);
-    logging::setup(LogTarget::JobFile {
+    let command: Vec<String> = std::env::args().skip(1).collect();
+    let command = command.join(" ");
+    // A job that fails before it can even log (its log file unwritable) still leaves a
+    // failed run record, so `status` shows it.
+    if let Err(e) = logging::setup(LogTarget::JobFile {
         path: &log_path,
         max_size: ctx.config.general.log_size.0,
         keep: ctx.config.general.log_keep,
-    })?;
-    let command: Vec<String> = std::env::args().skip(1).collect();
-    let command = command.join(" ");
+    }) {
+        if !dry_run {
+            record_early_failure(ctx, job, trigger, &command, &e);
+        }
+        return Err(e);
+    }
 
     let lock = match trigger {
         Trigger::Manual => ctx.lock(job)?,

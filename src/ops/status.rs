@@ -64,6 +64,8 @@ pub struct Report {
     pub config: String,
     pub jobs: BTreeMap<&'static str, JobStatus>,
     pub sections: Vec<Section>,
+    /// Hung jobs and jobs that stopped running (with the clock they were judged by).
+    pub job_problems: Vec<String>,
 }
 
 pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
@@ -127,8 +129,12 @@ pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
 
 pub fn collect(ctx: &Context) -> Result<Report> {
     let mut jobs = BTreeMap::new();
+    let mut job_problems = Vec::new();
+    let now = crate::ops::clock::now();
     for job in Job::ALL {
-        jobs.insert(job.name(), job_status(ctx, job)?);
+        let status = job_status(ctx, job)?;
+        job_problems.extend(timing_problems(ctx, job, &status, now));
+        jobs.insert(job.name(), status);
     }
     let mut sections = Vec::new();
     for section in SECTIONS {
@@ -139,13 +145,63 @@ pub fn collect(ctx: &Context) -> Result<Report> {
         config: ctx.config_path.display().to_string(),
         jobs,
         sections,
+        job_problems,
     })
 }
+
+/// A lock held past `stuck_after`, and a job that ran before but has had no successful run
+/// for [`STALE_AFTER`].
+fn timing_problems(
+    ctx: &Context,
+    job: Job,
+    status: &JobStatus,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let parse = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc))
+    };
+    let stuck_after = chrono::Duration::from_std(ctx.config.general.stuck_after.0)
+        .unwrap_or(chrono::Duration::MAX);
+    if let Some(h) = &status.locked_by
+        && let Some(started) = parse(&h.started)
+        && now - started > stuck_after
+    {
+        out.push(format!(
+            "the {job} job has held its lock since {} (pid {}), longer than stuck_after: it \
+             may hang (a path it waits on, a lock it cannot get). Try: look at logs/{} and at \
+             the process (ps -p {}); kill it if it is stuck, the next run completes its work",
+            h.started,
+            h.pid,
+            job.log_file_name(),
+            h.pid
+        ));
+    }
+    let ran = status.last_run.is_some() && status.last_result != "skipped";
+    let last_ok = status.last_success.as_deref().and_then(parse);
+    if ran && status.locked_by.is_none() && last_ok.is_none_or(|t| now - t > STALE_AFTER) {
+        let since = status.last_success.as_deref().unwrap_or("never");
+        out.push(format!(
+            "the {job} job has had no successful run for over 3 minutes (last success: \
+             {since}); cron runs it every minute. Try: crontab -l for the user that runs \
+             cr0sync (install/install_crontabs.sh installs the entries), systemctl status \
+             cron, and logs/{}",
+            job.log_file_name()
+        ));
+    }
+    out
+}
+
+/// Cron runs every job every minute: a job without a successful run for this long is not
+/// being run (cron not installed or not running), or fails every time.
+const STALE_AFTER: chrono::Duration = chrono::Duration::minutes(3);
 
 impl Report {
     /// Problems an operator should act on, across jobs and sections.
     pub fn problems(&self) -> Vec<String> {
-        let mut problems = Vec::new();
+        let mut problems = self.job_problems.clone();
         for (name, job) in &self.jobs {
             if job.last_result == "error" {
                 problems.push(format!(
