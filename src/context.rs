@@ -80,7 +80,7 @@ impl Context {
         config_path: PathBuf,
         wait: Duration,
     ) -> Result<Context> {
-        let perms = perms_of(&config, &config_path)?;
+        let perms = perms_of(&config, &config_path, layout.root())?;
         fsutil::set_umask(perms.umask());
         let state = StateStore::new(layout.state_dir(), perms);
         Ok(Context {
@@ -105,7 +105,9 @@ impl Context {
 }
 
 /// Modes and ownership from `[general]`. An unknown user or group is a configuration error.
-pub fn perms_of(config: &Config, config_path: &Path) -> Result<Perms> {
+/// Run as root, what is not configured is taken from the root directory itself, so a
+/// command an operator runs as root never leaves files the cron user cannot write.
+pub fn perms_of(config: &Config, config_path: &Path, root: &Path) -> Result<Perms> {
     let g = &config.general;
     let owner = match &g.owner {
         Some(name) => Some(fsutil::lookup_user(name).ok_or_else(|| {
@@ -118,6 +120,16 @@ pub fn perms_of(config: &Config, config_path: &Path) -> Result<Perms> {
             Error::config(config_path, format!("key `group`: no such group {name:?}"))
         })?),
         None => None,
+    };
+    let (owner, group) = if fsutil::running_as_root() {
+        use std::os::unix::fs::MetadataExt;
+        let of_root = std::fs::metadata(root).ok();
+        (
+            owner.or_else(|| of_root.as_ref().map(MetadataExt::uid)),
+            group.or_else(|| of_root.as_ref().map(MetadataExt::gid)),
+        )
+    } else {
+        (owner, group)
     };
     Ok(Perms {
         dir_mode: g.dir_mode.0,

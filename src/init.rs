@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use crate::config::{Config, TEMPLATE};
 use crate::context::{Location, perms_of};
 use crate::error::io_text;
-use crate::fsutil::{self, Perms, SECRET_MODE};
+use crate::fsutil::{self, SECRET_MODE};
 
 /// What `init` created; empty on a second run.
 #[derive(Debug, Default)]
@@ -26,9 +26,13 @@ pub fn init(location: &Location) -> Result<Created> {
     let config_path = location.config_path(&layout);
     // An existing configuration decides the modes; otherwise the defaults do.
     let perms = if config_path.exists() {
-        perms_of(&Config::load(&config_path, layout.root())?, &config_path)?
+        perms_of(
+            &Config::load(&config_path, layout.root())?,
+            &config_path,
+            layout.root(),
+        )?
     } else {
-        Perms::default()
+        perms_of(&Config::default(), &config_path, layout.root())?
     };
     fsutil::set_umask(perms.umask());
     let mut created = Created::default();

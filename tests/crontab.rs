@@ -13,8 +13,7 @@ struct ThrowawayUser(String);
 
 impl ThrowawayUser {
     fn create(tag: &str) -> Option<ThrowawayUser> {
-        if !common::is_root() || Command::new("useradd").arg("--help").output().is_err() {
-            eprintln!("skipped: creating a throwaway user needs root and useradd");
+        if !common::needs_root("creating a throwaway user") {
             return None;
         }
         let name = format!("cr0t{}{tag}", std::process::id() % 100_000);

@@ -667,8 +667,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_under_the_central_store_is_reported_and_completed_exactly() {
-    if !common::is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+    if !common::needs_root("mounting a tmpfs") {
         return;
     }
     // The disk fills at a different step each time: while backing up, journalling,

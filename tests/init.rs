@@ -151,8 +151,7 @@ fn read_only_parent_is_a_clear_error() {
 
 #[test]
 fn owner_and_group_applied_when_root() {
-    if !is_root() {
-        eprintln!("skipped: ownership is applied only when running as root");
+    if !needs_root("applying ownership") {
         return;
     }
     let (_tmp, root) = root_with_config("[general]\nowner = \"nobody\"\ngroup = \"65534\"\n");

@@ -105,8 +105,15 @@ pub fn sync_stream(
             report.copied += size.saturating_sub(cp.map_or(0, |c| c.offset));
             continue;
         }
-        match sync_file(path, &to.join(file), &mut cp, fast) {
+        let dest = to.join(file);
+        let new = !dest.exists();
+        match sync_file(path, &dest, &mut cp, fast) {
             Ok(r) => {
+                if new && dest.exists() {
+                    ctx.perms.apply_file(&dest).with_context(|| {
+                        format!("cannot set the owner and mode of {}", dest.display())
+                    })?;
+                }
                 report.copied += r.copied;
                 report.unfinished += r.unfinished;
                 report.skipped += usize::from(r.skipped);

@@ -284,6 +284,9 @@ pub fn run_job(
         }
         return Err(e);
     }
+    // log4rs creates the file as whoever runs this: it gets the root's owner and modes
+    // (as the log rolls, again at the end).
+    let _ = ctx.perms.apply_file(&log_path);
 
     let lock = match trigger {
         Trigger::Manual => ctx.lock(job)?,
@@ -369,6 +372,7 @@ pub fn run_job(
         run.tasks.len(),
         duration.as_millis()
     );
+    let _ = ctx.perms.apply_file(&log_path);
     let outcome = if run.findings {
         Outcome::Findings
     } else {

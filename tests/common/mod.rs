@@ -97,6 +97,20 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Whether a test that needs root can run. Not as root it says it was skipped; under
+/// `CI=true` (CI runs as root) it fails instead, so a root-only test never passes silently.
+pub fn needs_root(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "this test needs root ({what}); CI runs the tests as root"
+    );
+    eprintln!("skipped: {what} needs root");
+    false
+}
+
 /// Runs the binary as the unprivileged user `nobody` when the tests run as root, so that
 /// permission bits mean something (root ignores them). Returns a std Command.
 pub fn cr0sync_unprivileged() -> Command {
