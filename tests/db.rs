@@ -1081,3 +1081,38 @@ fn a_first_sync_shows_its_stages_on_a_terminal_only() {
         );
     }
 }
+
+#[test]
+fn an_unreadable_merge_base_is_set_aside_and_the_pair_merged_as_a_first_sync() {
+    let s = Setup::new("");
+    s.sync_ok();
+    // Both sides move on; then the bot pair's base is garbage.
+    exec(&s.bot, "INSERT INTO users VALUES (50, 'b50', NULL, 0, 't')");
+    exec(
+        &s.central(),
+        "INSERT INTO users VALUES (60, 'c60', NULL, 0, 't'); UPDATE users SET nick = 'x' WHERE id = 2",
+    );
+    let base = s.r.path("state/db/users/bot.base.db");
+    std::fs::write(&base, vec![0x42u8; 8192]).unwrap();
+    let out = s.sync(&["--peer", "bot"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let aside: Vec<_> = std::fs::read_dir(s.r.path("state/db/users"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bot.base.db.unreadable-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the garbage is kept aside");
+    let log = std::fs::read_to_string(s.r.path("logs/cron_database_sync.log")).unwrap();
+    assert!(log.contains("merged as a first sync"), "{log}");
+    // Nothing either side had is lost; the renamed row is a recorded conflict.
+    assert_eq!(sqldiff(&s.central(), &s.bot), "");
+    for db in [s.central(), s.bot.clone()] {
+        assert_eq!(
+            query(&db, "SELECT id FROM users WHERE id IN (50, 60) ORDER BY id"),
+            ["50", "60"]
+        );
+    }
+    assert_eq!(conflicts(&s.r).len(), 1);
+    s.sync_ok();
+    s.assert_converged();
+}
