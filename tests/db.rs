@@ -1116,3 +1116,48 @@ fn an_unreadable_merge_base_is_set_aside_and_the_pair_merged_as_a_first_sync() {
     s.sync_ok();
     s.assert_converged();
 }
+
+#[test]
+fn a_healthy_wal_peer_in_a_directory_cr0sync_cannot_write_is_not_called_damaged() {
+    if !common::needs_root("reading as an unprivileged user") {
+        return;
+    }
+    let r = Root::new();
+    common::open_up(r.tmp.path());
+    let ro = r.tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    let bot = ro.join("bot.db");
+    exec(
+        &bot,
+        "PRAGMA journal_mode = wal; CREATE TABLE t (id INTEGER PRIMARY KEY, v); INSERT INTO t VALUES (1, 'a');",
+    );
+    r.write_config(&format!(
+        "[[database.db]]\nname = \"d\"\npeers = [{{ name = \"bot\", path = \"{}\" }}]\n",
+        bot.display()
+    ));
+    assert!(
+        std::process::Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(&r.root)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = common::cr0sync_unprivileged()
+        .arg("--root")
+        .arg(&r.root)
+        .args(["db", "sync"])
+        .output()
+        .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("WAL mode") && err.contains(&ro.display().to_string()),
+        "{err}"
+    );
+    assert!(
+        !err.contains("damaged") && !err.contains("restore"),
+        "{err}"
+    );
+}

@@ -185,12 +185,32 @@ fn copy_once(path: &Path, dest: &mut Connection, busy_timeout: Duration) -> Resu
                     path.display()
                 );
             }
+            // Damaged: only what SQLite itself calls damaged is blamed on the file.
+            Err(rusqlite::Error::SqliteFailure(f, m))
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+                ) =>
+            {
+                anyhow::bail!(
+                    "cannot read database {}: {} (damaged, or not an SQLite database). Try: \
+                     check it with sqlite3 (PRAGMA integrity_check); restore it from backups/ \
+                     with cr0sync db restore if it is damaged",
+                    path.display(),
+                    m.unwrap_or_else(|| f.to_string())
+                );
+            }
             Err(e) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
                 return Err(e).with_context(|| {
                     format!(
-                        "cannot read database {} (damaged, or not an SQLite database?). Try: \
-                         restore the peer from backups/ or cr0sync db restore",
-                        path.display()
+                        "cannot read database {} (the file itself may be fine: a database in \
+                         WAL mode needs its -shm file, which SQLite creates in {} if this user \
+                         may write there). Try: let the user running cr0sync write {} or read \
+                         the -wal and -shm files, or run cr0sync as the database's owner",
+                        path.display(),
+                        dir.display(),
+                        dir.display()
                     )
                 });
             }
