@@ -174,7 +174,8 @@ fn check_exits_1_exactly_when_a_job_stopped_running_or_hangs() {
     let out = r.cmd().args(["cron", "database"]).output().unwrap();
     assert!(out.status.success());
     assert_eq!(check_at(&r, None), (0, String::new()));
-    // Three minutes later without another run: cron is not running it.
+    // Three minutes later without another run: cron is not running it; and the jobs
+    // that never ran on a root set up that long ago were never installed.
     let later = rfc3339(chrono::Utc::now() + chrono::Duration::minutes(4));
     let (code, text) = check_at(&r, Some(&later));
     assert_eq!(code, 1, "{text}");
@@ -182,6 +183,15 @@ fn check_exits_1_exactly_when_a_job_stopped_running_or_hangs() {
         text.contains("database job has had no successful run") && text.contains("crontab -l"),
         "{text}"
     );
+    if std::fs::metadata(r.path("state"))
+        .and_then(|m| m.created())
+        .is_ok()
+    {
+        assert!(
+            text.contains("the logs job has never run") && text.contains("install_crontabs.sh"),
+            "{text}"
+        );
+    }
     // A job holding its lock past stuck_after (10m by default) is named with its pid.
     let db = r.tmp.path().join("bot.db");
     let setup = std::process::Command::new("sqlite3")

@@ -179,6 +179,23 @@ fn timing_problems(
             h.pid
         ));
     }
+    // A job that never ran, on a root set up longer ago than that: cron was never installed.
+    let set_up = std::fs::metadata(ctx.layout.root().join("state"))
+        .and_then(|m| m.created())
+        .ok()
+        .map(chrono::DateTime::<chrono::Utc>::from);
+    if status.last_result == "never"
+        && status.locked_by.is_none()
+        && set_up.is_some_and(|t| now - t > STALE_AFTER)
+    {
+        out.push(format!(
+            "the {job} job has never run, though this root was set up at {}. Try: install the \
+             cron entries (install/install_crontabs.sh --user USER --root {}) or the systemd \
+             timers in install/, then install/test_cron_scripts.sh",
+            set_up.map(crate::ops::clock::rfc3339).unwrap_or_default(),
+            ctx.layout.root().display()
+        ));
+    }
     let ran = status.last_run.is_some() && status.last_result != "skipped";
     let last_ok = status.last_success.as_deref().and_then(parse);
     if ran && status.locked_by.is_none() && last_ok.is_none_or(|t| now - t > STALE_AFTER) {
