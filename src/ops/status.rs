@@ -183,7 +183,9 @@ fn timing_problems(
     let set_up = std::fs::metadata(ctx.layout.root().join("state"))
         .and_then(|m| m.created())
         .ok()
-        .map(chrono::DateTime::<chrono::Utc>::from);
+        .map(chrono::DateTime::<chrono::Utc>::from)
+        // Some filesystems report an unknown birth time as the epoch.
+        .filter(|t| t.timestamp() > 978_307_200);
     if status.last_result == "never"
         && status.locked_by.is_none()
         && set_up.is_some_and(|t| now - t > STALE_AFTER)
