@@ -74,6 +74,8 @@ pub struct StreamReport {
     pub files: usize,
     pub copied: u64,
     pub unfinished: usize,
+    /// Bytes that vanished before they could be copied.
+    pub lost: u64,
     pub skipped: usize,
     pub errors: Vec<String>,
 }
@@ -116,6 +118,12 @@ pub fn sync_stream(
                 }
                 report.copied += r.copied;
                 report.unfinished += r.unfinished;
+                report.lost += r.lost;
+                state.copied_total += r.copied;
+                if r.unfinished > 0 {
+                    state.lost_bytes += r.lost;
+                    state.last_loss = Some(now);
+                }
                 report.skipped += usize::from(r.skipped);
                 if let Some(cp) = cp {
                     state.files.insert(file.clone(), cp);
@@ -163,6 +171,7 @@ pub fn sync_streams(run: &mut JobRun, fast: bool) {
         run.task(&format!("sync {}", stream_name(s)), |run| {
             let r = sync_stream(ctx, s, fast, dry, now)?;
             run.gauge("cr0sync_logs_bytes_copied", r.copied as f64);
+            run.gauge("cr0sync_logs_bytes_lost", r.lost as f64);
             let mut detail = format!(
                 "{} file(s), {} byte(s) {}copied",
                 r.files,
@@ -174,8 +183,8 @@ pub fn sync_streams(run: &mut JobRun, fast: bool) {
             }
             if r.unfinished > 0 {
                 detail.push_str(&format!(
-                    ", {} rotated file(s) could not be finished (see the log)",
-                    r.unfinished
+                    ", {} rotated file(s) could not be finished: {} byte(s) lost (see the log)",
+                    r.unfinished, r.lost
                 ));
             }
             Ok(TaskDone::new(detail))
@@ -374,8 +383,13 @@ pub struct StreamStatus {
     pub from: String,
     pub to: String,
     pub files: usize,
+    /// Bytes copied over the stream's life (a stream copied before this was counted
+    /// reports what its current destinations hold, at least).
     pub bytes_copied: u64,
     pub bytes_behind: u64,
+    /// Bytes that vanished before they could be copied, over the stream's life.
+    pub bytes_lost: u64,
+    pub last_loss: Option<String>,
     pub error: Option<String>,
 }
 
@@ -391,10 +405,20 @@ pub fn stream_statuses(ctx: &Context) -> Result<Vec<StreamStatus>> {
             from: ctx.resolve(&s.from).display().to_string(),
             to: ctx.resolve(&s.to).display().to_string(),
             files: 0,
-            bytes_copied: state.files.values().map(|c| c.dest_len).sum(),
+            bytes_copied: state
+                .copied_total
+                .max(state.files.values().map(|c| c.dest_len).sum()),
             bytes_behind: 0,
+            bytes_lost: state.lost_bytes,
+            last_loss: state.last_loss.map(crate::ops::clock::rfc3339),
             error: None,
         };
+        // A rotated file still followed counts as behind by what it got since.
+        for c in state.files.values() {
+            if let Some(r) = &c.rotated {
+                st.bytes_behind += r.size.saturating_sub(r.offset);
+            }
+        }
         match sources(ctx, s) {
             Ok(files) => {
                 st.files = files.len();
@@ -423,14 +447,33 @@ pub fn stream_statuses(ctx: &Context) -> Result<Vec<StreamStatus>> {
 /// The `streams` section of `status`.
 pub fn section(ctx: &Context) -> Result<Section> {
     let streams = stream_statuses(ctx)?;
-    let mut table = Table::new(["STREAM", "FILES", "COPIED", "BEHIND", "STATE"]);
+    let mut table = Table::new(["STREAM", "FILES", "COPIED", "BEHIND", "LOST", "STATE"]);
     let mut problems = Vec::new();
+    let now = crate::ops::clock::now();
     for s in &streams {
+        // Content lost in the last 7 days is a problem (then it is history: bytes_lost).
+        let recent_loss = s.last_loss.as_deref().is_some_and(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .is_ok_and(|t| now - t.with_timezone(&chrono::Utc) < chrono::Duration::days(7))
+        });
+        if recent_loss {
+            problems.push(format!(
+                "stream {} lost content: a rotated source vanished before cr0sync could copy \
+                 the end of it (at least {} byte(s) in all; last at {}). Try: look in {} for \
+                 the rotation and append what is missing by hand; rotate with delaycompress, \
+                 or less often than cron logs runs",
+                s.stream,
+                s.bytes_lost,
+                s.last_loss.as_deref().unwrap_or("?"),
+                s.from
+            ));
+        }
         let state = match &s.error {
             Some(e) => {
                 problems.push(e.clone());
                 paint("error", Tone::Bad)
             }
+            None if recent_loss => paint("lost", Tone::Bad),
             None if s.bytes_behind > 0 => paint("behind", Tone::Warn),
             None => paint("ok", Tone::Good),
         };
@@ -439,6 +482,7 @@ pub fn section(ctx: &Context) -> Result<Section> {
             s.files.to_string(),
             s.bytes_copied.to_string(),
             s.bytes_behind.to_string(),
+            s.bytes_lost.to_string(),
             state,
         ]);
     }

@@ -8,10 +8,13 @@
 //!   appending, before recording) is cut back to it. Appended bytes are fdatasync'ed
 //!   before the stream's checkpoints are saved (atomically, `state/logs/<stream>.json`).
 //! - A source rotated by rename is finished from its old inode among its siblings before
-//!   the new file is copied from 0; a source truncated in place (copytruncate, `>`) is
-//!   finished from the copy whose first bytes match the checkpoint's fingerprint. What
-//!   cannot be finished (the old file was compressed or removed) is said in the log with
-//!   the byte count.
+//!   the new file is copied from 0, and that old file is followed on later runs while it
+//!   still grows (a writer that keeps its descriptor open and reopens late) until it is
+//!   compressed or removed. A rotated file already compressed is finished from the `.gz`
+//!   whose decompressed start matches the checkpoint's fingerprint. A source truncated in
+//!   place (copytruncate, `>`) is finished from the copy whose first bytes match. What
+//!   cannot be finished is lost: said in the log with the byte count, added to the
+//!   stream's `lost_bytes` (a `status` problem) and to the metrics.
 //! - Copies stream through the kernel (`copy_file_range` via `std::io::copy`); memory
 //!   does not depend on file size.
 
@@ -51,12 +54,37 @@ pub struct Checkpoint {
     /// Set when the source is not found; the checkpoint is dropped after 7 days.
     #[serde(default)]
     pub missing_since: Option<DateTime<Utc>>,
+    /// The file this source was renamed from, still followed while a writer appends to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated: Option<Rotated>,
+}
+
+/// A rotated (renamed) source file that is still followed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rotated {
+    pub dev: u64,
+    pub ino: u64,
+    pub fp: String,
+    pub fp_len: u64,
+    /// Bytes of it copied.
+    pub offset: u64,
+    /// Its size when last looked at.
+    pub size: u64,
 }
 
 /// All checkpoints of a stream, by source file name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StreamState {
     pub files: BTreeMap<String, Checkpoint>,
+    /// Bytes copied over the stream's life.
+    #[serde(default)]
+    pub copied_total: u64,
+    /// Bytes that vanished before they could be copied, over the stream's life ...
+    #[serde(default)]
+    pub lost_bytes: u64,
+    /// ... and when that last happened.
+    #[serde(default)]
+    pub last_loss: Option<DateTime<Utc>>,
 }
 
 pub fn state_name(stream: &str) -> String {
@@ -69,6 +97,8 @@ pub struct FileReport {
     pub copied: u64,
     /// Rotated or truncated old files that could not be found to be finished.
     pub unfinished: usize,
+    /// Bytes known to have been in such files and not copied.
+    pub lost: u64,
     pub skipped: bool,
 }
 
@@ -264,6 +294,7 @@ pub fn sync_file(
     let meta = std::fs::metadata(src).map_err(read_err(src))?;
     if fast
         && let Some(c) = cp.as_ref()
+        && c.rotated.is_none()
         && c.ino == meta.ino()
         && c.dev == meta.dev()
         && c.size == meta.len()
@@ -283,6 +314,11 @@ pub fn sync_file(
 
     // Where the live file starts being copied from, after finishing an old one.
     let (mut out, mut dest_len) = open_dest(dest, cp.as_ref().map(|c| c.dest_len))?;
+    // A rotated file still followed: what its writer appended since the last run.
+    let mut rotated = cp.as_mut().and_then(|c| c.rotated.take());
+    if let Some(r) = rotated.take() {
+        rotated = follow(dir, &name, r, &mut out, &mut report)?;
+    }
     let mut offset = match cp.as_ref() {
         // No checkpoint (first run, or the state was lost): a destination that already
         // holds the start of the source continues after it rather than repeating it.
@@ -297,7 +333,9 @@ pub fn sync_file(
         }
         None => 0,
         Some(c) if c.ino != meta.ino() || c.dev != meta.dev() => {
-            finish_old(dir, &name, c, true, &mut out, &mut report)?;
+            // (An older rotation, followed above this run, is followed no longer: the
+            // newest one is.)
+            rotated = finish_old(dir, &name, c, true, &mut out, &mut report)?;
             0
         }
         Some(c) => {
@@ -339,12 +377,156 @@ pub fn sync_file(
         size: m.len(),
         mtime_ns: mtime_ns(&m),
         missing_since: None,
+        rotated,
     });
     Ok(report)
 }
 
+/// Copies what a followed rotated file got since the last run. Returns it (to follow on)
+/// while it is there uncompressed; once it is compressed its rest comes from the `.gz`,
+/// and once it is gone, what it held beyond the copied part is counted as lost.
+fn follow(
+    dir: &Path,
+    name: &str,
+    mut r: Rotated,
+    out: &mut File,
+    report: &mut FileReport,
+) -> Result<Option<Rotated>> {
+    let by_inode = siblings(dir, name).into_iter().find(|p| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.ino() == r.ino && m.dev() == r.dev)
+    });
+    if let Some(path) = by_inode {
+        let (end, n) = copy_lines(&path, r.offset, out)?;
+        if n > 0 {
+            log::info!(
+                "{name}: the rotated file {} grew; {n} more byte(s) copied",
+                path.display()
+            );
+        }
+        report.copied += n;
+        r.offset = end;
+        r.size = std::fs::metadata(&path).map_or(end, |m| m.len());
+        return Ok(Some(r));
+    }
+    let cp = Checkpoint {
+        dev: r.dev,
+        ino: r.ino,
+        fp: r.fp.clone(),
+        fp_len: r.fp_len,
+        offset: r.offset,
+        dest_len: 0,
+        size: r.size,
+        mtime_ns: 0,
+        missing_since: None,
+        rotated: None,
+    };
+    if !finish_from_gz(dir, name, &cp, out, report)? && r.size > r.offset {
+        lose(name, dir, &cp, report);
+    }
+    Ok(None)
+}
+
+/// Counts and reports what a rotated file held beyond the copied part, gone for good.
+fn lose(name: &str, dir: &Path, cp: &Checkpoint, report: &mut FileReport) {
+    let lost = cp.size.saturating_sub(cp.offset);
+    report.unfinished += 1;
+    report.lost += lost;
+    log::warn!(
+        "{name}: rotated, and the old file is gone before it could be finished: what it got \
+         after offset {} (at least {lost} byte(s) when last seen, plus anything written since) \
+         was not copied. Check {} for a rotation cr0sync could not recognise",
+        cp.offset,
+        dir.display()
+    );
+}
+
+/// Finishes a rotated file from its compressed copy: the newest `.gz` sibling whose
+/// decompressed start matches the checkpoint's fingerprint, from the checkpoint's offset,
+/// complete lines only. Memory is bounded by the longest line. Returns whether one was
+/// found.
+fn finish_from_gz(
+    dir: &Path,
+    name: &str,
+    cp: &Checkpoint,
+    out: &mut File,
+    report: &mut FileReport,
+) -> Result<bool> {
+    use std::io::Write;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(false);
+    };
+    let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with(name) && n.ends_with(".gz")
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    candidates.sort();
+    for (_, gz) in candidates.into_iter().rev() {
+        let open = || -> std::io::Result<flate2::read::MultiGzDecoder<std::io::BufReader<File>>> {
+            Ok(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+                File::open(&gz)?,
+            )))
+        };
+        // The fingerprint: the first `fp_len` decompressed bytes.
+        let Ok(mut d) = open() else { continue };
+        let mut head = vec![0u8; usize::try_from(cp.fp_len).unwrap_or(0)];
+        if d.read_exact(&mut head).is_err() {
+            continue;
+        }
+        let digest: String = Sha256::digest(&head)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if digest != cp.fp {
+            continue;
+        }
+        // Skip what was copied, then copy complete lines.
+        let Ok(mut d) = open() else { continue };
+        let skipped = std::io::copy(
+            &mut Read::by_ref(&mut d).take(cp.offset),
+            &mut std::io::sink(),
+        )
+        .with_context(|| format!("cannot read {}", gz.display()))?;
+        if skipped < cp.offset {
+            continue;
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut n_copied = 0u64;
+        loop {
+            let n = d
+                .read(&mut buf)
+                .with_context(|| format!("cannot read {}", gz.display()))?;
+            if n == 0 {
+                break;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            if let Some(i) = pending.iter().rposition(|&b| b == b'\n') {
+                out.write_all(&pending[..=i])
+                    .with_context(|| "cannot write the destination".to_string())?;
+                n_copied += (i + 1) as u64;
+                pending.drain(..=i);
+            }
+        }
+        report.copied += n_copied;
+        log::info!(
+            "{name}: finished the rotated file from its compressed copy {} ({n_copied} \
+             byte(s) from offset {})",
+            gz.display(),
+            cp.offset
+        );
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 /// Copies the rest of an old file (renamed, or the copy copytruncate made) if it can be
-/// found; otherwise says in the log what could not be copied.
+/// found, else from its compressed copy; otherwise counts it as lost. Returns a renamed
+/// file to follow on later runs (its writer may still append to it).
 fn finish_old(
     dir: &Path,
     name: &str,
@@ -352,40 +534,40 @@ fn finish_old(
     renamed: bool,
     out: &mut File,
     report: &mut FileReport,
-) -> Result<()> {
+) -> Result<Option<Rotated>> {
     match find_old(dir, name, cp, renamed) {
         Some(old) => {
             let (end, n) = copy_lines(&old, cp.offset, out)?;
             report.copied += n;
             log::info!(
-                "{name}: finished the rotated file {} ({n} byte(s) from offset {})",
+                "{name}: finished the rotated file {} ({n} byte(s) from offset {}); it is \
+                 followed while it grows",
                 old.display(),
                 cp.offset
             );
-            let size = std::fs::metadata(&old).map(|m| m.len()).unwrap_or(end);
-            if size > end {
-                log::warn!(
-                    "{name}: the rotated file {} ends with a partial line ({} byte(s)) that \
-                     was not copied",
-                    old.display(),
-                    size - end
-                );
-            }
+            let m = std::fs::metadata(&old).ok();
+            let size = m.as_ref().map_or(end, std::fs::Metadata::len);
+            Ok(renamed
+                .then(|| {
+                    let m = m?;
+                    Some(Rotated {
+                        dev: m.dev(),
+                        ino: m.ino(),
+                        fp: cp.fp.clone(),
+                        fp_len: cp.fp_len,
+                        offset: end,
+                        size,
+                    })
+                })
+                .flatten())
         }
         None => {
-            report.unfinished += 1;
-            log::warn!(
-                "{name}: rotated, and the old file is gone or compressed, so it cannot be \
-                 finished: what it got after offset {} (at least {} byte(s) when last seen, \
-                 plus anything written since) was not copied. Check {} for a compressed \
-                 rotation",
-                cp.offset,
-                cp.size.saturating_sub(cp.offset),
-                dir.display()
-            );
+            if !finish_from_gz(dir, name, cp, out, report)? {
+                lose(name, dir, cp, report);
+            }
+            Ok(None)
         }
     }
-    Ok(())
 }
 
 /// Whether `name` matches a glob of `*` and `?`.
