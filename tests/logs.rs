@@ -471,3 +471,46 @@ fn a_stream_whose_directory_is_missing_fails_clearly_and_the_others_still_sync()
     let st = s.r.status_json();
     assert!(st["problems"].to_string().contains("stream gone"), "{st}");
 }
+
+#[test]
+fn content_rotated_away_between_two_runs_is_copied_exactly_once() {
+    for mode in [
+        "create",
+        "create\n  compress",
+        "create\n  compress\n  delaycompress",
+        "copytruncate",
+        "copytruncate\n  compress",
+    ] {
+        let s = Setup::new("");
+        s.append(LOG, line(1).as_bytes());
+        s.sync();
+        // Two rotations before the next run: what the second file got was rotated away
+        // before any run saw it.
+        s.append(LOG, line(2).as_bytes());
+        logrotate(&s, mode);
+        s.append(LOG, (line(3) + &line(4)).as_bytes());
+        logrotate(&s, mode);
+        s.append(LOG, line(5).as_bytes());
+        s.sync();
+        s.sync();
+        let want: String = (1..=5).map(line).collect();
+        assert_eq!(
+            String::from_utf8(s.dest_bytes(LOG)).unwrap(),
+            want,
+            "{mode}"
+        );
+    }
+    // A source created and rotated away between two runs of a stream that ran before.
+    let s = Setup::new("");
+    s.append(LOG, line(1).as_bytes());
+    s.sync();
+    s.append("new.log", (line(10) + &line(11)).as_bytes());
+    logrotate(&s, "create\n  compress\n  delaycompress");
+    s.append("new.log", line(12).as_bytes());
+    s.sync();
+    s.sync();
+    assert_eq!(
+        String::from_utf8(s.dest_bytes("new.log")).unwrap(),
+        line(10) + &line(11) + &line(12)
+    );
+}

@@ -92,6 +92,12 @@ pub fn sync_stream(
     let to = ctx.resolve(&s.to);
     let state_file = stream::state_name(name);
     let mut state: StreamState = ctx.state.load(&state_file)?.unwrap_or_default();
+    // When a run last changed this stream's state (it is saved only then): a new source's
+    // rotations changed since are content no run saw.
+    let since = std::fs::metadata(ctx.state.path(&state_file))
+        .and_then(|m| m.modified())
+        .ok()
+        .map(DateTime::<Utc>::from);
     let before = state.clone();
     let mut report = StreamReport::default();
     let sources = sources(ctx, s)?;
@@ -109,7 +115,7 @@ pub fn sync_stream(
         }
         let dest = to.join(file);
         let new = !dest.exists();
-        match sync_file(path, &dest, &mut cp, fast) {
+        match sync_file(path, &dest, &mut cp, fast, since) {
             Ok(r) => {
                 if new && dest.exists() {
                     ctx.perms.apply_file(&dest).with_context(|| {

@@ -12,7 +12,9 @@
 //!   still grows (a writer that keeps its descriptor open and reopens late) until it is
 //!   compressed or removed. A rotated file already compressed is finished from the `.gz`
 //!   whose decompressed start matches the checkpoint's fingerprint. A source truncated in
-//!   place (copytruncate, `>`) is finished from the copy whose first bytes match. What
+//!   place (copytruncate, `>`) is finished from the copy whose first bytes match.
+//!   Rotations no run saw (changed since a run last looked at the source, and not the file
+//!   being finished or followed) are copied whole, oldest first, before the new file. What
 //!   cannot be finished is lost: said in the log with the byte count, added to the
 //!   stream's `lost_bytes` (a `status` problem) and to the metrics.
 //! - Copies stream through the kernel (`copy_file_range` via `std::io::copy`); memory
@@ -100,6 +102,8 @@ pub struct FileReport {
     /// Bytes known to have been in such files and not copied.
     pub lost: u64,
     pub skipped: bool,
+    /// The rotated files this run finished or followed (never copied again as unseen).
+    pub used: Vec<PathBuf>,
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i128 {
@@ -290,6 +294,7 @@ pub fn sync_file(
     dest: &Path,
     cp: &mut Option<Checkpoint>,
     fast: bool,
+    since: Option<DateTime<Utc>>,
 ) -> Result<FileReport> {
     let meta = std::fs::metadata(src).map_err(read_err(src))?;
     if fast
@@ -331,11 +336,23 @@ pub fn sync_file(
             );
             dest_len
         }
-        None => 0,
+        None => {
+            // A new source on a stream that ran before: a file created and rotated away
+            // since then is copied first.
+            if let Some(t) = since.and_then(|t| t.timestamp_nanos_opt()) {
+                copy_unseen(dir, &name, i128::from(t), &[], &mut out, &mut report)?;
+            }
+            0
+        }
         Some(c) if c.ino != meta.ino() || c.dev != meta.dev() => {
             // (An older rotation, followed above this run, is followed no longer: the
             // newest one is.)
+            let followed = rotated.as_ref().map(|r| (r.fp.clone(), r.fp_len));
             rotated = finish_old(dir, &name, c, true, &mut out, &mut report)?;
+            let known: Vec<(&str, u64)> = std::iter::once((c.fp.as_str(), c.fp_len))
+                .chain(followed.as_ref().map(|(fp, len)| (fp.as_str(), *len)))
+                .collect();
+            copy_unseen(dir, &name, c.mtime_ns, &known, &mut out, &mut report)?;
             0
         }
         Some(c) => {
@@ -347,6 +364,10 @@ pub fn sync_file(
             if meta.len() < c.offset || !same_start {
                 log::info!("{}: truncated in place since the last run", src.display());
                 finish_old(dir, &name, c, false, &mut out, &mut report)?;
+                let known: Vec<(&str, u64)> = std::iter::once((c.fp.as_str(), c.fp_len))
+                    .chain(rotated.as_ref().map(|r| (r.fp.as_str(), r.fp_len)))
+                    .collect();
+                copy_unseen(dir, &name, c.mtime_ns, &known, &mut out, &mut report)?;
                 0
             } else {
                 c.offset
@@ -396,6 +417,7 @@ fn follow(
         std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.ino() == r.ino && m.dev() == r.dev)
     });
     if let Some(path) = by_inode {
+        report.used.push(path.clone());
         let (end, n) = copy_lines(&path, r.offset, out)?;
         if n > 0 {
             log::info!(
@@ -426,6 +448,108 @@ fn follow(
     Ok(None)
 }
 
+/// Rotations of `name` no run has seen: files changed after `after` (ns since the epoch:
+/// when a run last looked at the source) that are neither a file this run already
+/// finished or followed (`report.used`) nor start like one of `known` (fingerprint, its
+/// length). That is content written into a source which was then rotated away before the
+/// next run. Each is copied whole (complete lines), oldest first, compressed or not.
+fn copy_unseen(
+    dir: &Path,
+    name: &str,
+    after: i128,
+    known: &[(&str, u64)],
+    out: &mut File,
+    report: &mut FileReport,
+) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut found: Vec<(i128, PathBuf)> = entries
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n != name && n.starts_with(name)
+        })
+        .filter_map(|e| {
+            let m = std::fs::metadata(e.path()).ok()?;
+            (m.is_file() && mtime_ns(&m) > after).then(|| (mtime_ns(&m), e.path()))
+        })
+        .filter(|(_, p)| !report.used.contains(p))
+        .collect();
+    found.sort();
+    for (_, path) in found {
+        let gz = path.extension().is_some_and(|x| x == "gz");
+        let is_known = known
+            .iter()
+            .any(|&(fp, len)| len > 0 && file_fingerprint(&path, gz, len).as_deref() == Some(fp));
+        if is_known {
+            continue;
+        }
+        let n = if gz {
+            copy_gz_lines(&path, 0, out)?
+        } else {
+            copy_lines(&path, 0, out)?.1
+        };
+        report.copied += n;
+        report.used.push(path.clone());
+        log::warn!(
+            "{name}: {} was rotated away before any run saw it; its {n} byte(s) are copied \
+             now",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// SHA-256 (hex) of the first `len` bytes of a file, decompressed if `gz`; `None` if it
+/// is shorter or unreadable.
+fn file_fingerprint(path: &Path, gz: bool, len: u64) -> Option<String> {
+    if !gz {
+        return fingerprint(&mut File::open(path).ok()?, len).ok()?;
+    }
+    let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(File::open(path).ok()?));
+    let mut head = vec![0u8; usize::try_from(len).ok()?];
+    d.read_exact(&mut head).ok()?;
+    Some(
+        Sha256::digest(&head)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// Appends the complete lines of a gzip file's decompressed bytes from `from` to `out`.
+/// Memory is bounded by the longest line. Returns the bytes copied.
+fn copy_gz_lines(gz: &Path, from: u64, out: &mut File) -> Result<u64> {
+    use std::io::Write;
+    let read = |e: std::io::Error| anyhow::anyhow!("cannot read {}: {}", gz.display(), io_text(&e));
+    let mut d =
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(File::open(gz).map_err(read)?));
+    let skipped =
+        std::io::copy(&mut Read::by_ref(&mut d).take(from), &mut std::io::sink()).map_err(read)?;
+    if skipped < from {
+        return Ok(0);
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut copied = 0u64;
+    loop {
+        let n = d.read(&mut buf).map_err(read)?;
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        if let Some(i) = pending.iter().rposition(|&b| b == b'\n') {
+            out.write_all(&pending[..=i])
+                .with_context(|| "cannot write the destination".to_string())?;
+            copied += (i + 1) as u64;
+            pending.drain(..=i);
+        }
+    }
+    Ok(copied)
+}
+
 /// Counts and reports what a rotated file held beyond the copied part, gone for good.
 fn lose(name: &str, dir: &Path, cp: &Checkpoint, report: &mut FileReport) {
     let lost = cp.size.saturating_sub(cp.offset);
@@ -442,8 +566,7 @@ fn lose(name: &str, dir: &Path, cp: &Checkpoint, report: &mut FileReport) {
 
 /// Finishes a rotated file from its compressed copy: the newest `.gz` sibling whose
 /// decompressed start matches the checkpoint's fingerprint, from the checkpoint's offset,
-/// complete lines only. Memory is bounded by the longest line. Returns whether one was
-/// found.
+/// complete lines only. Returns whether one was found.
 fn finish_from_gz(
     dir: &Path,
     name: &str,
@@ -451,7 +574,6 @@ fn finish_from_gz(
     out: &mut File,
     report: &mut FileReport,
 ) -> Result<bool> {
-    use std::io::Write;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(false);
     };
@@ -466,56 +588,15 @@ fn finish_from_gz(
         .collect();
     candidates.sort();
     for (_, gz) in candidates.into_iter().rev() {
-        let open = || -> std::io::Result<flate2::read::MultiGzDecoder<std::io::BufReader<File>>> {
-            Ok(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
-                File::open(&gz)?,
-            )))
-        };
-        // The fingerprint: the first `fp_len` decompressed bytes.
-        let Ok(mut d) = open() else { continue };
-        let mut head = vec![0u8; usize::try_from(cp.fp_len).unwrap_or(0)];
-        if d.read_exact(&mut head).is_err() {
+        if file_fingerprint(&gz, true, cp.fp_len).as_deref() != Some(cp.fp.as_str()) {
             continue;
         }
-        let digest: String = Sha256::digest(&head)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if digest != cp.fp {
-            continue;
-        }
-        // Skip what was copied, then copy complete lines.
-        let Ok(mut d) = open() else { continue };
-        let skipped = std::io::copy(
-            &mut Read::by_ref(&mut d).take(cp.offset),
-            &mut std::io::sink(),
-        )
-        .with_context(|| format!("cannot read {}", gz.display()))?;
-        if skipped < cp.offset {
-            continue;
-        }
-        let mut pending: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut n_copied = 0u64;
-        loop {
-            let n = d
-                .read(&mut buf)
-                .with_context(|| format!("cannot read {}", gz.display()))?;
-            if n == 0 {
-                break;
-            }
-            pending.extend_from_slice(&buf[..n]);
-            if let Some(i) = pending.iter().rposition(|&b| b == b'\n') {
-                out.write_all(&pending[..=i])
-                    .with_context(|| "cannot write the destination".to_string())?;
-                n_copied += (i + 1) as u64;
-                pending.drain(..=i);
-            }
-        }
-        report.copied += n_copied;
+        let n = copy_gz_lines(&gz, cp.offset, out)?;
+        report.copied += n;
+        report.used.push(gz.clone());
         log::info!(
-            "{name}: finished the rotated file from its compressed copy {} ({n_copied} \
-             byte(s) from offset {})",
+            "{name}: finished the rotated file from its compressed copy {} ({n} byte(s) \
+             from offset {})",
             gz.display(),
             cp.offset
         );
@@ -537,6 +618,7 @@ fn finish_old(
 ) -> Result<Option<Rotated>> {
     match find_old(dir, name, cp, renamed) {
         Some(old) => {
+            report.used.push(old.clone());
             let (end, n) = copy_lines(&old, cp.offset, out)?;
             report.copied += n;
             log::info!(
