@@ -442,6 +442,16 @@ fn missing_corrupt_truncated_and_locked_peers_fail_clearly_and_leave_central_alo
             }),
             "bot.db",
         ),
+        (
+            "a wrong page size in the header",
+            Box::new(|p: &Path| {
+                use std::io::{Seek, SeekFrom, Write};
+                let mut f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.seek(SeekFrom::Start(16)).unwrap();
+                f.write_all(&[0x02, 0x00]).unwrap();
+            }),
+            "bot.db: malformed database schema",
+        ),
     ];
     for (n, (what, damage, needle)) in cases.into_iter().enumerate() {
         let id = 100 + n;
@@ -1160,4 +1170,46 @@ fn a_healthy_wal_peer_in_a_directory_cr0sync_cannot_write_is_not_called_damaged(
         !err.contains("damaged") && !err.contains("restore"),
         "{err}"
     );
+}
+
+#[test]
+fn a_restore_into_a_wal_peer_of_another_page_size_says_why_and_writes_nothing() {
+    let s = Setup::new("");
+    exec(&s.bot, "PRAGMA journal_mode = wal");
+    s.sync_ok();
+    // A backup with bigger pages than the bot's database.
+    let other = s.r.tmp.path().join("big-pages.db");
+    exec(
+        &other,
+        "PRAGMA page_size = 16384; CREATE TABLE users (id INTEGER PRIMARY KEY, nick TEXT NOT NULL, \
+         email TEXT, coins INTEGER NOT NULL DEFAULT 0, updated_at TEXT NOT NULL); VACUUM;",
+    );
+    let gz = s.r.tmp.path().join("users.bot.20260101T000000Z.db.gz");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -c '{}' > '{}'",
+            other.display(),
+            gz.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let before = std::fs::read(&s.bot).unwrap();
+    let out =
+        s.r.cmd()
+            .args(["db", "restore"])
+            .arg(&gz)
+            .args(["--to", "bot"])
+            .output()
+            .unwrap();
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("WAL mode")
+            && err.contains("journal_mode=DELETE")
+            && !err.contains("readonly"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&s.bot).unwrap(), before, "nothing written");
 }

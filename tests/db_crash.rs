@@ -837,15 +837,7 @@ fn rows_the_website_changes_while_the_sync_writes_them_are_left_for_the_next_run
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let journal = w.r.path("state/db/users/web.journal.json");
-    let start = std::time::Instant::now();
-    while !journal.exists() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(20),
-            "the sync never reached its journal"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    common::wait_for(&w.r.path("state/db/users/web.journal.json"));
     exec(
         &w.web,
         "UPDATE users SET coins = coins + 10 WHERE id IN (1, 2);

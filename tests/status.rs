@@ -220,15 +220,7 @@ fn check_exits_1_exactly_when_a_job_stopped_running_or_hangs() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let journal = r.path("state/db/d/bot.journal.json");
-    let start = std::time::Instant::now();
-    while !journal.exists() {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(20),
-            "no journal"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for(&r.path("state/db/d/bot.journal.json"));
     let (code, text) = check_at(&r, None);
     assert_eq!(code, 0, "held for a moment only: {text}");
     let much_later = rfc3339(chrono::Utc::now() + chrono::Duration::minutes(11));

@@ -157,6 +157,23 @@ fn copy_into_live(src: &Path, dest: &Path, busy: std::time::Duration, create: bo
         .with_context(|| format!("cannot open {}", dest.display()))?;
     to.busy_timeout(busy)?;
     let from = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    // SQLite cannot change the page size of a database in WAL mode in place.
+    let page_size =
+        |c: &Connection| -> Result<i64> { Ok(c.query_row("PRAGMA page_size", [], |r| r.get(0))?) };
+    let mode: String = to
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .with_context(|| format!("cannot read {}", dest.display()))?;
+    let (have, want) = (page_size(&to)?, page_size(&from)?);
+    if mode.eq_ignore_ascii_case("wal") && have != want {
+        anyhow::bail!(
+            "cannot restore into {}: it is in WAL mode with pages of {have} bytes and the \
+             backup has pages of {want}, which SQLite cannot change in place; nothing was \
+             written. Try: stop the application using it, run sqlite3 {} 'PRAGMA \
+             journal_mode=DELETE', restore again, then set journal_mode=WAL back",
+            dest.display(),
+            dest.display()
+        );
+    }
     let backup = rusqlite::backup::Backup::new(&from, &mut to)?;
     backup
         .run_to_completion(i32::MAX, std::time::Duration::from_millis(50), None)

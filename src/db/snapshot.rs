@@ -62,9 +62,25 @@ pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<(
         .query_row("PRAGMA locking_mode = EXCLUSIVE", [], |r| r.get(0))
         .with_context(|| format!("cannot create snapshot {}", dest.display()))?;
     copy_into(path, &mut out, busy_timeout)?;
-    let _: String = out
-        .query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))
-        .with_context(|| format!("cannot write snapshot {}", dest.display()))?;
+    // The copy is read here for the first time: a malformed schema or page is the source's.
+    let mode = out.query_row("PRAGMA journal_mode = DELETE", [], |r| {
+        r.get::<_, String>(0)
+    });
+    if let Err(rusqlite::Error::SqliteFailure(f, m)) = &mode
+        && matches!(
+            f.code,
+            rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+        )
+    {
+        anyhow::bail!(
+            "cannot read database {}: {} (damaged: its copy cannot be read). Try: check it \
+             with sqlite3 (PRAGMA integrity_check); restore it from backups/ with cr0sync db \
+             restore if it is damaged",
+            path.display(),
+            m.clone().unwrap_or_else(|| f.to_string())
+        );
+    }
+    mode.with_context(|| format!("cannot write snapshot {}", dest.display()))?;
     out.close().map_err(|(_, e)| e)?;
     Ok(())
 }

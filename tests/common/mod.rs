@@ -97,6 +97,19 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Waits (up to 20 s) until `path` exists: a run paused at a fault point has reached it.
+pub fn wait_for(path: &Path) {
+    let start = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Whether a test that needs root can run. Not as root it says it was skipped; under
 /// `CI=true` (CI runs as root) it fails instead, so a root-only test never passes silently.
 pub fn needs_root(what: &str) -> bool {
