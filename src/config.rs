@@ -389,6 +389,12 @@ impl TryFrom<String> for Mode {
 impl Config {
     /// Reads and validates `path`. Every failure is an [`Error::Config`] naming the file.
     pub fn load(path: &Path, root: &Path) -> Result<Config, Error> {
+        if let Some(kind) = crate::fsutil::special_kind(path) {
+            return Err(Error::config(
+                path,
+                format!("is {kind}, not a configuration file. Try: cr0sync init writes one"),
+            ));
+        }
         let bytes = std::fs::read(path).map_err(|e| {
             Error::config(path, format!("cannot read: {}", crate::error::io_text(&e)))
         })?;

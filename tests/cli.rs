@@ -149,3 +149,55 @@ fn inputs_too_large_to_represent_are_clear_errors_never_panics() {
         "{kept}"
     );
 }
+
+/// Runs `cmd`, failing the test if it has not finished within 20 s (it blocked).
+fn within_20s(mut cmd: std::process::Command) -> std::process::Output {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("{cmd:?} blocked");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_fifo_where_a_file_belongs_is_refused_and_nothing_blocks() {
+    let mkfifo = |p: &std::path::Path| {
+        let _ = std::fs::remove_file(p);
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(p)
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let r = Root::new();
+    mkfifo(&r.path("shared_storage/api_sessions.json"));
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--root")
+        .arg(&r.root)
+        .args(["security", "cleanup-sessions"]);
+    let out = within_20s(cmd);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("api_sessions.json is a named pipe"), "{err}");
+    mkfifo(&r.path("cr0sync.toml"));
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--root").arg(&r.root).arg("status");
+    let out = within_20s(cmd);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cr0sync.toml") && err.contains("named pipe"),
+        "{err}"
+    );
+}

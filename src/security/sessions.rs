@@ -157,6 +157,7 @@ fn rewrite_in_place(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
 /// Cleans the sessions file. Returns what it found; writes nothing in a dry run.
 pub fn cleanup(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Counts> {
     let path = ctx.layout.api_sessions();
+    refuse_special(&path)?;
     let mut file = match OpenOptions::new().read(true).write(!dry_run).open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -212,8 +213,21 @@ fn cleanup_locked(
 }
 
 /// Counts without locking or writing, for `status`.
+/// A sessions file that is a FIFO, device or directory is never opened (that could block).
+fn refuse_special(path: &Path) -> Result<()> {
+    if let Some(kind) = crate::fsutil::special_kind(path) {
+        anyhow::bail!(
+            "{} is {kind}, not the website's sessions file; nothing was read. Try: put the \
+             JSON file the website writes there",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn peek(ctx: &Context, now: DateTime<Utc>) -> Result<Option<Counts>> {
     let path = ctx.layout.api_sessions();
+    refuse_special(&path)?;
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
