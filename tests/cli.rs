@@ -1,5 +1,5 @@
 //! The command-line surface: help text snapshots and exit codes of usage errors.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::panic)]
 
 mod common;
 
