@@ -74,5 +74,5 @@ pub fn init(location: &Location) -> Result<Created> {
 fn random_hex(n: usize) -> std::io::Result<String> {
     let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::util::hex(&bytes))
 }

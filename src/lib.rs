@@ -19,3 +19,4 @@ pub mod logs;
 pub mod ops;
 pub mod output;
 pub mod security;
+pub mod util;

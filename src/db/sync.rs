@@ -144,7 +144,7 @@ impl FileStat {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
-            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            mtime_ns: crate::util::mtime_ns(&m),
         })
     }
 }
@@ -180,7 +180,7 @@ fn config_digest(db: &DbConfig, peer: &PeerConfig, rules: Rules) -> String {
         peer.path.get_ref().display()
     );
     let digest = Sha256::digest(text.as_bytes());
-    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+    crate::util::hex(&digest[..12])
 }
 
 /// Racy when modified less than two seconds before `now` (coarse filesystem clocks).

@@ -160,7 +160,7 @@ pub fn counter_merge(base: &Cell, central: &Cell, peer: &Cell) -> Option<Cell> {
 impl Serialize for Cell {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+        let hex = crate::util::hex;
         let v = match self {
             Cell::Sql(v) => v,
             Cell::RawText(b) => {

@@ -106,9 +106,7 @@ pub struct FileReport {
     pub used: Vec<PathBuf>,
 }
 
-fn mtime_ns(m: &std::fs::Metadata) -> i128 {
-    m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128
-}
+use crate::util::mtime_ns;
 
 fn read_err(path: &Path) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("cannot read {}: {}", path.display(), io_text(&e))
@@ -130,7 +128,7 @@ fn fingerprint(file: &mut File, len: u64) -> std::io::Result<Option<String>> {
         got += n;
     }
     let digest = Sha256::digest(&buf);
-    Ok(Some(digest.iter().map(|b| format!("{b:02x}")).collect()))
+    Ok(Some(crate::util::hex(&digest)))
 }
 
 /// The position just after the last `\n` in `[from, size)`, or `from` if there is none.
@@ -511,12 +509,7 @@ fn file_fingerprint(path: &Path, gz: bool, len: u64) -> Option<String> {
     let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(File::open(path).ok()?));
     let mut head = vec![0u8; usize::try_from(len).ok()?];
     d.read_exact(&mut head).ok()?;
-    Some(
-        Sha256::digest(&head)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    Some(crate::util::hex(&Sha256::digest(&head)))
 }
 
 /// Appends the complete lines of a gzip file's decompressed bytes from `from` to `out`.

@@ -196,9 +196,7 @@ struct Signed<'a> {
     baseline: &'a serde_json::value::RawValue,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use crate::util::hex;
 
 /// HMAC-SHA256 (RFC 2104).
 fn hmac(key: &[u8], msg: &[u8]) -> String {
