@@ -206,12 +206,7 @@ impl<'de> serde::Deserialize<'de> for Cell {
 
 pub fn cell_from_json(v: &serde_json::Value) -> Option<Cell> {
     use serde_json::Value as J;
-    let bytes = |hex: &str| -> Option<Vec<u8>> {
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-            .collect()
-    };
+    let bytes = crate::util::unhex;
     if let J::Object(m) = v
         && let Some(hex) = m.get("text_hex")
     {

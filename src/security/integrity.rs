@@ -198,27 +198,29 @@ struct Signed<'a> {
 
 use crate::util::hex;
 
-/// HMAC-SHA256 (RFC 2104).
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// HMAC-SHA256 (RFC 2104) of `msg` under `key`, through RustCrypto's `hmac` (the
+/// companion of the `sha2` already used).
+fn mac(key: &[u8], msg: &[u8]) -> HmacSha256 {
+    use hmac::{KeyInit, Mac};
+    // HMAC takes a key of any length: this never fails.
+    let mut m = <HmacSha256 as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| <HmacSha256 as KeyInit>::new(&Default::default()));
+    m.update(msg);
+    m
+}
+
+/// The HMAC of `msg` under `key`, in hex.
 fn hmac(key: &[u8], msg: &[u8]) -> String {
-    let mut k = [0u8; 64];
-    if key.len() > 64 {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let (mut ipad, mut opad) = ([0x36u8; 64], [0x5cu8; 64]);
-    for i in 0..64 {
-        ipad[i] ^= k[i];
-        opad[i] ^= k[i];
-    }
-    let inner = Sha256::new()
-        .chain_update(ipad)
-        .chain_update(msg)
-        .finalize();
-    hex(&Sha256::new()
-        .chain_update(opad)
-        .chain_update(inner)
-        .finalize())
+    use hmac::Mac;
+    hex(&mac(key, msg).finalize().into_bytes())
+}
+
+/// Whether `expected` (hex) is the HMAC of `msg` under `key`, compared in constant time.
+fn hmac_verifies(key: &[u8], msg: &[u8], expected: &str) -> bool {
+    use hmac::Mac;
+    crate::util::unhex(expected).is_some_and(|bytes| mac(key, msg).verify_slice(&bytes).is_ok())
 }
 
 fn key(ctx: &Context) -> Result<Vec<u8>> {
@@ -736,7 +738,7 @@ fn load_baseline(ctx: &Context, key: &[u8]) -> Result<Files> {
     let Ok(signed) = serde_json::from_slice::<Signed>(&bytes) else {
         return Err(untrusted("not a signed baseline"));
     };
-    if hmac(key, signed.baseline.get().as_bytes()) != signed.hmac {
+    if !hmac_verifies(key, signed.baseline.get().as_bytes(), &signed.hmac) {
         return Err(untrusted("edited (its HMAC does not verify)"));
     }
     let body: BodyRead = serde_json::from_str(signed.baseline.get())
@@ -980,9 +982,35 @@ mod tests {
 
     #[test]
     fn hmac_matches_rfc_4231_test_case_2() {
+        let want = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+        assert_eq!(hmac(b"Jefe", b"what do ya want for nothing?"), want);
+        assert!(hmac_verifies(
+            b"Jefe",
+            b"what do ya want for nothing?",
+            want
+        ));
+        assert!(!hmac_verifies(
+            b"Jefe",
+            b"what do ya want for nothing!",
+            want
+        ));
+        assert!(!hmac_verifies(
+            b"Jefe",
+            b"what do ya want for nothing?",
+            "5bdc"
+        ));
+        assert!(!hmac_verifies(
+            b"Jefe",
+            b"what do ya want for nothing?",
+            "zz"
+        ));
+        // A key longer than a block (RFC 4231 test case 6).
         assert_eq!(
-            hmac(b"Jefe", b"what do ya want for nothing?"),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            hmac(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            ),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
     }
 
