@@ -5,6 +5,8 @@
 //!   same directory, `fsync`, `rename`, then `fsync` of the directory. A reader sees the
 //!   old file or the new one, never a torn one, and after return the new one survives a
 //!   power cut.
+//! - [`append_durable`] is the one append: synced, and a new file's directory entry too
+//!   (conflict records, security events, their monthly archives).
 //! - [`create_new`] never overwrites: it links a complete temporary file to its name, which
 //!   fails if the name exists (so `init` is idempotent even against a concurrent `init`).
 //! - Every file and directory cr0sync creates gets the configured [`Perms`]; ownership is
@@ -138,6 +140,28 @@ pub fn special_kind(path: &Path) -> Option<&'static str> {
     } else {
         Some("not a regular file")
     }
+}
+
+/// The one durable append: `bytes` at the end of `path` (created if absent, with the
+/// configured mode and owner), synced; a new file's directory entry is synced too. After
+/// return the bytes survive a power cut. (A reader may see a torn last line after a crash
+/// mid-write: readers of appended files skip a line that does not parse.)
+pub fn append_durable(path: &Path, bytes: &[u8], perms: &Perms) -> io::Result<()> {
+    let existed = path.exists();
+    let mut file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(perms.file_mode)
+        .open(path)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    if !existed {
+        perms.apply_file(path)?;
+        if let Some(dir) = path.parent() {
+            fsync_dir(dir)?;
+        }
+    }
+    Ok(())
 }
 
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {

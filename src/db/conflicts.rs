@@ -11,9 +11,7 @@
 //!   conflicts are the records without a closing line.
 
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{BufRead, BufReader};
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
@@ -136,20 +134,8 @@ fn append_lines<T: Serialize>(ctx: &Context, file: &str, records: &[T]) -> Resul
         serde_json::to_writer(&mut text, r)?;
         text.push(b'\n');
     }
-    let existed = path.exists();
-    let mut file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(ctx.perms.file_mode)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    file.write_all(&text)
-        .and_then(|()| file.sync_data())
+    crate::fsutil::append_durable(&path, &text, &ctx.perms)
         .with_context(|| format!("cannot append to {}", path.display()))?;
-    if !existed {
-        ctx.perms.apply_file(&path)?;
-        crate::fsutil::fsync_dir(ctx.state.dir())?;
-    }
     Ok(())
 }
 

@@ -54,18 +54,8 @@ pub fn append(ctx: &Context, events: &[Event]) -> Result<()> {
         serde_json::to_writer(&mut text, e)?;
         text.push(b'\n');
     }
-    let existed = path.exists();
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    f.write_all(&text)
-        .and_then(|()| f.sync_data())
+    fsutil::append_durable(&path, &text, &ctx.perms)
         .with_context(|| format!("cannot append to {}", path.display()))?;
-    if !existed {
-        ctx.perms.apply_file(&path)?;
-    }
     Ok(())
 }
 
@@ -178,20 +168,11 @@ pub fn archive(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result<Archi
     ctx.state.save(JOURNAL, &Journal { inode, archives })?;
     for (name, lines) in &by_month {
         let p = dir.join(name);
-        let existed = p.exists();
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .with_context(|| format!("cannot open {}", p.display()))?;
+        // One more gzip member: `zcat` reads the month whole.
         let mut gz = GzEncoder::new(Vec::new(), Compression::new(6));
         gz.write_all(lines)?;
-        f.write_all(&gz.finish()?)?;
-        f.sync_all()
+        fsutil::append_durable(&p, &gz.finish()?, &ctx.perms)
             .with_context(|| format!("cannot write {}", p.display()))?;
-        if !existed {
-            ctx.perms.apply_file(&p)?;
-        }
     }
     fsutil::fsync_dir(&dir)?;
     fsutil::atomic_write(&path, &kept, ctx.perms.file_mode, &ctx.perms)
