@@ -13,7 +13,6 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::fsutil::{self, Perms};
 use crate::layout::{DEFAULT_ROOT, Layout};
-use crate::ops::job::Job;
 use crate::ops::lock::JobLock;
 use crate::ops::state::StateStore;
 
@@ -94,7 +93,7 @@ impl Context {
     }
 
     /// Takes a job's lock for a manual command, waiting up to `--wait`.
-    pub fn lock(&self, job: Job) -> Result<JobLock> {
+    pub fn lock(&self, job: &'static str) -> Result<JobLock> {
         JobLock::acquire(&self.layout, &self.perms, job, self.wait)
     }
 

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 
-use crate::commands::cron::tasks;
 use crate::context::{Context, Location};
-use crate::ops::job::Job;
-use crate::ops::runner::{Trigger, run_job};
-use crate::ops::status;
+use crate::jobs::Job;
+use crate::jobs::runner::run_job;
+use crate::ops::task::Trigger;
+use crate::jobs::status;
 
 const MARKER: &str = ".cr0sync-demo";
 const USERS_SQL: &str = include_str!("../fixtures/users.sql");
@@ -176,7 +176,7 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
             Ok(())
         })?;
         out.push_str(&format!("$ cr0sync db sync   # {title}\n"));
-        out.push_str(&crate::commands::db::sync_table(&reports).render());
+        out.push_str(&crate::db::job::sync_table(&reports).render());
         out.push('\n');
         Ok(())
     };
@@ -372,7 +372,7 @@ pub fn run(dir: &Path) -> Result<String> {
     logs_part(&demo, &ctx, &mut out)?;
     security_part(&demo, &ctx, &mut out)?;
     for job in Job::ALL {
-        let result = run_job(&ctx, job, Trigger::Cron, false, |run| tasks(job, run));
+        let result = run_job(&ctx, job, Trigger::Cron, false, |run| job.cron(run));
         let line = match result {
             Ok(report) => format!("ran cron {job}: ok, {} task(s)", report.tasks.len()),
             Err(e) => format!("ran cron {job}: failed: {e:#}"),

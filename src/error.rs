@@ -44,7 +44,7 @@ impl From<Outcome> for ExitCode {
 }
 
 /// Who holds a job lock, as written into the lock file by the holder.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct LockHolder {
     pub pid: u32,
     pub started: String,

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::ops::job::Job;
 
 /// Default root when neither `--root` nor `CR0SYNC_ROOT` is given.
 pub const DEFAULT_ROOT: &str = "/data/cr0_system";
@@ -53,8 +52,8 @@ impl Layout {
     }
 
     /// cr0sync's own log file for a job.
-    pub fn job_log(&self, job: Job) -> PathBuf {
-        self.logs_dir().join(job.log_file_name())
+    pub fn job_log(&self, file_name: &str) -> PathBuf {
+        self.logs_dir().join(file_name)
     }
 
     pub fn security_events(&self) -> PathBuf {
@@ -91,15 +90,16 @@ impl Layout {
 
     /// The HMAC key that signs the integrity baseline (mode 600).
     pub fn integrity_key(&self) -> PathBuf {
-        self.state_dir().join("integrity.key")
+        self.state_dir()
+            .join(crate::ops::state::names::INTEGRITY_KEY)
     }
 
     pub fn locks_dir(&self) -> PathBuf {
         self.root.join("locks")
     }
 
-    pub fn lock_file(&self, job: Job) -> PathBuf {
-        self.locks_dir().join(format!("{}.lock", job.name()))
+    pub fn lock_file(&self, job: &str) -> PathBuf {
+        self.locks_dir().join(format!("{job}.lock"))
     }
 
     /// Every directory `init` creates, parents first.
@@ -136,11 +136,11 @@ mod tests {
             Path::new("/data/cr0_system/databases/users.db")
         );
         assert_eq!(
-            l.job_log(Job::Database),
+            l.job_log("cron_database_sync.log"),
             Path::new("/data/cr0_system/logs/cron_database_sync.log")
         );
         assert_eq!(
-            l.lock_file(Job::Logs),
+            l.lock_file("logs"),
             Path::new("/data/cr0_system/locks/logs.lock")
         );
         assert_eq!(

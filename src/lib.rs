@@ -14,6 +14,7 @@ pub mod demo;
 pub mod error;
 pub mod fsutil;
 pub mod init;
+pub mod jobs;
 pub mod layout;
 pub mod logs;
 pub mod ops;

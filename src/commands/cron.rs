@@ -6,8 +6,9 @@ use clap::Args;
 
 use crate::cli::GlobalArgs;
 use crate::error::Outcome;
-use crate::ops::job::Job;
-use crate::ops::runner::{JobRun, Trigger, run_job};
+use crate::jobs::Job;
+use crate::jobs::runner::run_job;
+use crate::ops::task::Trigger;
 
 #[derive(Debug, Args)]
 #[command(
@@ -28,17 +29,8 @@ impl CronCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
         let report = run_job(&ctx, self.job, Trigger::Cron, self.dry_run, |run| {
-            tasks(self.job, run)
+            self.job.cron(run)
         })?;
         Ok(report.outcome)
-    }
-}
-
-/// The tasks of each job. Job modules add theirs here as they are built.
-pub fn tasks(job: Job, run: &mut JobRun) -> Result<()> {
-    match job {
-        Job::Database => crate::db::job::cron_tasks(run),
-        Job::Logs => crate::logs::job::cron_tasks(run),
-        Job::Security => crate::security::job::cron_tasks(run),
     }
 }

@@ -8,10 +8,10 @@ use clap::{Args, Subcommand};
 use crate::cli::GlobalArgs;
 use crate::db::conflicts;
 use crate::db::job::{self, Selection};
-use crate::db::sync::PairReport;
 use crate::error::Outcome;
-use crate::ops::job::Job;
-use crate::ops::runner::{TaskDone, Trigger, run_job};
+use crate::jobs::Job;
+use crate::jobs::runner::run_job;
+use crate::ops::task::{TaskDone, Trigger};
 use crate::output::Table;
 
 #[derive(Debug, Args)]
@@ -201,92 +201,6 @@ impl DbCmd {
     }
 }
 
-fn counts(c: &crate::db::merge::Counts) -> String {
-    format!("+{} ~{} -{}", c.inserts, c.updates, c.deletes)
-}
-
-/// The per-table lines of `db sync`.
-pub fn sync_table(reports: &[PairReport]) -> Table {
-    let mut t = Table::new([
-        "DATABASE",
-        "PEER",
-        "TABLE",
-        "CENTRAL",
-        "PEER",
-        "CONFLICTS",
-        "NOTE",
-    ]);
-    for r in reports {
-        // A line about the pair as a whole.
-        let mut note = |text: &str| {
-            t.row([r.database.as_str(), r.peer.as_str(), "-", "", "", "", text]);
-        };
-        if r.unchanged {
-            note("unchanged since the last sync");
-            continue;
-        }
-        if r.created_central {
-            note("central copy created from this peer");
-        }
-        let busy: Vec<_> = r
-            .tables
-            .iter()
-            .filter(|t| {
-                t.central != Default::default()
-                    || t.peer != Default::default()
-                    || t.conflicts + t.counter_merges + t.deferred > 0
-            })
-            .collect();
-        if busy.is_empty() && !r.created_central {
-            note("in sync");
-        }
-        for tr in busy {
-            let note = if tr.deferred > 0 {
-                format!(
-                    "{} row(s) changed meanwhile, left for the next run",
-                    tr.deferred
-                )
-            } else if tr.counter_merges > 0 {
-                format!("{} counter merge(s)", tr.counter_merges)
-            } else {
-                String::new()
-            };
-            t.row([
-                r.database.clone(),
-                r.peer.clone(),
-                tr.table.clone(),
-                counts(&tr.central),
-                counts(&tr.peer),
-                tr.conflicts.to_string(),
-                note,
-            ]);
-        }
-        for s in &r.skipped_tables {
-            t.row([
-                &r.database,
-                &r.peer,
-                &s.table,
-                "",
-                "",
-                "",
-                &format!("skipped: {}", s.reason),
-            ]);
-        }
-        for b in &r.backups {
-            t.row([
-                r.database.clone(),
-                r.peer.clone(),
-                "-".into(),
-                String::new(),
-                String::new(),
-                String::new(),
-                format!("backup {}", b.display()),
-            ]);
-        }
-    }
-    t
-}
-
 impl SyncCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
@@ -297,7 +211,7 @@ impl SyncCmd {
             reports = job::sync_pairs(run, &sel, self.force)?;
             Ok(())
         });
-        print!("{}", sync_table(&reports).render());
+        print!("{}", crate::db::job::sync_table(&reports).render());
         if self.dry_run {
             println!("dry run: nothing written");
         }
@@ -412,7 +326,7 @@ impl CleanCmd {
         let ctx = global.context()?;
         let mut removed = Vec::new();
         let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
-            run.task("clean-backups", |run| {
+            run.task(crate::db::job::CLEAN_BACKUPS.name(), |run| {
                 removed = job::clean_backups(run.ctx, run.dry_run, run.now)?;
                 Ok(TaskDone::new(format!(
                     "{} expired backup(s)",

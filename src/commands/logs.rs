@@ -6,8 +6,9 @@ use clap::{Args, Subcommand};
 use crate::cli::GlobalArgs;
 use crate::error::Outcome;
 use crate::logs::job;
-use crate::ops::job::Job;
-use crate::ops::runner::{RunReport, TaskDone, Trigger, run_job};
+use crate::jobs::Job;
+use crate::jobs::runner::{RunReport, run_job};
+use crate::ops::task::{TaskDone, Trigger};
 use crate::output::Table;
 
 #[derive(Debug, Args)]

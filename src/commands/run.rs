@@ -7,8 +7,9 @@ use clap::Args;
 
 use crate::cli::GlobalArgs;
 use crate::error::Outcome;
-use crate::ops::job::Job;
-use crate::ops::runner::{RunResult, Trigger, run_job};
+use crate::jobs::Job;
+use crate::jobs::runner::run_job;
+use crate::ops::task::{RunResult, Trigger};
 use crate::output::Table;
 
 #[derive(Debug, Args)]
@@ -31,7 +32,7 @@ impl RunCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
         let report = run_job(&ctx, self.job, Trigger::Manual, self.dry_run, |run| {
-            crate::commands::cron::tasks(self.job, run)
+            self.job.cron(run)
         })?;
         let mut t = Table::new(["TASK", "RESULT", "DETAIL"]);
         for task in &report.tasks {

@@ -5,8 +5,9 @@ use clap::{Args, Subcommand};
 
 use crate::cli::GlobalArgs;
 use crate::error::Outcome;
-use crate::ops::job::Job;
-use crate::ops::runner::{Trigger, run_job};
+use crate::jobs::Job;
+use crate::jobs::runner::run_job;
+use crate::ops::task::Trigger;
 use crate::security::{integrity, job};
 
 #[derive(Debug, Args)]
@@ -82,8 +83,8 @@ impl SecurityCmd {
             let report = run_job(&ctx, Job::Security, Trigger::Manual, false, |run| {
                 let r = integrity::check(run.ctx, false, run.now)?;
                 let new = r.new_findings().count();
-                run.task("integrity-check", |_| {
-                    Ok(crate::ops::runner::TaskDone {
+                run.task(job::INTEGRITY_CHECK.name(), |_| {
+                    Ok(crate::ops::task::TaskDone {
                         detail: format!(
                             "{} file(s), {} finding(s), {new} new",
                             r.files,
@@ -123,8 +124,8 @@ impl SecurityCmd {
             return Ok(report.outcome);
         }
         let (dry_run, name) = match self.action {
-            SecurityAction::CleanupSessions { dry_run } => (dry_run, "cleanup-sessions"),
-            SecurityAction::ArchiveEvents { dry_run } => (dry_run, "archive-events"),
+            SecurityAction::CleanupSessions { dry_run } => (dry_run, job::CLEANUP_SESSIONS.name()),
+            SecurityAction::ArchiveEvents { dry_run } => (dry_run, job::ARCHIVE_EVENTS.name()),
             SecurityAction::Baseline { .. } | SecurityAction::Check { .. } => {
                 return Ok(Outcome::Success);
             }

@@ -5,7 +5,7 @@ use clap::Args;
 
 use crate::cli::GlobalArgs;
 use crate::error::Outcome;
-use crate::ops::status;
+use crate::jobs::status;
 
 #[derive(Debug, Args)]
 #[command(

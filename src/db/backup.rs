@@ -223,7 +223,7 @@ pub fn expired(ctx: &Context, now: DateTime<Utc>) -> Result<Vec<Backup>> {
 
 /// Scratch space for snapshots and unpacked backups: `state/tmp`.
 pub fn scratch_dir(ctx: &Context) -> Result<PathBuf> {
-    let dir = ctx.state.path("tmp");
+    let dir = ctx.state.path(crate::ops::state::names::TMP_DIR);
     fsutil::ensure_dir(&dir, &ctx.perms)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     Ok(dir)

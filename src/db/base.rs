@@ -18,7 +18,7 @@ use crate::db::snapshot::{Schema, quote};
 
 /// The state-store name of a pair's base.
 pub fn name(database: &str, peer: &str) -> String {
-    format!("db/{database}/{peer}.base.db")
+    crate::ops::state::names::db_base(database, peer)
 }
 
 /// Replaces base table `schema.name` with a copy of `from.<table>` (`main` or `p`).

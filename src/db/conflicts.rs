@@ -21,7 +21,7 @@ use crate::context::Context;
 use crate::db::merge::{Conflict, Winner};
 use crate::db::value::Row;
 
-pub const FILE: &str = "conflicts.jsonl";
+pub const FILE: &str = crate::ops::state::names::DB_CONFLICTS;
 
 /// The three row images of a conflict (`null`: the row was absent / deleted).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,7 +86,7 @@ impl ConflictRecord {
     }
 }
 
-pub const CLOSED: &str = "conflicts-closed.jsonl";
+pub const CLOSED: &str = crate::ops::state::names::DB_CONFLICTS_CLOSED;
 
 /// The line that closes a conflict.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

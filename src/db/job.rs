@@ -3,7 +3,7 @@
 //! section.
 //!
 //! Invariants:
-//! - Every writing operation runs inside a database-job run (`ops::runner`), so it holds
+//! - Every writing operation runs inside a database-job run (`jobs::runner`), so it holds
 //!   the job lock and leaves a run record.
 //! - Each pair is its own task: one pair's failure (missing, damaged or busy peer, the
 //!   mass-delete guard) is reported and the other pairs still sync.
@@ -28,9 +28,9 @@ use crate::db::snapshot;
 use crate::db::sync::{self, Options, PairReport, PairState};
 use crate::db::value::row_from_json;
 use crate::error::Error;
-use crate::ops::job::Job;
-use crate::ops::runner::{JobRun, RunRecord, RunResult, TaskDone, record_file};
-use crate::ops::status::Section;
+use crate::ops::section::Section;
+use crate::ops::state::names;
+use crate::ops::task::{JobRun, RunRecord, RunResult, Task, TaskDone};
 use crate::output::{Table, Tone, paint};
 
 /// `--db NAME... --peer NAME` from the command line; empty means all.
@@ -109,6 +109,12 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
     Ok(reports)
 }
 
+/// The job's name: its lock, its run records (the registry lists it under this name).
+pub const JOB: &str = "database";
+
+/// The periodic task that removes expired backups.
+pub const CLEAN_BACKUPS: Task = Task::new("clean-backups");
+
 /// The cron job's tasks: sync every pair, then weekly backup cleanup.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
     let reports = sync_pairs(run, &Selection::default(), false)?;
@@ -118,8 +124,7 @@ pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
             eprintln!("cr0sync: {line}");
         }
     }
-    let every = Job::Database.interval(&run.ctx.config, "clean-backups");
-    run.periodic("clean-backups", every, |run| {
+    run.periodic(CLEAN_BACKUPS, |run| {
         let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
         Ok(TaskDone::new(format!(
             "{} expired backup(s) removed",
@@ -365,7 +370,7 @@ pub struct PairStatus {
 }
 
 pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
-    let record: Option<RunRecord> = ctx.state.load(&record_file(Job::Database)).unwrap_or(None);
+    let record: Option<RunRecord> = ctx.state.load(&names::run_record(JOB))?;
     let all_conflicts = conflicts::open(ctx)?;
     let mut out = Vec::new();
     for db in &ctx.config.database.db {
@@ -597,4 +602,90 @@ pub fn section(ctx: &Context) -> Result<Section> {
         table,
         problems,
     })
+}
+
+/// The per-table lines of `db sync`.
+pub fn sync_table(reports: &[PairReport]) -> Table {
+    let mut t = Table::new([
+        "DATABASE",
+        "PEER",
+        "TABLE",
+        "CENTRAL",
+        "PEER",
+        "CONFLICTS",
+        "NOTE",
+    ]);
+    for r in reports {
+        // A line about the pair as a whole.
+        let mut note = |text: &str| {
+            t.row([r.database.as_str(), r.peer.as_str(), "-", "", "", "", text]);
+        };
+        if r.unchanged {
+            note("unchanged since the last sync");
+            continue;
+        }
+        if r.created_central {
+            note("central copy created from this peer");
+        }
+        let busy: Vec<_> = r
+            .tables
+            .iter()
+            .filter(|t| {
+                t.central != Default::default()
+                    || t.peer != Default::default()
+                    || t.conflicts + t.counter_merges + t.deferred > 0
+            })
+            .collect();
+        if busy.is_empty() && !r.created_central {
+            note("in sync");
+        }
+        for tr in busy {
+            let note = if tr.deferred > 0 {
+                format!(
+                    "{} row(s) changed meanwhile, left for the next run",
+                    tr.deferred
+                )
+            } else if tr.counter_merges > 0 {
+                format!("{} counter merge(s)", tr.counter_merges)
+            } else {
+                String::new()
+            };
+            t.row([
+                r.database.clone(),
+                r.peer.clone(),
+                tr.table.clone(),
+                counts(&tr.central),
+                counts(&tr.peer),
+                tr.conflicts.to_string(),
+                note,
+            ]);
+        }
+        for s in &r.skipped_tables {
+            t.row([
+                &r.database,
+                &r.peer,
+                &s.table,
+                "",
+                "",
+                "",
+                &format!("skipped: {}", s.reason),
+            ]);
+        }
+        for b in &r.backups {
+            t.row([
+                r.database.clone(),
+                r.peer.clone(),
+                "-".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                format!("backup {}", b.display()),
+            ]);
+        }
+    }
+    t
+}
+
+fn counts(c: &crate::db::merge::Counts) -> String {
+    format!("+{} ~{} -{}", c.inserts, c.updates, c.deletes)
 }

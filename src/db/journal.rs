@@ -86,7 +86,7 @@ const OLD_PENDING: &str = "_cr0sync_pending";
 
 /// The state-store name of a pair's journal.
 pub fn name(database: &str, peer: &str) -> String {
-    format!("db/{database}/{peer}.journal.json")
+    crate::ops::state::names::db_journal(database, peer)
 }
 
 /// What a run is about to do to the peer, written durably before the peer is touched.

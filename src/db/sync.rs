@@ -126,7 +126,7 @@ pub struct PairState {
 }
 
 pub fn state_name(database: &str, peer: &str) -> String {
-    format!("db/{database}/{peer}.json")
+    crate::ops::state::names::db_pair(database, peer)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,8 +20,8 @@ use crate::context::Context;
 use crate::fsutil;
 use crate::logs::rotate::{self, is_rotation};
 use crate::logs::stream::{self, FORGET_AFTER_DAYS, StreamState, glob_match, sync_file};
-use crate::ops::runner::{JobRun, TaskDone};
-use crate::ops::status::Section;
+use crate::ops::section::Section;
+use crate::ops::task::{JobRun, Task, TaskDone};
 use crate::output::{Table, Tone, paint};
 
 fn stream_name(s: &StreamConfig) -> &str {
@@ -364,6 +364,9 @@ pub fn clean_rotations(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Resu
     Ok(removed)
 }
 
+/// The periodic task that removes rotated files past their age.
+pub const CLEAN_ROTATIONS: Task = Task::new("clean-rotations");
+
 /// The cron job's tasks: sync (fast path), rotate, and daily cleanup.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
     sync_streams(run, true);
@@ -371,8 +374,7 @@ pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
         let done = rotate_all(run.ctx, run.dry_run)?;
         Ok(TaskDone::new(format!("{} file(s) rotated", done.len())))
     });
-    let every = crate::ops::job::Job::Logs.interval(&run.ctx.config, "clean-rotations");
-    run.periodic("clean-rotations", every, |run| {
+    run.periodic(CLEAN_ROTATIONS, |run| {
         let removed = clean_rotations(run.ctx, run.dry_run, run.now)?;
         Ok(TaskDone::new(format!(
             "{} old rotation(s) removed",

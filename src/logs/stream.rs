@@ -90,7 +90,7 @@ pub struct StreamState {
 }
 
 pub fn state_name(stream: &str) -> String {
-    format!("logs/{stream}.json")
+    crate::ops::state::names::log_stream(stream)
 }
 
 /// What syncing one source did.

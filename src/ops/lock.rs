@@ -22,7 +22,6 @@ use crate::error::{Error, LockHolder, io_text};
 use crate::fsutil::{self, Perms};
 use crate::layout::Layout;
 use crate::ops::clock;
-use crate::ops::job::Job;
 
 /// How often a waiting manual command retries the lock.
 const POLL: Duration = Duration::from_millis(50);
@@ -31,12 +30,12 @@ const POLL: Duration = Duration::from_millis(50);
 pub struct JobLock {
     file: File,
     path: PathBuf,
-    job: Job,
+    job: &'static str,
 }
 
 impl JobLock {
     /// Takes the lock if it is free; `Ok(None)` if another process holds it.
-    pub fn try_acquire(layout: &Layout, perms: &Perms, job: Job) -> Result<Option<JobLock>> {
+    pub fn try_acquire(layout: &Layout, perms: &Perms, job: &'static str) -> Result<Option<JobLock>> {
         let path = layout.lock_file(job);
         let file = open_lock_file(&path, perms)?;
         match file.try_lock() {
@@ -53,7 +52,12 @@ impl JobLock {
 
     /// Takes the lock, waiting up to `wait` for the holder to finish. A lock still held
     /// then is [`Error::LockHeld`] naming the holder (exit 3).
-    pub fn acquire(layout: &Layout, perms: &Perms, job: Job, wait: Duration) -> Result<JobLock> {
+    pub fn acquire(
+        layout: &Layout,
+        perms: &Perms,
+        job: &'static str,
+        wait: Duration,
+    ) -> Result<JobLock> {
         let deadline = Instant::now() + wait;
         loop {
             if let Some(lock) = JobLock::try_acquire(layout, perms, job)? {
@@ -63,7 +67,7 @@ impl JobLock {
                 let path = layout.lock_file(job);
                 let holder = read_holder(&path);
                 return Err(Error::LockHeld {
-                    job: job.name(),
+                    job,
                     path,
                     holder,
                 }
@@ -73,7 +77,8 @@ impl JobLock {
         }
     }
 
-    pub fn job(&self) -> Job {
+    /// The name of the job whose lock this is.
+    pub fn job(&self) -> &'static str {
         self.job
     }
 
@@ -154,7 +159,7 @@ fn read_holder(path: &Path) -> Option<LockHolder> {
 /// Who holds a job's lock right now, without taking it. Uses `/proc/locks` to see whether
 /// any process holds a `flock` on the lock file's inode; falls back to checking that the
 /// recorded pid is alive where `/proc/locks` cannot be read.
-pub fn holder(layout: &Layout, job: Job) -> Option<LockHolder> {
+pub fn holder(layout: &Layout, job: &str) -> Option<LockHolder> {
     let path = layout.lock_file(job);
     let inode = std::fs::metadata(&path).ok()?.ino();
     let recorded = read_holder(&path);
@@ -197,26 +202,26 @@ mod tests {
     fn second_acquire_in_same_process_fails_then_succeeds_after_drop() {
         let (_dir, layout) = setup();
         let perms = Perms::default();
-        let first = JobLock::try_acquire(&layout, &perms, Job::Database)
+        let first = JobLock::try_acquire(&layout, &perms, "database")
             .unwrap()
             .unwrap();
         assert!(
-            JobLock::try_acquire(&layout, &perms, Job::Database)
+            JobLock::try_acquire(&layout, &perms, "database")
                 .unwrap()
                 .is_none()
         );
         // Another job's lock is independent.
         assert!(
-            JobLock::try_acquire(&layout, &perms, Job::Logs)
+            JobLock::try_acquire(&layout, &perms, "logs")
                 .unwrap()
                 .is_some()
         );
-        let h = holder(&layout, Job::Database).unwrap();
+        let h = holder(&layout, "database").unwrap();
         assert_eq!(h.pid, std::process::id());
         drop(first);
-        assert!(holder(&layout, Job::Database).is_none());
+        assert!(holder(&layout, "database").is_none());
         assert!(
-            JobLock::try_acquire(&layout, &perms, Job::Database)
+            JobLock::try_acquire(&layout, &perms, "database")
                 .unwrap()
                 .is_some()
         );
@@ -226,11 +231,11 @@ mod tests {
     fn acquire_times_out_with_lock_held_error() {
         let (_dir, layout) = setup();
         let perms = Perms::default();
-        let _held = JobLock::try_acquire(&layout, &perms, Job::Security)
+        let _held = JobLock::try_acquire(&layout, &perms, "security")
             .unwrap()
             .unwrap();
         let start = Instant::now();
-        let err = JobLock::acquire(&layout, &perms, Job::Security, Duration::from_millis(200))
+        let err = JobLock::acquire(&layout, &perms, "security", Duration::from_millis(200))
             .unwrap_err();
         assert!(start.elapsed() >= Duration::from_millis(200));
         let typed = err.downcast_ref::<Error>().unwrap();

@@ -1,15 +1,12 @@
-//! Operations shared by every job: what a job is, its lock, the state store, run records,
-//! schedules, the clock, logging and `status`.
-//!
-//! A job module (db, logs, security) only adds its own tasks: [`runner::run_job`] takes the
-//! lock, sets up the job's log, times the run and writes its record.
+//! The foundation every job stands on: the clock, fault points, locks, logging, the
+//! schedule of periodic tasks, the state store, what a running task sees and what a status
+//! section is. It knows no job: jobs are names handed in from above (`crate::jobs`).
 
 pub mod clock;
 pub mod fault;
-pub mod job;
 pub mod lock;
 pub mod logging;
-pub mod runner;
 pub mod schedule;
+pub mod section;
 pub mod state;
-pub mod status;
+pub mod task;

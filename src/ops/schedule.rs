@@ -15,8 +15,7 @@ use anyhow::Result;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::job::Job;
-use crate::ops::state::StateStore;
+use crate::ops::state::{StateStore, names};
 
 /// How much earlier than a full interval a task is due again.
 pub const SLACK: Duration = Duration::from_secs(30);
@@ -34,16 +33,12 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    fn file(job: Job) -> String {
-        format!("schedule/{}.json", job.name())
+    pub fn load(state: &StateStore, job: &str) -> Result<Schedule> {
+        Ok(state.load(&names::schedule(job))?.unwrap_or_default())
     }
 
-    pub fn load(state: &StateStore, job: Job) -> Result<Schedule> {
-        Ok(state.load(&Schedule::file(job))?.unwrap_or_default())
-    }
-
-    pub fn save(&self, state: &StateStore, job: Job) -> Result<()> {
-        state.save(&Schedule::file(job), self)
+    pub fn save(&self, state: &StateStore, job: &str) -> Result<()> {
+        state.save(&names::schedule(job), self)
     }
 
     pub fn is_due(&self, task: &str, interval: Duration, now: DateTime<Utc>) -> bool {

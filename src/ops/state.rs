@@ -6,6 +6,8 @@
 //!   rename, fsync-directory sequence: a reader sees the old state or the new one.
 //! - State is recorded only after the data it describes is durable; callers keep that order.
 //! - A state file that cannot be parsed is an error naming it, never silently reset.
+//! - Every name under `state/` comes from [`names`]: one list of what the directory holds
+//!   and how each file is written.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,6 +18,71 @@ use serde::de::DeserializeOwned;
 
 use crate::error::io_text;
 use crate::fsutil::{self, Perms};
+
+/// Every file under `state/`, relative to it. Written with [`StateStore::save`] or
+/// [`StateStore::replace_with`] (atomic replace) unless the entry says otherwise.
+pub mod names {
+    /// The record of a job's last completed run.
+    pub fn run_record(job: &str) -> String {
+        format!("runs/{job}.json")
+    }
+
+    /// The last time a cron run of the job was skipped (its lock was held).
+    pub fn skip_record(job: &str) -> String {
+        format!("runs/{job}.skipped.json")
+    }
+
+    /// When each periodic task of a job last ran and last succeeded.
+    pub fn schedule(job: &str) -> String {
+        format!("schedule/{job}.json")
+    }
+
+    /// The database job's record of one (database, peer) pair: fingerprints, last report.
+    pub fn db_pair(database: &str, peer: &str) -> String {
+        format!("db/{database}/{peer}.json")
+    }
+
+    /// The three-way merge base of a pair: an SQLite file changed in its own transactions
+    /// (replaced atomically only when it is rebuilt whole).
+    pub fn db_base(database: &str, peer: &str) -> String {
+        format!("db/{database}/{peer}.base.db")
+    }
+
+    /// What a database sync is about to write to the peer, durable before the peer is touched.
+    pub fn db_journal(database: &str, peer: &str) -> String {
+        format!("db/{database}/{peer}.journal.json")
+    }
+
+    /// Database conflicts as they are recorded: appended durably, one JSON line each.
+    pub const DB_CONFLICTS: &str = "conflicts.jsonl";
+
+    /// Closing lines of reviewed conflicts: appended durably, one JSON line each.
+    pub const DB_CONFLICTS_CLOSED: &str = "conflicts-closed.jsonl";
+
+    /// Scratch files of the database job (restores, checks); removed after use.
+    pub const TMP_DIR: &str = "tmp";
+
+    /// A log stream's checkpoints: how far each source has been copied.
+    pub fn log_stream(stream: &str) -> String {
+        format!("logs/{stream}.json")
+    }
+
+    /// The integrity check's hash cache (size, mtime, inode, hash per path).
+    pub const INTEGRITY_CACHE: &str = "security/integrity-cache.json";
+
+    /// Integrity findings already reported as events (each is reported once).
+    pub const INTEGRITY_REPORTED: &str = "security/integrity-reported.json";
+
+    /// When the integrity check last ran and what it found.
+    pub const INTEGRITY_LAST_CHECK: &str = "security/integrity-last-check.json";
+
+    /// The HMAC key that signs the integrity baseline (mode 600; written once by `init`).
+    pub const INTEGRITY_KEY: &str = "integrity.key";
+
+    /// The copy of the sessions file a cleanup rewrites from, kept until the rewrite is
+    /// installed.
+    pub const SESSIONS_COPY: &str = "sessions/api_sessions.json.copy";
+}
 
 #[derive(Debug, Clone)]
 pub struct StateStore {

@@ -39,9 +39,9 @@ use crate::logs::stream::glob_match;
 use crate::output::Progress;
 use crate::security::events::{self, Event};
 
-const CACHE: &str = "security/integrity-cache.json";
-const REPORTED: &str = "security/integrity-reported.json";
-const LAST_CHECK: &str = "security/integrity-last-check.json";
+use crate::ops::state::names::{
+    INTEGRITY_CACHE as CACHE, INTEGRITY_LAST_CHECK as LAST_CHECK, INTEGRITY_REPORTED as REPORTED,
+};
 
 /// What a watched path is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

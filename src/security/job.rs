@@ -6,8 +6,8 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::context::Context;
-use crate::ops::runner::{JobRun, TaskDone};
-use crate::ops::status::Section;
+use crate::ops::section::Section;
+use crate::ops::task::{JobRun, Task, TaskDone};
 use crate::output::{Table, Tone, paint};
 use crate::security::{events, integrity, sessions};
 
@@ -77,23 +77,21 @@ pub fn integrity_task(run: &mut JobRun, print: bool, first_use: bool) -> Result<
     })
 }
 
+/// The integrity check against the signed baseline.
+pub const INTEGRITY_CHECK: Task = Task::new("integrity-check");
+/// Removing expired API sessions and rate-limit entries.
+pub const CLEANUP_SESSIONS: Task = Task::new("cleanup-sessions");
+/// Moving old security events into the monthly archives.
+pub const ARCHIVE_EVENTS: Task = Task::new("archive-events");
+
 /// The cron job's tasks, each on its schedule.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
-    let job = crate::ops::job::Job::Security;
-    let every = |task| job.interval(&run.ctx.config, task);
-    let (check_every, sessions_every, archive_every) = (
-        every("integrity-check"),
-        every("cleanup-sessions"),
-        every("archive-events"),
-    );
-    run.periodic("integrity-check", check_every, |run| {
-        integrity_task(run, true, true)
-    });
-    run.periodic("cleanup-sessions", sessions_every, cleanup_sessions_task);
+    run.periodic(INTEGRITY_CHECK, |run| integrity_task(run, true, true));
+    run.periodic(CLEANUP_SESSIONS, cleanup_sessions_task);
     // Every run, due or not, so the metric never disappears between checks.
     let open = integrity::open_findings(run.ctx).unwrap_or(0);
     run.set_gauge("cr0sync_integrity_findings_open", open as f64);
-    run.periodic("archive-events", archive_every, archive_events_task);
+    run.periodic(ARCHIVE_EVENTS, archive_events_task);
     Ok(())
 }
 

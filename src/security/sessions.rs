@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::context::Context;
 use crate::error::io_text;
 
-const COPY: &str = "sessions/api_sessions.json.copy";
+use crate::ops::state::names::SESSIONS_COPY as COPY;
 
 /// What a cleanup found (and, unless a dry run, removed).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

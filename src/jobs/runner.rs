@@ -10,150 +10,23 @@
 //! - The run record is written at the end of every run that is not a dry run, whatever the
 //!   result. A periodic task's success is recorded in the schedule only after it returned.
 //! - A dry run writes no state at all.
+//! - A run record that cannot be read or written is never passed over in silence: a
+//!   damaged previous record is logged (it only carries the last success time forward) and
+//!   a record that cannot be written fails the run.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
 use crate::context::Context;
 use crate::error::{Error, Outcome};
+use crate::jobs::Job;
 use crate::ops::clock;
-use crate::ops::job::Job;
 use crate::ops::lock::{self, JobLock};
 use crate::ops::logging::{self, LogTarget};
-use crate::ops::schedule::Schedule;
-
-/// Who started the run: cron skips when the lock is held; a person waits, then exits 3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Trigger {
-    Cron,
-    Manual,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunResult {
-    Ok,
-    Error,
-}
-
-/// What one task of a run did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskRecord {
-    pub name: String,
-    pub result: RunResult,
-    pub detail: String,
-}
-
-/// The record of a job's last completed run: `state/runs/<job>.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub started: DateTime<Utc>,
-    pub finished: DateTime<Utc>,
-    pub duration_ms: u64,
-    pub result: RunResult,
-    pub trigger: Trigger,
-    pub command: String,
-    pub error: Option<String>,
-    pub tasks: Vec<TaskRecord>,
-    /// Finish time of the last run that succeeded (this one or an earlier one).
-    pub last_success: Option<DateTime<Utc>>,
-}
-
-/// The last time a cron run was skipped: `state/runs/<job>.skipped.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SkipRecord {
-    pub time: DateTime<Utc>,
-    pub holder_pid: Option<u32>,
-}
-
-pub fn record_file(job: Job) -> String {
-    format!("runs/{}.json", job.name())
-}
-
-pub fn skip_file(job: Job) -> String {
-    format!("runs/{}.skipped.json", job.name())
-}
-
-/// A run in progress: what tasks see.
-#[derive(Debug)]
-pub struct JobRun<'a> {
-    pub ctx: &'a Context,
-    pub job: Job,
-    pub dry_run: bool,
-    /// The run's notion of "now", fixed at its start.
-    pub now: DateTime<Utc>,
-    tasks: Vec<TaskRecord>,
-    errors: Vec<anyhow::Error>,
-    findings: bool,
-    /// Job-specific gauges for the metrics file (added up when set twice).
-    gauges: std::collections::BTreeMap<&'static str, f64>,
-    schedule: Schedule,
-    _lock: JobLock,
-}
-
-impl JobRun<'_> {
-    /// Adds `value` to a job-specific gauge of this run's metrics file.
-    pub fn gauge(&mut self, name: &'static str, value: f64) {
-        *self.gauges.entry(name).or_insert(0.0) += value;
-    }
-
-    /// Sets a job-specific gauge (a level rather than a count of this run).
-    pub fn set_gauge(&mut self, name: &'static str, value: f64) {
-        self.gauges.insert(name, value);
-    }
-
-    /// Runs a task every run. Its error is logged and recorded; the run goes on.
-    pub fn task(&mut self, name: &str, f: impl FnOnce(&mut Self) -> Result<TaskDone>) {
-        let result = f(self);
-        self.finish_task(name, result);
-    }
-
-    /// Runs a periodic task when due (`state/schedule`); a failed one is due again next run.
-    pub fn periodic(
-        &mut self,
-        name: &str,
-        interval: Duration,
-        f: impl FnOnce(&mut Self) -> Result<TaskDone>,
-    ) {
-        if !self.schedule.is_due(name, interval, self.now) {
-            log::debug!("{name}: not due");
-            return;
-        }
-        let result = f(self);
-        let as_text = result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
-        if !self.dry_run {
-            self.schedule.record(name, self.now, &as_text);
-        }
-        self.finish_task(name, result);
-    }
-
-    fn finish_task(&mut self, name: &str, result: Result<TaskDone>) {
-        match result {
-            Ok(done) => {
-                log::info!("{name}: {}", done.detail);
-                self.findings |= done.findings;
-                self.tasks.push(TaskRecord {
-                    name: name.into(),
-                    result: RunResult::Ok,
-                    detail: done.detail,
-                });
-            }
-            Err(e) => {
-                log::error!("{name}: {e:#}");
-                self.tasks.push(TaskRecord {
-                    name: name.into(),
-                    result: RunResult::Error,
-                    detail: format!("{e:#}"),
-                });
-                self.errors.push(e);
-            }
-        }
-    }
-}
+use crate::ops::state::names;
+use crate::ops::task::{JobRun, RunRecord, RunResult, SkipRecord, TaskRecord, Trigger};
 
 /// Writes `cr0sync_<job>.prom` for node_exporter's textfile collector, atomically.
 fn write_metrics(
@@ -208,24 +81,6 @@ fn write_metrics(
     )
 }
 
-/// What a successful task reports.
-#[derive(Debug, Clone, Default)]
-pub struct TaskDone {
-    /// One line for the log and the run record: what it did.
-    pub detail: String,
-    /// New integrity findings: the command exits 4.
-    pub findings: bool,
-}
-
-impl TaskDone {
-    pub fn new(detail: impl Into<String>) -> Self {
-        TaskDone {
-            detail: detail.into(),
-            findings: false,
-        }
-    }
-}
-
 /// What a finished run did, for commands that print it.
 #[derive(Debug, Clone)]
 pub struct RunReport {
@@ -236,18 +91,38 @@ pub struct RunReport {
     pub duration_ms: u64,
 }
 
-/// Runs `body` as one run of `job`: see the module doc for what this guarantees.
-/// Records a run that failed before it started its work (best effort: the error itself is
-/// what the caller reports).
+/// The last success recorded before this run. A damaged record only loses that time: the
+/// record written at the end of this run replaces it.
+fn previous_success(ctx: &Context, job: Job) -> Option<DateTime<Utc>> {
+    match ctx.state.load::<RunRecord>(&names::run_record(job.name())) {
+        Ok(previous) => previous.and_then(|p| p.last_success),
+        Err(e) => {
+            log::warn!("{e:#} (its last success time is lost; this run's record replaces it)");
+            None
+        }
+    }
+}
+
+/// Sets the job log's owner and mode (log4rs creates and rolls it as whoever runs this).
+fn own_log_file(ctx: &Context, path: &std::path::Path) {
+    if let Err(e) = ctx.perms.apply_file(path) {
+        log::warn!(
+            "cannot set the owner or mode of {}: {} (the run goes on; the cron user may not              be able to write this log: fix its owner)",
+            path.display(),
+            crate::error::io_text(&e)
+        );
+    }
+}
+
+/// Records a run that failed before it started its work, so `status` shows it.
 fn record_early_failure(
     ctx: &Context,
     job: Job,
     trigger: Trigger,
     command: &str,
     e: &anyhow::Error,
-) {
+) -> Result<()> {
     let now = clock::now();
-    let previous: Option<RunRecord> = ctx.state.load(&record_file(job)).unwrap_or(None);
     let record = RunRecord {
         started: now,
         finished: now,
@@ -257,11 +132,12 @@ fn record_early_failure(
         command: command.to_string(),
         error: Some(format!("{e:#}")),
         tasks: Vec::new(),
-        last_success: previous.and_then(|p| p.last_success),
+        last_success: previous_success(ctx, job),
     };
-    let _ = ctx.state.save(&record_file(job), &record);
+    ctx.state.save(&names::run_record(job.name()), &record)
 }
 
+/// Runs `body` as one run of `job`: see the module doc for what this guarantees.
 pub fn run_job(
     ctx: &Context,
     job: Job,
@@ -269,7 +145,7 @@ pub fn run_job(
     dry_run: bool,
     body: impl FnOnce(&mut JobRun) -> Result<()>,
 ) -> Result<RunReport> {
-    let log_path = ctx.layout.job_log(job);
+    let log_path = ctx.layout.job_log(job.log_file_name());
     let command: Vec<String> = std::env::args().skip(1).collect();
     let command = command.join(" ");
     // A job that fails before it can even log (its log file unwritable) still leaves a
@@ -279,21 +155,24 @@ pub fn run_job(
         max_size: ctx.config.general.log_size.0,
         keep: ctx.config.general.log_keep,
     }) {
+        // Best effort, and the one place a state error is not reported: the run fails with
+        // the line that names the cause (usually the same unwritable root), and a job without
+        // a fresh record is a problem in `status` anyway (no successful run).
         if !dry_run {
-            record_early_failure(ctx, job, trigger, &command, &e);
+            let _ = record_early_failure(ctx, job, trigger, &command, &e);
         }
         return Err(e);
     }
     // log4rs creates the file as whoever runs this: it gets the root's owner and modes
     // (as the log rolls, again at the end).
-    let _ = ctx.perms.apply_file(&log_path);
+    own_log_file(ctx, &log_path);
 
     let lock = match trigger {
-        Trigger::Manual => ctx.lock(job)?,
-        Trigger::Cron => match JobLock::try_acquire(&ctx.layout, &ctx.perms, job)? {
+        Trigger::Manual => ctx.lock(job.name())?,
+        Trigger::Cron => match JobLock::try_acquire(&ctx.layout, &ctx.perms, job.name())? {
             Some(lock) => lock,
             None => {
-                let holder = lock::holder(&ctx.layout, job);
+                let holder = lock::holder(&ctx.layout, job.name());
                 let pid = holder.as_ref().map(|h| h.pid);
                 log::info!(
                     "skipped: the {job} job is already running (pid {})",
@@ -304,7 +183,7 @@ pub fn run_job(
                         time: clock::now(),
                         holder_pid: pid,
                     };
-                    ctx.state.save(&skip_file(job), &skip)?;
+                    ctx.state.save(&names::skip_record(job.name()), &skip)?;
                 }
                 return Ok(RunReport {
                     outcome: Outcome::Success,
@@ -319,19 +198,7 @@ pub fn run_job(
     let started = clock::now();
     let timer = Instant::now();
     log::info!("{}start: {command}", if dry_run { "dry run " } else { "" });
-    let schedule = Schedule::load(&ctx.state, job)?;
-    let mut run = JobRun {
-        ctx,
-        job,
-        dry_run,
-        now: started,
-        tasks: Vec::new(),
-        errors: Vec::new(),
-        findings: false,
-        gauges: std::collections::BTreeMap::new(),
-        schedule,
-        _lock: lock,
-    };
+    let mut run = JobRun::new(ctx, lock, dry_run, started, job.periodic(&ctx.config))?;
     if let Err(e) = body(&mut run) {
         log::error!("{e:#}");
         run.errors.push(e);
@@ -339,8 +206,7 @@ pub fn run_job(
     let duration = timer.elapsed();
     let failed = !run.errors.is_empty();
     if !dry_run {
-        run.schedule.save(&ctx.state, job)?;
-        let previous: Option<RunRecord> = ctx.state.load(&record_file(job)).unwrap_or(None);
+        run.schedule.save(&ctx.state, job.name())?;
         let finished = started + chrono::Duration::from_std(duration).unwrap_or_default();
         let record = RunRecord {
             started,
@@ -356,12 +222,12 @@ pub fn run_job(
             error: run.errors.first().map(|e| format!("{e:#}")),
             tasks: run.tasks.clone(),
             last_success: if failed {
-                previous.and_then(|p| p.last_success)
+                previous_success(ctx, job)
             } else {
                 Some(finished)
             },
         };
-        ctx.state.save(&record_file(job), &record)?;
+        ctx.state.save(&names::run_record(job.name()), &record)?;
         if let Some(dir) = &ctx.config.general.metrics_dir {
             write_metrics(ctx, &ctx.resolve(dir), job, &record, &run.gauges)?;
         }
@@ -372,7 +238,7 @@ pub fn run_job(
         run.tasks.len(),
         duration.as_millis()
     );
-    let _ = ctx.perms.apply_file(&log_path);
+    own_log_file(ctx, &log_path);
     let outcome = if run.findings {
         Outcome::Findings
     } else {

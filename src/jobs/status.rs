@@ -1,9 +1,8 @@
 //! `cr0sync status`: what people read at 3 a.m. and what monitoring parses.
 //!
-//! The report has a fixed head (root, config, jobs) and then one [`Section`] per part of
-//! the system. A job module extends `status` by adding its section function to
-//! [`SECTIONS`]; nothing else here changes. Collecting status takes no lock and writes
-//! nothing, so it is safe to run at any time, even while jobs run.
+//! The report has a fixed head (root, config, jobs) and then the sections each job lists in
+//! the registry ([`crate::jobs::JobSpec::sections`]). Collecting status takes no lock and
+//! writes nothing, so it is safe to run at any time, even while jobs run.
 
 use std::collections::BTreeMap;
 
@@ -12,46 +11,42 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::context::Context;
-use crate::ops::job::Job;
+use crate::error::LockHolder;
+use crate::jobs::Job;
 use crate::ops::lock;
-use crate::ops::runner::{RunRecord, RunResult, SkipRecord, record_file, skip_file};
+use crate::ops::section::Section;
+use crate::ops::state::names;
+use crate::ops::task::{RunRecord, RunResult, SkipRecord};
 use crate::output::{Table, Tone, human_ms, paint};
 
-/// One part of the status report, contributed by a job module.
-#[derive(Debug, Clone)]
-pub struct Section {
-    /// Key in the JSON object (`databases`, `streams`, `integrity`, ...).
-    pub key: &'static str,
-    pub title: &'static str,
-    pub json: Value,
-    pub table: Table,
-    /// Things an operator should act on, each with what to do.
-    pub problems: Vec<String>,
+/// How a job's last run ended, as `status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LastResult {
+    Ok,
+    Error,
+    /// The last cron run found the lock held and did nothing.
+    Skipped,
+    Never,
 }
 
-pub type SectionFn = fn(&Context) -> Result<Section>;
-
-/// The sections after the jobs, in display order. Job modules add theirs here.
-pub const SECTIONS: &[SectionFn] = &[
-    crate::db::job::section,
-    crate::logs::job::section,
-    crate::security::job::integrity_section,
-    crate::security::job::section,
-];
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Holder {
-    pub pid: u32,
-    pub started: String,
+impl LastResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LastResult::Ok => "ok",
+            LastResult::Error => "error",
+            LastResult::Skipped => "skipped",
+            LastResult::Never => "never",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct JobStatus {
     pub last_run: Option<String>,
-    /// `ok`, `error`, `skipped` or `never`.
-    pub last_result: &'static str,
+    pub last_result: LastResult,
     pub duration_ms: Option<u64>,
-    pub locked_by: Option<Holder>,
+    pub locked_by: Option<LockHolder>,
     pub last_success: Option<String>,
     pub error: Option<String>,
     /// Periodic tasks and when each is next due (`now` if it never succeeded).
@@ -69,23 +64,20 @@ pub struct Report {
 }
 
 pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
-    let schedule = crate::ops::schedule::Schedule::load(&ctx.state, job)?;
+    let schedule = crate::ops::schedule::Schedule::load(&ctx.state, job.name())?;
     let next_due: BTreeMap<&'static str, String> = job
         .periodic(&ctx.config)
         .into_iter()
-        .map(|(task, every)| {
+        .map(|p| {
             let due = schedule
-                .next_due(task, every)
+                .next_due(p.task.name(), p.every)
                 .map_or_else(|| "now".to_string(), crate::ops::clock::rfc3339);
-            (task, due)
+            (p.task.name(), due)
         })
         .collect();
-    let record: Option<RunRecord> = ctx.state.load(&record_file(job))?;
-    let skip: Option<SkipRecord> = ctx.state.load(&skip_file(job))?;
-    let locked_by = lock::holder(&ctx.layout, job).map(|h| Holder {
-        pid: h.pid,
-        started: h.started,
-    });
+    let record: Option<RunRecord> = ctx.state.load(&names::run_record(job.name()))?;
+    let skip: Option<SkipRecord> = ctx.state.load(&names::skip_record(job.name()))?;
+    let locked_by = lock::holder(&ctx.layout, job.name());
     let ts = |t: chrono::DateTime<chrono::Utc>| crate::ops::clock::rfc3339(t);
     let skipped_last = match (&record, &skip) {
         (Some(r), Some(s)) => s.time > r.finished,
@@ -95,7 +87,7 @@ pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
     let status = match (&record, &skip) {
         _ if skipped_last => JobStatus {
             last_run: skip.as_ref().map(|s| ts(s.time)),
-            last_result: "skipped",
+            last_result: LastResult::Skipped,
             duration_ms: None,
             locked_by,
             last_success: record.as_ref().and_then(|r| r.last_success).map(ts),
@@ -105,8 +97,8 @@ pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
         (Some(r), _) => JobStatus {
             last_run: Some(ts(r.started)),
             last_result: match r.result {
-                RunResult::Ok => "ok",
-                RunResult::Error => "error",
+                RunResult::Ok => LastResult::Ok,
+                RunResult::Error => LastResult::Error,
             },
             duration_ms: Some(r.duration_ms),
             locked_by,
@@ -116,7 +108,7 @@ pub fn job_status(ctx: &Context, job: Job) -> Result<JobStatus> {
         },
         (None, _) => JobStatus {
             last_run: None,
-            last_result: "never",
+            last_result: LastResult::Never,
             duration_ms: None,
             locked_by,
             last_success: None,
@@ -137,8 +129,10 @@ pub fn collect(ctx: &Context) -> Result<Report> {
         jobs.insert(job.name(), status);
     }
     let mut sections = Vec::new();
-    for section in SECTIONS {
-        sections.push(section(ctx)?);
+    for job in Job::ALL {
+        for section in job.spec().sections {
+            sections.push(section(ctx)?);
+        }
     }
     Ok(Report {
         root: ctx.layout.root().display().to_string(),
@@ -186,7 +180,7 @@ fn timing_problems(
         .map(chrono::DateTime::<chrono::Utc>::from)
         // Some filesystems report an unknown birth time as the epoch.
         .filter(|t| t.timestamp() > 978_307_200);
-    if status.last_result == "never"
+    if status.last_result == LastResult::Never
         && status.locked_by.is_none()
         && set_up.is_some_and(|t| now - t > STALE_AFTER)
     {
@@ -198,7 +192,7 @@ fn timing_problems(
             ctx.layout.root().display()
         ));
     }
-    let ran = status.last_run.is_some() && status.last_result != "skipped";
+    let ran = status.last_run.is_some() && status.last_result != LastResult::Skipped;
     let last_ok = status.last_success.as_deref().and_then(parse);
     if ran && status.locked_by.is_none() && last_ok.is_none_or(|t| now - t > STALE_AFTER) {
         let since = status.last_success.as_deref().unwrap_or("never");
@@ -222,14 +216,11 @@ impl Report {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = self.job_problems.clone();
         for (name, job) in &self.jobs {
-            if job.last_result == "error" {
+            if job.last_result == LastResult::Error {
                 problems.push(format!(
                     "the {name} job failed: {}. See logs/{}",
                     job.error.as_deref().unwrap_or("unknown error"),
-                    Job::ALL
-                        .iter()
-                        .find(|j| j.name() == *name)
-                        .map_or("", |j| j.log_file_name())
+                    Job::named(name).map_or("", Job::log_file_name)
                 ));
             }
         }
@@ -273,14 +264,14 @@ impl Report {
         ]);
         for (name, j) in &self.jobs {
             let tone = match j.last_result {
-                "ok" => Tone::Good,
-                "error" => Tone::Bad,
-                _ => Tone::Warn,
+                LastResult::Ok => Tone::Good,
+                LastResult::Error => Tone::Bad,
+                LastResult::Skipped | LastResult::Never => Tone::Warn,
             };
             t.row([
                 name.to_string(),
                 j.last_run.clone().unwrap_or_else(|| "-".into()),
-                paint(j.last_result, tone),
+                paint(j.last_result.as_str(), tone),
                 j.duration_ms.map_or("-".into(), human_ms),
                 j.locked_by
                     .as_ref()
