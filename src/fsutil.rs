@@ -7,6 +7,8 @@
 //!   power cut.
 //! - [`append_durable`] is the one append: synced, and a new file's directory entry too
 //!   (conflict records, security events, their monthly archives).
+//! - [`Scratch`] is the one scratch-file guard: a temporary or scratch file is removed on
+//!   every path out of the code that made it, error or not.
 //! - [`create_new`] never overwrites: it links a complete temporary file to its name, which
 //!   fails if the name exists (so `init` is idempotent even against a concurrent `init`).
 //! - Every file and directory cr0sync creates gets the configured [`Perms`]; ownership is
@@ -164,6 +166,67 @@ pub fn append_durable(path: &Path, bytes: &[u8], perms: &Perms) -> io::Result<()
     Ok(())
 }
 
+/// A scratch file (a snapshot, an unpacked backup, a temporary beside its target) removed
+/// when the guard is dropped, on every path. A removal that fails is logged: the file is
+/// scratch, named per process or overwritten by the next run, so nothing depends on it.
+#[derive(Debug)]
+pub struct Scratch {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Scratch {
+    pub fn new(path: PathBuf) -> Self {
+        Scratch { path, armed: true }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file was renamed into place: nothing to remove.
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        match fs::remove_file(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!(
+                "cannot remove scratch file {}: {e} (harmless; remove it by hand)",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+/// Removes `path`; a file that is already gone is not an error.
+pub fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -188,28 +251,22 @@ fn temp_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to a new temporary file beside `path` with `mode`, synced to disk.
-fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
+fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<Scratch> {
+    let tmp = Scratch::new(temp_path(path));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
     Ok(tmp)
 }
 
 /// Replaces `path` with `bytes` atomically and durably (see the module doc).
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32, perms: &Perms) -> io::Result<()> {
     let tmp = write_temp(path, bytes, mode)?;
-    install(&tmp, path, mode, perms)
+    install(tmp, path, mode, perms)
 }
 
 /// Replaces `path` with a file that `build` writes at the temporary path it is given (an
@@ -220,22 +277,17 @@ pub fn atomic_replace_with(
     perms: &Perms,
     build: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let tmp = temp_path(path);
-    let built = build(&tmp).and_then(|()| Ok(File::open(&tmp)?.sync_all()?));
-    if let Err(e) = built {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(install(&tmp, path, perms.file_mode, perms)?)
+    let tmp = Scratch::new(temp_path(path));
+    build(&tmp)?;
+    File::open(&tmp)?.sync_all()?;
+    Ok(install(tmp, path, perms.file_mode, perms)?)
 }
 
 /// Gives a complete, synced temporary file its mode and renames it over `path`.
-fn install(tmp: &Path, path: &Path, mode: u32, perms: &Perms) -> io::Result<()> {
-    let result = perms.apply(tmp, mode).and_then(|()| fs::rename(tmp, path));
-    if let Err(e) = result {
-        let _ = fs::remove_file(tmp);
-        return Err(e);
-    }
+fn install(tmp: Scratch, path: &Path, mode: u32, perms: &Perms) -> io::Result<()> {
+    perms.apply(&tmp, mode)?;
+    fs::rename(&tmp, path)?;
+    tmp.disarm();
     fsync_dir(parent_of(path))
 }
 
@@ -248,7 +300,7 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32, perms: &Perms) -> io::Re
     let linked = perms
         .apply(&tmp, mode)
         .and_then(|()| fs::hard_link(&tmp, path));
-    let _ = fs::remove_file(&tmp);
+    drop(tmp);
     match linked {
         Ok(()) => {
             fsync_dir(parent_of(path))?;

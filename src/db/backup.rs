@@ -19,7 +19,7 @@ use flate2::write::GzEncoder;
 
 use crate::context::Context;
 use crate::db::snapshot;
-use crate::fsutil;
+use crate::fsutil::{self, Scratch};
 
 const STAMP: &str = "%Y%m%dT%H%M%SZ";
 
@@ -102,7 +102,7 @@ pub fn take(
     live: &Path,
     now: DateTime<Utc>,
 ) -> Result<PathBuf> {
-    let scratch = scratch_dir(ctx)?.join(format!("{database}.{target}.backup.db"));
+    let scratch = Scratch::new(scratch_dir(ctx)?.join(format!("{database}.{target}.backup.db")));
     let busy = ctx.config.general.busy_timeout.0;
     snapshot::snapshot_to(live, &scratch, busy)?;
     store(ctx, database, target, &scratch, now)
@@ -118,7 +118,7 @@ pub fn take_from(
     schema: &str,
     now: DateTime<Utc>,
 ) -> Result<PathBuf> {
-    let scratch = scratch_dir(ctx)?.join(format!("{database}.{target}.backup.db"));
+    let scratch = Scratch::new(scratch_dir(ctx)?.join(format!("{database}.{target}.backup.db")));
     snapshot::copy_schema_to(conn, schema, &scratch).with_context(|| {
         format!(
             "cannot back up {database} ({target}) into {}",
@@ -154,15 +154,14 @@ fn store(
         gz.finish()?.flush()?;
         Ok(())
     });
-    let _ = std::fs::remove_file(scratch);
     written.with_context(|| format!("cannot write backup {}", dest.display()))?;
     log::info!("backup of {database} ({target}): {}", dest.display());
     Ok(dest)
 }
 
 /// Decompresses a backup into a scratch file and checks it is a whole database.
-pub fn unpack(ctx: &Context, backup: &Path) -> Result<PathBuf> {
-    let scratch = scratch_dir(ctx)?.join("restore.db");
+pub fn unpack(ctx: &Context, backup: &Path) -> Result<Scratch> {
+    let scratch = Scratch::new(scratch_dir(ctx)?.join("restore.db"));
     let unpacked = (|| -> Result<()> {
         let input = BufReader::new(File::open(backup)?);
         let mut gz = flate2::read::MultiGzDecoder::new(input);

@@ -232,7 +232,9 @@ pub fn sync_from_peer(run: &mut JobRun, db: &DbConfig, peer: &PeerConfig) -> Res
     let peer_path = ctx.resolve(peer.path.get_ref());
     let central = ctx.layout.central_db(name);
     let busy = ctx.config.general.busy_timeout.0;
-    let scratch = backup::scratch_dir(ctx)?.join(format!("{name}.{peer_name}.recovery.db"));
+    let scratch = crate::fsutil::Scratch::new(
+        backup::scratch_dir(ctx)?.join(format!("{name}.{peer_name}.recovery.db")),
+    );
     snapshot::snapshot_to(&peer_path, &scratch, busy)
         .with_context(|| format!("{name}: cannot read peer {peer_name}"))?;
     let result = (|| -> Result<String> {
@@ -263,7 +265,6 @@ pub fn sync_from_peer(run: &mut JobRun, db: &DbConfig, peer: &PeerConfig) -> Res
             "{name}: central copy replaced by peer {peer_name}{saved}; base reset"
         ))
     })();
-    let _ = std::fs::remove_file(&scratch);
     result
 }
 
@@ -347,7 +348,6 @@ pub fn restore(run: &mut JobRun, db: &DbConfig, file: &Path, to: &str) -> Result
             dest.display()
         ))
     })();
-    let _ = std::fs::remove_file(&unpacked);
     result
 }
 

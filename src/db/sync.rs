@@ -316,7 +316,7 @@ fn sync_pair_inner(
     let busy = ctx.config.general.busy_timeout.0;
     let scratch = backup::scratch_dir(ctx)?;
     let snap = scratch.join(format!("{name}.{peer_name}.snapshot.db"));
-    let _cleanup = RemoveOnDrop(snap.clone());
+    let snap = fsutil::Scratch::new(snap);
     snapshot::snapshot_to(&peer_path, &snap, busy)
         .with_context(|| format!("{name}/{peer_name}"))?;
 
@@ -935,14 +935,6 @@ impl Phases {
             .map(|(n, ms)| format!("{n} {ms} ms"))
             .collect();
         parts.join(", ")
-    }
-}
-
-struct RemoveOnDrop(PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
 

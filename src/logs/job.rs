@@ -243,12 +243,14 @@ pub fn rotation_targets(ctx: &Context) -> Vec<Target> {
             }
         };
     for s in &ctx.config.logs.stream {
-        let state: StreamState = ctx
-            .state
-            .load(&stream::state_name(stream_name(s)))
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        // Only a shortcut (sizes cr0sync recorded): without it every file is stat'ed.
+        let state: StreamState = match ctx.state.load(&stream::state_name(stream_name(s))) {
+            Ok(state) => state.unwrap_or_default(),
+            Err(e) => {
+                log::warn!("{e:#} (rotation reads the sizes from the files instead)");
+                StreamState::default()
+            }
+        };
         let known = state
             .files
             .iter()

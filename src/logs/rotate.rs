@@ -157,7 +157,9 @@ pub fn rotate_file(
 ) -> Result<PathBuf> {
     let keep = keep.max(1);
     finish_leftover(path, perms)?;
-    let _ = fs::remove_file(rotated(path, keep));
+    let oldest = rotated(path, keep);
+    crate::fsutil::remove_if_exists(&oldest)
+        .with_context(|| format!("cannot remove the oldest rotation {}", oldest.display()))?;
     for n in (1..keep).rev() {
         let from = rotated(path, n);
         if from.exists() {

@@ -79,6 +79,10 @@ pub mod names {
     /// The HMAC key that signs the integrity baseline (mode 600; written once by `init`).
     pub const INTEGRITY_KEY: &str = "integrity.key";
 
+    /// What an event archiving run is about to append to the monthly archives (their
+    /// lengths before), so an interrupted run is undone before it is done again.
+    pub const EVENT_ARCHIVE_JOURNAL: &str = "security/archive-journal.json";
+
     /// The copy of the sessions file a cleanup rewrites from, kept until the rewrite is
     /// installed.
     pub const SESSIONS_COPY: &str = "sessions/api_sessions.json.copy";

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::context::Context;
 use crate::fsutil;
 
-const JOURNAL: &str = "security/archive-journal.json";
+use crate::ops::state::names::EVENT_ARCHIVE_JOURNAL as JOURNAL;
 
 /// One security event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,7 +98,8 @@ fn recover(ctx: &Context) -> Result<()> {
                 }
             }
             if *len == 0 {
-                let _ = std::fs::remove_file(&path);
+                crate::fsutil::remove_if_exists(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             }
         }
         log::warn!("archive-events: an interrupted run was undone; archiving again");

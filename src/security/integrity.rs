@@ -719,15 +719,17 @@ fn load_baseline(ctx: &Context, key: &[u8]) -> Result<Files> {
         Err(e) => anyhow::bail!("cannot read {}: {}", path.display(), io_text(&e)),
     };
     let untrusted = |why: &str| -> anyhow::Error {
-        let _ = events::append(
-            ctx,
-            &[Event {
-                time: crate::ops::clock::now(),
-                kind: "integrity.baseline_untrusted".into(),
-                path: Some(path.display().to_string()),
-                detail: why.into(),
-            }],
-        );
+        let event = Event {
+            time: crate::ops::clock::now(),
+            kind: "integrity.baseline_untrusted".into(),
+            path: Some(path.display().to_string()),
+            detail: why.into(),
+        };
+        // The check fails with the error below whatever happens here; the event is the
+        // second copy of the news.
+        if let Err(e) = events::append(ctx, &[event]) {
+            log::warn!("{e:#} (the untrusted baseline is reported by the failed check)");
+        }
         Error::Security(format!(
             "the integrity baseline {} is {why}; it is not trusted. Try: find out who changed \
              it, then record a new one with cr0sync security baseline",
