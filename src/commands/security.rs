@@ -103,7 +103,7 @@ impl SecurityCmd {
                     let mut t = crate::output::Table::new(["KIND", "PATH", "DETAIL", "NEW"]);
                     for f in &r.findings {
                         t.row([
-                            f.kind.clone(),
+                            f.kind.to_string(),
                             f.path.clone(),
                             f.detail.clone(),
                             if f.new { "new".into() } else { String::new() },

@@ -237,7 +237,7 @@ pub fn sync_from_peer(run: &mut JobRun, db: &DbConfig, peer: &PeerConfig) -> Res
     );
     snapshot::snapshot_to(&peer_path, &scratch, busy)
         .with_context(|| format!("{name}: cannot read peer {peer_name}"))?;
-    let result = (|| -> Result<String> {
+    (|| -> Result<String> {
         if run.dry_run {
             return Ok(format!(
                 "{name}: would replace the central copy with peer {peer_name} ({})",
@@ -264,8 +264,7 @@ pub fn sync_from_peer(run: &mut JobRun, db: &DbConfig, peer: &PeerConfig) -> Res
         Ok(format!(
             "{name}: central copy replaced by peer {peer_name}{saved}; base reset"
         ))
-    })();
-    result
+    })()
 }
 
 /// `db restore`: which database and target a backup file belongs to.
@@ -325,7 +324,7 @@ pub fn restore(run: &mut JobRun, db: &DbConfig, file: &Path, to: &str) -> Result
         );
     }
     let unpacked = backup::unpack(ctx, file)?;
-    let result = (|| -> Result<String> {
+    (|| -> Result<String> {
         if run.dry_run {
             return Ok(format!(
                 "{name}: would restore {} into {}",
@@ -347,8 +346,7 @@ pub fn restore(run: &mut JobRun, db: &DbConfig, file: &Path, to: &str) -> Result
             file.display(),
             dest.display()
         ))
-    })();
-    result
+    })()
 }
 
 /// One pair in `db status` and the `databases` status section.
