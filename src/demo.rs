@@ -14,8 +14,8 @@ use anyhow::{Context as _, Result};
 use crate::context::{Context, Location};
 use crate::jobs::Job;
 use crate::jobs::runner::run_job;
-use crate::ops::task::Trigger;
 use crate::jobs::status;
+use crate::ops::task::Trigger;
 
 const MARKER: &str = ".cr0sync-demo";
 const USERS_SQL: &str = include_str!("../fixtures/users.sql");

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 /// Default root when neither `--root` nor `CR0SYNC_ROOT` is given.
 pub const DEFAULT_ROOT: &str = "/data/cr0_system";
 

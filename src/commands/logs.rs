@@ -5,9 +5,9 @@ use clap::{Args, Subcommand};
 
 use crate::cli::GlobalArgs;
 use crate::error::Outcome;
-use crate::logs::job;
 use crate::jobs::Job;
 use crate::jobs::runner::{RunReport, run_job};
+use crate::logs::job;
 use crate::ops::task::{TaskDone, Trigger};
 use crate::output::Table;
 

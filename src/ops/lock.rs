@@ -35,7 +35,11 @@ pub struct JobLock {
 
 impl JobLock {
     /// Takes the lock if it is free; `Ok(None)` if another process holds it.
-    pub fn try_acquire(layout: &Layout, perms: &Perms, job: &'static str) -> Result<Option<JobLock>> {
+    pub fn try_acquire(
+        layout: &Layout,
+        perms: &Perms,
+        job: &'static str,
+    ) -> Result<Option<JobLock>> {
         let path = layout.lock_file(job);
         let file = open_lock_file(&path, perms)?;
         match file.try_lock() {
@@ -66,12 +70,7 @@ impl JobLock {
             if Instant::now() >= deadline {
                 let path = layout.lock_file(job);
                 let holder = read_holder(&path);
-                return Err(Error::LockHeld {
-                    job,
-                    path,
-                    holder,
-                }
-                .into());
+                return Err(Error::LockHeld { job, path, holder }.into());
             }
             std::thread::sleep(POLL.min(deadline.saturating_duration_since(Instant::now())));
         }
@@ -235,8 +234,8 @@ mod tests {
             .unwrap()
             .unwrap();
         let start = Instant::now();
-        let err = JobLock::acquire(&layout, &perms, "security", Duration::from_millis(200))
-            .unwrap_err();
+        let err =
+            JobLock::acquire(&layout, &perms, "security", Duration::from_millis(200)).unwrap_err();
         assert!(start.elapsed() >= Duration::from_millis(200));
         let typed = err.downcast_ref::<Error>().unwrap();
         assert!(

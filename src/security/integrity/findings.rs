@@ -155,13 +155,11 @@ pub(super) fn compare(base: &Files, scanned: &Scan) -> Vec<Finding> {
                 ));
             }
         }
-        (None, Some((path, _))) => {
-            out.push(Finding::new(
-                FindingKind::Added,
-                path,
-                "not in the baseline".into(),
-            ))
-        }
+        (None, Some((path, _))) => out.push(Finding::new(
+            FindingKind::Added,
+            path,
+            "not in the baseline".into(),
+        )),
         (Some((path, b)), Some((_, n))) => {
             let n = n.entry();
             if b.kind != n.kind {

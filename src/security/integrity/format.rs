@@ -78,7 +78,6 @@ struct Signed<'a> {
     baseline: &'a serde_json::value::RawValue,
 }
 
-
 type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// HMAC-SHA256 (RFC 2104) of `msg` under `key`, through RustCrypto's `hmac` (the
@@ -116,7 +115,12 @@ pub(super) fn key(ctx: &Context) -> Result<Vec<u8>> {
     Ok(key.trim_ascii().to_vec())
 }
 
-pub(super) fn write_baseline(ctx: &Context, key: &[u8], files: &Files, now: DateTime<Utc>) -> Result<()> {
+pub(super) fn write_baseline(
+    ctx: &Context,
+    key: &[u8],
+    files: &Files,
+    now: DateTime<Utc>,
+) -> Result<()> {
     let body = serde_json::to_string(&BodyWrite {
         version: 1,
         created: now,

@@ -45,8 +45,8 @@ pub use findings::{Finding, FindingId, FindingKind, Report};
 pub use scan::excluded;
 
 use findings::compare;
-use scan::Meta;
 use format::{key, load_baseline, write_baseline};
+use scan::Meta;
 use scan::{delta, entry, meta_of, now_ns, overlay, scan, sha256_file, walk};
 
 /// What a watched path is.

@@ -14,9 +14,9 @@ use sha2::{Digest, Sha256};
 
 use crate::context::Context;
 use crate::error::io_text;
-use crate::util::hex;
 use crate::logs::stream::glob_match;
 use crate::output::Progress;
+use crate::util::hex;
 
 use super::findings::join_current;
 use super::{Entry, Files, Kind, join};
@@ -313,7 +313,10 @@ pub(super) struct Previous<'a> {
 
 /// The baseline overlaid with the cache (an entry replaces the baseline's, `None` removes
 /// it), still sorted by path.
-pub(super) fn overlay<'a>(base: &'a Files, cache: &'a BTreeMap<String, Option<Entry>>) -> Vec<Previous<'a>> {
+pub(super) fn overlay<'a>(
+    base: &'a Files,
+    cache: &'a BTreeMap<String, Option<Entry>>,
+) -> Vec<Previous<'a>> {
     let mut out = Vec::with_capacity(base.len() + cache.len());
     let previous = |path: &'a str, entry: &'a Entry| Previous {
         path,
@@ -441,8 +444,8 @@ pub(super) fn delta(base: &Files, scanned: &Scan) -> BTreeMap<String, Option<Ent
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::tests::file;
+    use super::*;
 
     #[test]
     fn the_cache_replaces_removes_and_adds_baseline_entries_in_path_order() {

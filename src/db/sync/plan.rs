@@ -1,0 +1,493 @@
+//! The plan of a sync: for each table, the changes to write to each side and to the base,
+//! and the conflicts to record (the three-way merge of `merge` applied to the rows the diff
+//! found), and the mass-delete guard over the whole plan.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use rusqlite::Connection;
+
+use crate::config::DbConfig;
+use crate::context::Context;
+use crate::db::apply::open_for_merge;
+use crate::db::merge::{self, Change, Conflict, Rules, TableSpec, counts, merge_key, multiset};
+use crate::db::migrate;
+use crate::db::snapshot::{self, Schema, quote};
+use crate::db::value::{Cell, Key, Row};
+
+use super::commit::maybe_backup;
+use super::diff::differing_rows;
+use super::{PairReport, SkippedTable};
+
+pub(super) enum BaseState {
+    /// The base holds this table with the same schema.
+    Fresh,
+    /// No base for this table yet (first sync), or its schema changed: merged as a first
+    /// sync and copied into the base afterwards.
+    Rebuild,
+}
+
+/// The merge of one table, before it is applied.
+pub(super) struct Work {
+    pub(super) schema: Schema,
+    pub(super) spec: TableSpec,
+    pub(super) base: BaseState,
+    pub(super) to_central: Vec<Change>,
+    pub(super) to_peer: Vec<Change>,
+    /// Keyed tables with a fresh base: the base changes (applied unless a side deferred).
+    pub(super) to_base: Vec<Change>,
+    /// Multisets: per row, the base count after the sync and the count to keep if a side
+    /// deferred the row.
+    pub(super) multiset_base: Vec<(Row, u64, u64)>,
+    pub(super) conflicts: Vec<Conflict>,
+    pub(super) counter_merges: usize,
+    /// Keyed tables: the new base row of every key the peer is to take (for the journal).
+    pub(super) new_base: BTreeMap<Key, Option<Row>>,
+    /// Rows of the peer moved to fresh keys (see `rekey`), with the references rewritten:
+    /// written to the peer before `to_peer` (which is relative to the moved snapshot), all
+    /// of them or none.
+    pub(super) peer_edits: Vec<Change>,
+}
+
+impl Work {
+    pub(super) fn keyed(&self) -> bool {
+        self.spec.keyed()
+    }
+}
+
+pub(super) fn spec_of(db: &DbConfig, schema: &Schema) -> TableSpec {
+    schema.spec(
+        db.counters
+            .get(&schema.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]),
+        &db.updated_at,
+    )
+}
+
+/// The tables of attached database `schema` that merge row by row, by name, less
+/// `exclude_tables`: the ordinary tables and the virtual tables that hold their own rows
+/// (FTS without `content=`, R*Tree), keyed by rowid.
+pub(super) fn tables(
+    conn: &Connection,
+    schema: &str,
+    db: &DbConfig,
+) -> Result<BTreeMap<String, Schema>> {
+    let mut out: BTreeMap<String, Schema> = snapshot::schemas(conn, schema)?
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect();
+    for v in snapshot::virtual_tables(conn, schema)? {
+        if v.own_content {
+            out.insert(v.name.clone(), snapshot::virtual_schema(conn, schema, &v)?);
+        }
+    }
+    out.retain(|name, _| !db.exclude_tables.contains(name));
+    Ok(out)
+}
+
+/// Which tables merge, and which are skipped with a reason.
+pub(super) fn plan_tables(
+    conn: &Connection,
+    db: &DbConfig,
+    report: &mut PairReport,
+) -> Result<Vec<(Schema, BaseState)>> {
+    let central = tables(conn, "main", db)?;
+    let peer = tables(conn, "p", db)?;
+    let base = tables(conn, "b", db)?;
+    let names: BTreeSet<&String> = central.keys().chain(peer.keys()).collect();
+    let mut out = Vec::new();
+    for table in names {
+        let reason = match (central.get(table), peer.get(table)) {
+            (Some(_), None) => Some(
+                "exists in the central copy only. Try: create it in the peer with the same \
+                 columns and key, or exclude_tables"
+                    .to_string(),
+            ),
+            (None, Some(_)) => Some(
+                "exists in the peer only. Try: create it in the central copy with the same \
+                 columns and key (sqlite3 databases/<db>.db), or exclude_tables"
+                    .to_string(),
+            ),
+            (Some(c), Some(p)) if c != p => Some(format!(
+                "columns or primary key differ: central {} / peer {}. Try: make them agree \
+                 (a column added by a migration is propagated by itself; a dropped, renamed or \
+                 retyped column is not), then the next run merges the table",
+                describe(c),
+                describe(p)
+            )),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            log::warn!("{} table {table} skipped: {reason}", db.name.get_ref());
+            report.skipped_tables.push(SkippedTable {
+                table: table.clone(),
+                reason,
+            });
+            continue;
+        }
+        let Some(schema) = central.get(table) else {
+            continue;
+        };
+        let state = match base.get(table) {
+            Some(b) if b == schema => BaseState::Fresh,
+            Some(_) => {
+                log::warn!(
+                    "{} table {table}: its schema changed on both sides since the last sync; \
+                     merging it as a first sync",
+                    db.name.get_ref()
+                );
+                BaseState::Rebuild
+            }
+            None => BaseState::Rebuild,
+        };
+        out.push((schema.clone(), state));
+    }
+    Ok(out)
+}
+
+/// The virtual tables of a pair: an external-content FTS index on both sides is kept up to
+/// date (returned as `(index, content table)`, rebuilt where its content table is
+/// written); any other virtual table is skipped with a message. Their shadow tables are
+/// never merged (`snapshot::schemas` leaves them out).
+pub(super) fn plan_virtual_tables(
+    conn: &Connection,
+    db: &DbConfig,
+    report: &mut PairReport,
+) -> Result<Vec<(String, String)>> {
+    let central = snapshot::virtual_tables(conn, "main")?;
+    let peer = snapshot::virtual_tables(conn, "p")?;
+    let names: BTreeSet<&String> = central.iter().chain(&peer).map(|v| &v.name).collect();
+    let mut out = Vec::new();
+    for name in names {
+        if db.exclude_tables.contains(name) {
+            continue;
+        }
+        let (c, p) = (
+            central.iter().find(|v| &v.name == name),
+            peer.iter().find(|v| &v.name == name),
+        );
+        if let (Some(c), Some(p)) = (c, p)
+            && c == p
+            && let Some(content) = &c.content
+        {
+            out.push((name.clone(), content.clone()));
+            continue;
+        }
+        // Merged row by row by `plan_tables` (a difference in shape is named there).
+        if c.or(p).is_some_and(|v| v.own_content) {
+            continue;
+        }
+        let module = c.or(p).map(|v| v.module.as_str()).unwrap_or_default();
+        let reason = format!(
+            "virtual table ({module}): cr0sync cannot merge its rows (it merges FTS indexes \
+             that hold their own content and R*Trees by rowid, and rebuilds external-content \
+             FTS indexes from their content table); its shadow tables are left alone and the \
+             other tables sync. Try: exclude_tables = [\"{name}\"] once its content lives in \
+             an ordinary table"
+        );
+        log::warn!("{} table {name} skipped: {reason}", db.name.get_ref());
+        report.skipped_tables.push(SkippedTable {
+            table: name.clone(),
+            reason,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn describe(s: &Schema) -> String {
+    let cols: Vec<String> = s
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (n, t))| {
+            let pk = if s.pk.contains(&i) { " PK" } else { "" };
+            format!("{n} {t}{pk}").trim_end().to_string()
+        })
+        .collect();
+    format!("({})", cols.join(", "))
+}
+
+pub(super) fn merge_keyed(
+    conn: &Connection,
+    reader: Option<&std::sync::Mutex<Connection>>,
+    schema: Schema,
+    spec: TableSpec,
+    base: BaseState,
+    rules: Rules,
+) -> Result<Work> {
+    let fresh = matches!(base, BaseState::Fresh);
+    let mut keys = differing_rows(conn, reader, &schema, &spec, fresh)
+        .with_context(|| format!("cannot compare table {}", schema.name))?;
+    let mut w = Work {
+        schema,
+        spec,
+        base,
+        to_central: Vec::new(),
+        to_peer: Vec::new(),
+        to_base: Vec::new(),
+        multiset_base: Vec::new(),
+        conflicts: Vec::new(),
+        counter_merges: 0,
+        new_base: BTreeMap::new(),
+        peer_edits: Vec::new(),
+    };
+    // Rows with a NULL in a key column (SQLite allows it outside INTEGER PRIMARY KEY) are
+    // no key at all: several may share one. They merge as whole rows, like a table
+    // without a key, so none is lost and none flips between runs.
+    keys.retain(|key, _| !key.iter().any(Cell::is_null));
+    let null_key = null_key(&w.spec);
+    let null_rows = |db: &str| -> Result<Vec<Row>> {
+        let cols: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {} FROM {db}.{} WHERE {}",
+            cols.join(", "),
+            quote(&w.spec.name),
+            null_key
+        ))?;
+        let rows = stmt.query_map([], |r| {
+            (0..cols.len())
+                .map(|i| r.get::<_, Cell>(i))
+                .collect::<Result<Row, _>>()
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    };
+    let (nc, np) = (null_rows("main")?, null_rows("p")?);
+    let nb = if fresh { Some(null_rows("b")?) } else { None };
+    if !(nc.is_empty() && np.is_empty() && nb.as_ref().is_none_or(Vec::is_empty)) {
+        let whole = TableSpec {
+            pk: Vec::new(),
+            ..w.spec.clone()
+        };
+        let m = merge::merge_table(&whole, rules, nb.as_deref(), &nc, &np);
+        w.to_central.extend(m.to_central);
+        w.to_peer.extend(m.to_peer);
+        let (bm, cm, pm, newm) = (
+            nb.as_deref().map(multiset),
+            multiset(&nc),
+            multiset(&np),
+            multiset(&m.new_base),
+        );
+        let count = |m: &BTreeMap<Row, u64>, r: &Row| m.get(r).copied().unwrap_or(0);
+        let rows: BTreeSet<&Row> = cm.keys().chain(pm.keys()).chain(newm.keys()).collect();
+        for r in rows {
+            let fallback = match &bm {
+                Some(bm) => count(bm, r),
+                None => count(&cm, r).min(count(&pm, r)),
+            };
+            w.multiset_base.push((r.clone(), count(&newm, r), fallback));
+        }
+    }
+    // Consumed as merged, so each key's three rows are freed once its changes are made.
+    for (key, [b, c, p]) in keys {
+        let key = &key;
+        let m = merge_key(&w.spec, rules, key, b.as_ref(), c.as_ref(), p.as_ref());
+        w.counter_merges += usize::from(m.counter_merged);
+        w.conflicts.extend(m.conflict);
+        w.to_central.extend(m.to_central);
+        if let Some(ch) = m.to_peer {
+            w.to_peer.push(ch);
+            w.new_base.insert(key.clone(), m.new_base.clone());
+        }
+        if matches!(w.base, BaseState::Fresh) {
+            w.to_base
+                .extend(merge::change(key, b.as_ref(), m.new_base.as_ref()));
+        }
+    }
+    Ok(w)
+}
+
+pub(super) fn merge_one(
+    conn: &Connection,
+    reader: Option<&std::sync::Mutex<Connection>>,
+    schema: Schema,
+    spec: TableSpec,
+    base: BaseState,
+    rules: Rules,
+) -> Result<Work> {
+    if spec.keyed() {
+        merge_keyed(conn, reader, schema, spec, base, rules)
+    } else {
+        merge_multiset(conn, schema, spec, base, rules)
+    }
+}
+
+pub(super) fn merge_multiset(
+    conn: &Connection,
+    schema: Schema,
+    spec: TableSpec,
+    base: BaseState,
+    rules: Rules,
+) -> Result<Work> {
+    let c = snapshot::rows(conn, "main", &schema)?;
+    let p = snapshot::rows(conn, "p", &schema)?;
+    let b = match base {
+        BaseState::Fresh => Some(snapshot::rows(conn, "b", &schema)?),
+        BaseState::Rebuild => None,
+    };
+    let m = merge::merge_table(&spec, rules, b.as_deref(), &c, &p);
+    let (bm, cm, pm) = (b.as_deref().map(multiset), multiset(&c), multiset(&p));
+    let nm = multiset(&m.new_base);
+    let all: BTreeSet<&Row> = cm.keys().chain(pm.keys()).chain(nm.keys()).collect();
+    let count = |m: &BTreeMap<Row, u64>, r: &Row| m.get(r).copied().unwrap_or(0);
+    let multiset_base = all
+        .into_iter()
+        .map(|r| {
+            let fallback = match &bm {
+                Some(bm) => count(bm, r),
+                None => count(&cm, r).min(count(&pm, r)),
+            };
+            (r.clone(), count(&nm, r), fallback)
+        })
+        .collect();
+    Ok(Work {
+        schema,
+        spec,
+        base,
+        to_central: m.to_central,
+        to_peer: m.to_peer,
+        to_base: Vec::new(),
+        multiset_base,
+        conflicts: m.conflicts,
+        counter_merges: m.counter_merges,
+        new_base: BTreeMap::new(),
+        peer_edits: Vec::new(),
+    })
+}
+
+/// `k1 IS NULL OR k2 IS NULL ...`: the rows of a keyed table that have no key.
+pub(super) fn null_key(spec: &TableSpec) -> String {
+    let parts: Vec<String> = spec
+        .pk
+        .iter()
+        .map(|&i| format!("{} IS NULL", quote(&spec.columns[i])))
+        .collect();
+    parts.join(" OR ")
+}
+
+/// The mass-delete guard.
+pub(super) fn guard(
+    conn: &Connection,
+    works: &[Work],
+    max_percent: u8,
+    name: &str,
+    peer: &str,
+) -> Result<()> {
+    for w in works {
+        for (side, db, changes) in [
+            ("central copy", "main", &w.to_central),
+            ("peer", "p", &w.to_peer),
+        ] {
+            let deletes = counts(changes).deletes;
+            if deletes == 0 {
+                continue;
+            }
+            // Count rows only as far as the verdict needs: past `limit` rows the share
+            // deleted is within max_delete (or, at 0%, the table is big enough to trip).
+            let max = u64::from(max_percent);
+            let limit = if max == 0 {
+                100
+            } else {
+                (deletes * 100).div_ceil(max).max(100)
+            };
+            let rows: u64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT count(*) FROM (SELECT 1 FROM {db}.{} LIMIT {limit})",
+                        quote(&w.schema.name)
+                    ),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?
+                .try_into()
+                .unwrap_or(0);
+            let trips = if rows >= limit {
+                max == 0
+            } else {
+                rows >= 100 && deletes * 100 > max * rows
+            };
+            if trips {
+                anyhow::bail!(
+                    "{name}/{peer}: mass-delete guard: the sync would delete {deletes} of the \
+                     {rows} rows of table {} in the {side} (max_delete {max_percent}%); nothing \
+                     was written. If this is intended: cr0sync db sync --db {name} --peer {peer} \
+                     --force",
+                    w.schema.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Columns a migration added on one side are added to the other side, the snapshot and
+/// the base (see `migrate`), backups first, so the table merges cell by cell.
+pub(super) fn add_migrated_columns(
+    ctx: &Context,
+    conn: &Connection,
+    db: &DbConfig,
+    peer_path: &Path,
+    now: DateTime<Utc>,
+    report: &mut PairReport,
+) -> Result<()> {
+    let (name, peer_name) = (db.name.get_ref().as_str(), report.peer.clone());
+    let central = tables(conn, "main", db)?;
+    let peer = tables(conn, "p", db)?;
+    // A virtual table's columns cannot be added to (a difference skips it, named).
+    let fixed: BTreeSet<String> = snapshot::virtual_tables(conn, "main")?
+        .into_iter()
+        .chain(snapshot::virtual_tables(conn, "p")?)
+        .map(|v| v.name)
+        .collect();
+    for (table, c) in &central {
+        let Some(p) = peer.get(table).filter(|_| !fixed.contains(table)) else {
+            continue;
+        };
+        if let Some(cols) = migrate::added_columns(p, c) {
+            // The central copy has them: the peer (live, then its snapshot) gets them.
+            maybe_backup(ctx, name, &peer_name, conn, "p", now, report)?;
+            let live = open_for_merge(peer_path, ctx.config.general.busy_timeout.0)?;
+            for (col, _) in cols {
+                let decl = migrate::declaration(conn, "main", table, col)?;
+                migrate::add_column(&live, "main", table, &decl)
+                    .with_context(|| format!("{name}/{peer_name}: peer {}", peer_path.display()))?;
+                migrate::add_column(conn, "p", table, &decl)?;
+                log::warn!(
+                    "{name}/{peer_name} table {table}: column {col} (added by a migration \
+                     elsewhere) added to the peer"
+                );
+            }
+        } else if let Some(cols) = migrate::added_columns(c, p) {
+            maybe_backup(ctx, name, "central", conn, "main", now, report)?;
+            for (col, _) in cols {
+                let decl = migrate::declaration(conn, "p", table, col)?;
+                migrate::add_column(conn, "main", table, &decl)?;
+                log::warn!(
+                    "{name}/{peer_name} table {table}: column {col} (added by a migration on \
+                     the peer) added to the central copy"
+                );
+            }
+        }
+    }
+    // The base follows the sides that now agree: existing base rows take the default the
+    // migration gave every existing row, so only real edits differ from it.
+    let central = tables(conn, "main", db)?;
+    let peer = tables(conn, "p", db)?;
+    for b in snapshot::schemas(conn, "b")? {
+        let (Some(c), Some(p)) = (central.get(&b.name), peer.get(&b.name)) else {
+            continue;
+        };
+        if c != p {
+            continue;
+        }
+        if let Some(cols) = migrate::added_columns(&b, c) {
+            for (col, _) in cols {
+                let decl = migrate::base_declaration(conn, "main", &b.name, col)?;
+                migrate::add_column(conn, "b", &b.name, &decl)?;
+            }
+        }
+    }
+    Ok(())
+}
