@@ -20,9 +20,13 @@ use crate::db::snapshot::{self, quote};
 use crate::db::value::Key;
 use crate::ops::fault;
 
+use super::Pair;
 use super::PairReport;
 use super::connection::lock_central;
+use super::plan::Plan;
 use super::plan::{BaseState, Work, spec_of};
+use super::settle::{base_before, settle_bases, unsettle};
+use crate::output::Progress;
 
 /// Completes a sync that stopped between its peer commit and its central commit (see
 /// `journal`). Returns whether there was anything to complete.
@@ -351,4 +355,277 @@ pub(super) fn rebuild_indexes(
         }
     }
     Ok(())
+}
+
+impl Pair<'_> {
+    /// Step 3: a sync stopped between its two commits is completed from its journal, and
+    /// conflict records it committed are appended. Returns whether the snapshot carries a
+    /// commit marker of an earlier run (dropped from the peer after this sync).
+    pub(super) fn complete_interrupted(&mut self, conn: &Connection, snap: &Path) -> Result<bool> {
+        let ctx = self.ctx;
+        let stale_marker = journal::marker(conn, "p")
+            .with_context(|| format!("cannot read the snapshot {}", snap.display()))?
+            .is_some();
+        if !self.opts.dry_run {
+            let unreadable = || {
+                format!(
+                    "the merge base {} is damaged; nothing was written. Try: move it aside (mv {0} \
+                     {0}.damaged): the next run merges the pair as a first sync, keeping every row \
+                     of either side and recording differing rows as conflicts",
+                    self.base_path.display()
+                )
+            };
+            // Conflict records a stopped run committed but had not appended yet.
+            journal::flush_outbox(ctx, conn, false).with_context(unreadable)?;
+            if let Some(j) = ctx.state.load::<Journal>(&self.journal_name)? {
+                self.report.recovered = complete_interrupted(
+                    ctx,
+                    conn,
+                    self.db,
+                    self.rules,
+                    self.peer_name,
+                    &j,
+                    &self.central_path,
+                )?;
+                ctx.state.remove(&self.journal_name)?;
+            }
+        }
+        Ok(stale_marker)
+    }
+}
+
+impl Pair<'_> {
+    /// Step 5: backups, then the central copy's changes inside its exclusive transaction,
+    /// the journal, the peer's commit (with the base settled beside it), and the central
+    /// commit with the base and the conflict records. Returns whether the peer was written.
+    /// (Only this job writes the central copy and the base, under its job lock, so the
+    /// diff still holds; the peer's writes are optimistic.)
+    pub(super) fn write(
+        &mut self,
+        conn: &Connection,
+        plan: &Plan,
+        progress: Progress,
+    ) -> Result<bool> {
+        let works = &plan.works;
+        let txid = format!(
+            "{}-{}-{}-{}",
+            self.now.format("%Y%m%dT%H%M%S%.6fZ"),
+            std::process::id(),
+            self.name,
+            self.peer_name
+        );
+        let records: Vec<ConflictRecord> = works
+            .iter()
+            .flat_map(|w| &w.conflicts)
+            .enumerate()
+            .map(|(i, c)| {
+                ConflictRecord::new(
+                    format!("{txid}-{i}"),
+                    self.now,
+                    self.name,
+                    self.peer_name,
+                    c,
+                )
+            })
+            .collect();
+
+        // 5a. Backups: the peer's from its snapshot, the central copy's through this
+        // connection.
+        if works.iter().any(|w| !w.to_peer.is_empty()) {
+            self.backup(conn, self.peer_name, "p")?;
+        }
+        if works.iter().any(|w| !w.to_central.is_empty()) {
+            self.backup(conn, "central", "main")?;
+        }
+        self.phases.mark("backups");
+
+        // 5b. The exclusive lock on the central copy and the base, held to the commit, and
+        // the central copy's changes inside that transaction.
+        let tx = lock_central(conn, &self.central_path)?;
+        let mut refused = Vec::new();
+        for w in works {
+            refused.push(
+                apply(&tx, "main", &w.spec, &w.to_central)
+                    .with_context(|| self.central_write())?
+                    .skipped,
+            );
+        }
+        self.phases.mark("central apply");
+
+        // 5c. The journal, then the peer's commit with its marker, the base settled beside.
+        let to_peer = peer_changes(works, &refused);
+        // AUTOINCREMENT counters: every side's `sqlite_sequence` is raised to the highest
+        // one, so no side hands out again an id another side has used (even for a row that
+        // lost).
+        let sequences = sequence_targets(conn, works)?;
+        let write_peer = to_peer.iter().any(|c| !c.is_empty())
+            || works.iter().any(|w| !w.peer_edits.is_empty())
+            || sequences.iter().any(|s| s.2);
+        let left_alone = if write_peer {
+            let j = journal_of(&txid, works, &to_peer, &records);
+            let side = PeerWrite {
+                to_peer: &to_peer,
+                txid: &txid,
+                fts: &plan.fts,
+                sequences: &sequences,
+            };
+            self.write_peer(&tx, works, &j, &side, &refused)?
+        } else {
+            settle_bases(&tx, works, self.rules.direction, &refused)
+                .with_context(|| self.base_write())?;
+            self.phases.mark("base");
+            vec![BTreeSet::new(); works.len()]
+        };
+        // Erased before the conflict warnings below.
+        drop(progress);
+        for (i, t) in self.report.tables.iter_mut().enumerate() {
+            t.deferred = refused[i].union(&left_alone[i]).count();
+        }
+
+        // 5d. FTS indexes and counters, then the central commit with the base and the
+        // conflict records.
+        rebuild_indexes(&tx, "main", &plan.fts, |t| {
+            works
+                .iter()
+                .any(|w| w.spec.name == t && !w.to_central.is_empty())
+        })
+        .with_context(|| self.central_write())?;
+        raise_sequences(&tx, &sequences).with_context(|| self.central_write())?;
+        commit_central(
+            self.ctx,
+            conn,
+            tx,
+            &records,
+            write_peer.then_some(txid.as_str()),
+            ["before-central-commit", "after-central-commit"],
+            &self.central_path,
+        )
+        .with_context(|| self.base_write())?;
+        self.phases.mark("central commit");
+        self.announce(&records);
+        if write_peer {
+            self.ctx.state.remove(&self.journal_name)?;
+        }
+        Ok(write_peer)
+    }
+
+    /// Step 5c: the journal, durable before the peer is touched; then the peer's commit
+    /// beside the settling of the base, which goes on in the central copy's open
+    /// transaction (nothing of it is durable before the central commit); a row the peer
+    /// then leaves alone gets the central copy's old row and keeps its old base. Returns
+    /// the keys the peer left alone, per table.
+    fn write_peer(
+        &mut self,
+        tx: &Connection,
+        works: &[Work],
+        journal: &Journal,
+        side: &PeerWrite,
+        refused: &[BTreeSet<Key>],
+    ) -> Result<Vec<BTreeSet<Key>>> {
+        let label = self.label();
+        self.ctx
+            .state
+            .write_bytes(&self.journal_name, &serde_json::to_vec(journal)?)
+            .with_context(|| format!("{label}: nothing was written"))?;
+        self.phases.mark("journal");
+        fault::point("after-journal")?;
+        let before = base_before(tx, works, side.to_peer)?;
+        let (peer, settled) = std::thread::scope(|s| {
+            let peer = s.spawn(|| write_peer_side(&self.peer_path, self.busy, works, side));
+            let settled = settle_bases(tx, works, self.rules.direction, refused);
+            (peer.join(), settled)
+        });
+        let left_alone = peer
+            .map_err(|_| anyhow::anyhow!("the peer's writer stopped unexpectedly"))?
+            .with_context(|| {
+                format!(
+                    "{label}: cannot write peer {}; nothing was written",
+                    self.peer_path.display()
+                )
+            })?;
+        settled.with_context(|| self.base_write())?;
+        fault::point("after-peer-commit")?;
+        self.phases.mark("peer writes and base");
+        for (i, w) in works.iter().enumerate() {
+            if left_alone[i].is_empty() {
+                continue;
+            }
+            undo(tx, w, &left_alone[i]).with_context(|| self.central_write())?;
+            let deferred: BTreeSet<Key> = refused[i].union(&left_alone[i]).cloned().collect();
+            unsettle(
+                tx,
+                w,
+                self.rules.direction,
+                &deferred,
+                &left_alone[i],
+                &before[i],
+            )
+            .with_context(|| self.base_write())?;
+        }
+        Ok(left_alone)
+    }
+
+    /// A routine backup of one side (`schema` `p`: the peer's snapshot; `main`: central).
+    pub(super) fn backup(&mut self, conn: &Connection, target: &str, schema: &str) -> Result<()> {
+        maybe_backup(
+            self.ctx,
+            self.name,
+            target,
+            conn,
+            schema,
+            self.now,
+            &mut self.report,
+        )
+    }
+
+    /// One warning line per recorded conflict, for the log and cron's mail.
+    fn announce(&mut self, records: &[ConflictRecord]) {
+        let (name, peer_name) = (self.name, self.peer_name);
+        for r in records {
+            let line = match &r.new_key {
+                Some(new_key) => format!(
+                    "conflict in {name}/{peer_name} table {} key {}: both sides inserted a row \
+                     there; both are kept, the peer's under key {new_key} (rekey, id {}). Try: \
+                     update anything outside the database that holds the old id, then cr0sync \
+                     db resolve {} --ack",
+                    r.table, r.key, r.id, r.id
+                ),
+                None => format!(
+                    "conflict in {name}/{peer_name} table {} key {}: {} wins ({}, id {}). Try: \
+                     cr0sync db conflicts; cr0sync db resolve {} --keep central|peer|base or \
+                     --ack",
+                    r.table, r.key, r.winner, r.kind, r.id, r.id
+                ),
+            };
+            log::warn!("{line}");
+            self.report.new_conflicts.push(line);
+        }
+    }
+
+    fn central_write(&self) -> String {
+        format!(
+            "cannot write the central copy {}",
+            self.central_path.display()
+        )
+    }
+
+    fn base_write(&self) -> String {
+        format!("cannot write the merge base {}", self.base_path.display())
+    }
+}
+
+/// What the peer is to take: a row the central copy refused is not written to the peer
+/// either.
+fn peer_changes(works: &[Work], refused: &[BTreeSet<Key>]) -> Vec<Vec<Change>> {
+    works
+        .iter()
+        .zip(refused)
+        .map(|(w, refused)| {
+            w.to_peer
+                .iter()
+                .filter(|c| !refused.contains(merge::target_of(c)))
+                .cloned()
+                .collect()
+        })
+        .collect()
 }

@@ -12,7 +12,7 @@ use crate::db::rekey;
 use crate::db::snapshot::{self, quote};
 use crate::db::value::{Cell, Key, Row};
 
-use super::plan::{BaseState, Work, merge_one};
+use super::plan::{BaseState, Work, plan_table};
 
 /// `(table, key)` of every insert/insert conflict on a table keyed by its rowid whose base
 /// is known (on a first sync every difference looks like one).
@@ -75,7 +75,7 @@ pub(super) fn rekey_rows(
             .into_iter()
             .map(|w| {
                 if tables.contains(w.spec.name.as_str()) {
-                    merge_one(conn, None, w.schema, w.spec, w.base, rules)
+                    plan_table(conn, None, w.schema, w.spec, w.base, rules)
                 } else {
                     Ok(w)
                 }

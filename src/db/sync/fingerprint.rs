@@ -75,3 +75,49 @@ pub(super) fn racy(stats: &[Option<FileStat>], now: std::time::SystemTime) -> bo
         .flatten()
         .any(|s| now_ns - s.mtime_ns < 2_000_000_000)
 }
+
+/// The pair's files and configuration as a sync first looks at them (step 1).
+pub(super) struct Look {
+    digest: String,
+    seen_at: std::time::SystemTime,
+    peer: (Option<FileStat>, Option<FileStat>),
+    central: (Option<FileStat>, Option<FileStat>),
+}
+
+impl Look {
+    pub(super) fn now(
+        db: &DbConfig,
+        peer: &PeerConfig,
+        rules: Rules,
+        central_path: &Path,
+        peer_path: &Path,
+    ) -> Look {
+        Look {
+            digest: config_digest(db, peer, rules),
+            seen_at: std::time::SystemTime::now(),
+            peer: (FileStat::of(peer_path), FileStat::of(&wal(peer_path))),
+            central: (FileStat::of(central_path), FileStat::of(&wal(central_path))),
+        }
+    }
+
+    /// Whether the last successful sync's fingerprint proves nothing changed since.
+    pub(super) fn matches(&self, f: &Fingerprint) -> bool {
+        !f.racy
+            && f.config == self.digest
+            && (f.peer, f.peer_wal) == self.peer
+            && (f.central, f.central_wal) == self.central
+    }
+
+    /// The fingerprint to record after a sync: the peer as it was looked at (a change
+    /// made during the sync is seen next run), the central copy as the sync left it.
+    pub(super) fn fingerprint(self, central_path: &Path, deferred: bool) -> Fingerprint {
+        Fingerprint {
+            racy: racy(&[self.peer.0, self.peer.1], self.seen_at) || deferred,
+            config: self.digest,
+            central: FileStat::of(central_path),
+            central_wal: FileStat::of(&wal(central_path)),
+            peer: self.peer.0,
+            peer_wal: self.peer.1,
+        }
+    }
+}

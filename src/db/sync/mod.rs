@@ -1,42 +1,44 @@
 //! Syncing one (database, peer) pair: snapshot, diff, three-way merge, guarded and
 //! backed-up apply, conflict records, new base.
 //!
-//! How a sync goes:
-//! 1. Fast path: if the pair's files (device, inode, size, mtime of the database and its
-//!    `-wal`) and its configuration match the fingerprint of the last successful sync, stop.
-//! 2. The peer is copied with the online backup API into scratch space (`state/tmp`); the
-//!    diff reads that copy, so the bot's writer is blocked only for the copy.
-//! 3. One connection holds the central copy as `main`, the snapshot as `p` and the base as
-//!    `b`. A sync that stopped between its two commits is completed first (`journal`).
-//! 4. Keyed tables are compared in SQL (central against snapshot, by primary key; for
-//!    tables with counters also against the base, since equal deltas leave both sides
-//!    equal), and only keys whose rows differ are merged in Rust against the base. Memory
-//!    grows with the number of differing rows, not with the database. Tables without a
-//!    primary key are merged as multisets in memory.
-//! 5. Backups, then the writes and the two commits in the order `journal` lays down, so a
-//!    sync stopped at any instant is completed exactly by the next run. Only then is the
-//!    fingerprint recorded.
+//! How a sync goes (the numbered steps of `sync_pair_inner`, one method each):
+//! 1. Fast path (`fingerprint`): if the pair's files (device, inode, size, mtime of the
+//!    database and its `-wal`) and its configuration match the fingerprint of the last
+//!    successful sync, stop.
+//! 2. Snapshot of the peer: copied with the online backup API into scratch space
+//!    (`state/tmp`); the diff reads that copy, so the bot's writer is blocked only for the
+//!    copy. The first time, the central copy is created from it.
+//! 3. One connection (`connection`) holds the central copy as `main`, the snapshot as `p`
+//!    and the base as `b`. A sync that stopped between its two commits is completed first
+//!    (`commit`, from the journal of `db::journal`).
+//! 4. Diff and plan. Keyed tables are compared in SQL (`diff`: central against snapshot,
+//!    by primary key; for tables with counters also against the base, since equal deltas
+//!    leave both sides equal), and only keys whose rows differ are merged in Rust against
+//!    the base (`plan`, with `db::merge`). Memory grows with the number of differing rows,
+//!    not with the database. Tables without a primary key are merged as multisets. The
+//!    plan is then fitted to the schema's rules (`constraints`: ids both sides handed out,
+//!    UNIQUE, foreign keys) and checked by the mass-delete guard.
+//! 5. Backups, the writes and the two commits (`commit`) in the order `db::journal` lays
+//!    down, so a sync stopped at any instant is completed exactly by the next run; the
+//!    base is settled inside the central commit (`settle`).
+//! 6. Only then is the fingerprint recorded.
 
-use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DbConfig, Direction, PeerConfig};
+use crate::config::{DbConfig, PeerConfig};
 use crate::context::Context;
-use crate::db::apply::apply;
 use crate::db::backup;
 use crate::db::base;
-use crate::db::conflicts::ConflictRecord;
-use crate::db::journal::{self, Journal};
-use crate::db::merge::{self, Change, Counts, Rules, counts};
+use crate::db::journal::{self};
+use crate::db::merge::{Counts, Rules, counts};
 use crate::db::snapshot::{self};
-use crate::db::value::Key;
 use crate::fsutil;
-use crate::ops::fault;
 use crate::output::Progress;
 
 mod commit;
@@ -47,15 +49,8 @@ mod fingerprint;
 mod plan;
 mod settle;
 
-use commit::{
-    PeerWrite, commit_central, complete_interrupted, journal_of, maybe_backup, raise_sequences,
-    rebuild_indexes, sequence_targets, undo, write_peer_side,
-};
-use connection::{PARALLEL_DIFF_BYTES, lock_central, open_central, open_reader, path_str};
-use constraints::{collisions, keep_referenced_parents, rekey_rows, resolve_unique};
-use fingerprint::{FileStat, Fingerprint, config_digest, racy, wal};
-use plan::{add_migrated_columns, guard, merge_one, plan_tables, plan_virtual_tables, spec_of};
-use settle::{base_before, settle_bases, unsettle};
+use fingerprint::{Fingerprint, Look};
+use plan::{Plan, guard};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -168,6 +163,26 @@ pub fn sync_pair(
     })
 }
 
+/// One pair's sync in progress: what every step reads, and the report the steps fill in.
+pub(super) struct Pair<'a> {
+    pub(super) ctx: &'a Context,
+    pub(super) db: &'a DbConfig,
+    pub(super) name: &'a str,
+    pub(super) peer_name: &'a str,
+    pub(super) rules: Rules,
+    pub(super) opts: Options,
+    /// Stamps conflicts, backups and the transaction id.
+    pub(super) now: DateTime<Utc>,
+    pub(super) busy: Duration,
+    pub(super) central_path: PathBuf,
+    pub(super) peer_path: PathBuf,
+    pub(super) base_path: PathBuf,
+    pub(super) journal_name: String,
+    pub(super) report: PairReport,
+    pub(super) phases: Phases,
+}
+
+/// The steps of the module doc, in order.
 fn sync_pair_inner(
     ctx: &Context,
     db: &DbConfig,
@@ -175,454 +190,186 @@ fn sync_pair_inner(
     opts: Options,
     now: DateTime<Utc>,
 ) -> Result<PairReport> {
-    let name = db.name.get_ref().as_str();
-    let peer_name = peer.name.get_ref().as_str();
-    let rules = Rules {
-        policy: ctx.config.policy_of(db),
-        direction: peer.direction,
-    };
-    let central_path = ctx.layout.central_db(name);
-    let peer_path = ctx.resolve(peer.path.get_ref());
-    let mut report = PairReport {
-        database: name.into(),
-        peer: peer_name.into(),
-        ..PairReport::default()
-    };
-    if !peer_path.exists() {
-        anyhow::bail!(
-            "{name}/{peer_name}: peer database not found: {} (never created). Try: fix the \
-             peer's path in the configuration, or restore the file",
-            peer_path.display()
-        );
-    }
+    let mut pair = Pair::new(ctx, db, peer, opts, now)?;
 
     // 1. Fast path.
-    let state_file = state_name(name, peer_name);
-    let previous: Option<PairState> = ctx.state.load(&state_file)?;
-    let digest = config_digest(db, peer, rules);
-    let seen_at = std::time::SystemTime::now();
-    let peer_stat = (FileStat::of(&peer_path), FileStat::of(&wal(&peer_path)));
-    let central_stat = (
-        FileStat::of(&central_path),
-        FileStat::of(&wal(&central_path)),
-    );
-    if let Some(prev) = &previous {
-        let f = &prev.fingerprint;
-        let base_exists = ctx.state.path(&base::name(name, peer_name)).exists();
-        if !f.racy
-            && base_exists
-            && f.config == digest
-            && (f.peer, f.peer_wal) == peer_stat
-            && (f.central, f.central_wal) == central_stat
-        {
-            report.unchanged = true;
-            return Ok(report);
-        }
+    let look = Look::now(db, peer, pair.rules, &pair.central_path, &pair.peer_path);
+    if pair.unchanged(&look)? {
+        pair.report.unchanged = true;
+        return Ok(pair.report);
     }
 
-    // 2. Snapshot of the peer.
-    let mut phases = Phases::start();
-    let progress = Progress::new(format!("{name}/{peer_name}: snapshot of the peer"), 0);
-    let busy = ctx.config.general.busy_timeout.0;
-    let scratch = backup::scratch_dir(ctx)?;
-    let snap = scratch.join(format!("{name}.{peer_name}.snapshot.db"));
-    let snap = fsutil::Scratch::new(snap);
-    snapshot::snapshot_to(&peer_path, &snap, busy)
-        .with_context(|| format!("{name}/{peer_name}"))?;
-
-    if !central_path.exists() {
-        report.created_central = true;
+    // 2. Snapshot of the peer (the central copy is created from it the first time).
+    let progress = Progress::new(format!("{}: snapshot of the peer", pair.label()), 0);
+    let snap = pair.snapshot()?;
+    if !pair.central_path.exists() {
+        pair.report.created_central = true;
         if opts.dry_run {
-            return Ok(report);
+            return Ok(pair.report);
         }
-        progress.stage(format!("{name}/{peer_name}: creating the central copy"));
-        fsutil::atomic_replace_with(&central_path, &ctx.perms, |tmp| {
-            snapshot::snapshot_to(&snap, tmp, busy)?;
+        progress.stage(format!("{}: creating the central copy", pair.label()));
+        pair.create_central(&snap)?;
+    }
+    pair.phases.mark("snapshot");
+
+    // 3. One connection; a sync stopped between its two commits is completed first.
+    progress.stage(format!("{}: diff and merge", pair.label()));
+    let conn = pair.open(&snap)?;
+    let stale_marker = pair.complete_interrupted(&conn, &snap)?;
+
+    // 4. Diff and plan, within the schema's rules and the mass-delete guard.
+    let plan = pair.plan(&conn, &snap)?;
+    pair.phases.mark("diff and merge");
+    pair.report_plan(&plan);
+    if !opts.force {
+        guard(
+            &conn,
+            &plan.works,
+            ctx.config.database.max_delete.0,
+            pair.name,
+            pair.peer_name,
+        )?;
+    }
+    if opts.dry_run {
+        return Ok(pair.report);
+    }
+
+    // 5. Backups, the writes and the two commits.
+    progress.stage(format!("{}: backups and writes", pair.label()));
+    let wrote_peer = pair.write(&conn, &plan, progress)?;
+    if wrote_peer || stale_marker {
+        journal::drop_marker(&pair.peer_path, pair.busy);
+    }
+    log::info!("{}: {}", pair.label(), pair.phases.text());
+
+    // 6. The fingerprint, once the data it describes is durable.
+    pair.record(look)?;
+    Ok(pair.report)
+}
+
+impl<'a> Pair<'a> {
+    fn new(
+        ctx: &'a Context,
+        db: &'a DbConfig,
+        peer: &'a PeerConfig,
+        opts: Options,
+        now: DateTime<Utc>,
+    ) -> Result<Self> {
+        let name = db.name.get_ref().as_str();
+        let peer_name = peer.name.get_ref().as_str();
+        let peer_path = ctx.resolve(peer.path.get_ref());
+        if !peer_path.exists() {
+            anyhow::bail!(
+                "{name}/{peer_name}: peer database not found: {} (never created). Try: fix \
+                 the peer's path in the configuration, or restore the file",
+                peer_path.display()
+            );
+        }
+        Ok(Pair {
+            ctx,
+            db,
+            name,
+            peer_name,
+            rules: Rules {
+                policy: ctx.config.policy_of(db),
+                direction: peer.direction,
+            },
+            opts,
+            now,
+            busy: ctx.config.general.busy_timeout.0,
+            central_path: ctx.layout.central_db(name),
+            peer_path,
+            base_path: ctx.state.path(&base::name(name, peer_name)),
+            journal_name: journal::name(name, peer_name),
+            report: PairReport {
+                database: name.into(),
+                peer: peer_name.into(),
+                ..PairReport::default()
+            },
+            phases: Phases::start(),
+        })
+    }
+
+    /// `database/peer`, as messages name the pair.
+    pub(super) fn label(&self) -> String {
+        format!("{}/{}", self.name, self.peer_name)
+    }
+
+    /// Step 1: whether the pair's files and configuration are as the last sync left them.
+    fn unchanged(&self, look: &Look) -> Result<bool> {
+        let previous: Option<PairState> = self
+            .ctx
+            .state
+            .load(&state_name(self.name, self.peer_name))?;
+        Ok(previous.is_some_and(|p| look.matches(&p.fingerprint) && self.base_path.exists()))
+    }
+
+    /// Step 2: the peer copied with the online backup API into scratch space.
+    fn snapshot(&mut self) -> Result<fsutil::Scratch> {
+        self.phases = Phases::start();
+        let scratch = backup::scratch_dir(self.ctx)?;
+        let snap = fsutil::Scratch::new(
+            scratch.join(format!("{}.{}.snapshot.db", self.name, self.peer_name)),
+        );
+        snapshot::snapshot_to(&self.peer_path, &snap, self.busy).with_context(|| self.label())?;
+        Ok(snap)
+    }
+
+    /// Step 2, the first time: the central copy is a copy of the peer's snapshot.
+    fn create_central(&self, snap: &Path) -> Result<()> {
+        fsutil::atomic_replace_with(&self.central_path, &self.ctx.perms, |tmp| {
+            snapshot::snapshot_to(snap, tmp, self.busy)?;
             let c = Connection::open(tmp)?;
             c.pragma_update(None, "journal_mode", "delete")?;
             c.close().map_err(|(_, e)| e)?;
             Ok(())
         })
-        .with_context(|| format!("cannot create the central copy {}", central_path.display()))?;
-        log::info!("{name}: central copy created from peer {peer_name}");
-    }
-
-    phases.mark("snapshot");
-    progress.stage(format!("{name}/{peer_name}: diff and merge"));
-    // 3. One connection: central as main, snapshot as p, base as b.
-    let mut conn = open_central(&central_path, busy)?;
-    if fault::is_armed("during-central-commit") {
-        conn.commit_hook(Some(|| fault::point("during-central-commit").is_err()))?;
-    }
-    conn.execute("ATTACH ?1 AS p", [path_str(&snap)?])
-        .with_context(|| format!("cannot open the snapshot {}", snap.display()))?;
-    let base_path = ctx.state.path(&base::name(name, peer_name));
-    if opts.dry_run && !base_path.exists() {
-        conn.execute_batch("ATTACH ':memory:' AS b")?;
-    } else {
-        if !base_path.exists() {
-            // ATTACH inherits the central connection's no-create flag: create it here.
-            if let Some(dir) = base_path.parent() {
-                fsutil::ensure_dir(dir, &ctx.perms)
-                    .with_context(|| format!("cannot create directory {}", dir.display()))?;
-            }
-            Connection::open(&base_path)?.close().map_err(|(_, e)| e)?;
-            ctx.perms.apply_file(&base_path)?;
-        }
-        let attached = conn.execute("ATTACH ?1 AS b", [path_str(&base_path)?]);
-        let not_a_database = matches!(
-            &attached,
-            Err(rusqlite::Error::SqliteFailure(f, _))
-                if f.code == rusqlite::ErrorCode::NotADatabase
-                    || f.code == rusqlite::ErrorCode::DatabaseCorrupt
-        );
-        if !not_a_database {
-            attached
-                .with_context(|| format!("cannot open the merge base {}", base_path.display()))?;
-        }
-        // A merge base that is not a database (garbage, a damaged header) is set aside and
-        // the pair merged as a first sync: every row of either side is kept, differing
-        // rows are recorded as conflicts. (Never a reset to one side: that would delete
-        // rows other peers already synced.) With a journal pending, its completion needs
-        // the base's record of what committed, so the run stops instead.
-        let readable = !not_a_database
-            && conn
-                .query_row("SELECT count(*) FROM b.sqlite_schema", [], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .is_ok();
-        if !readable && opts.dry_run {
-            // A dry run changes nothing: it shows the merge the next run will make.
-            if !not_a_database {
-                conn.execute_batch("DETACH b")?;
-            }
-            conn.execute_batch("ATTACH ':memory:' AS b")?;
-            log::warn!(
-                "{name}/{peer_name}: the merge base is unreadable; the next run sets it aside \
-                 and merges the pair as a first sync"
-            );
-        }
-        if !readable && !opts.dry_run {
-            let journal_pending = ctx.state.path(&journal::name(name, peer_name)).exists();
-            let aside =
-                base_path.with_extension(format!("db.unreadable-{}", now.format("%Y%m%dT%H%M%SZ")));
-            if journal_pending {
-                anyhow::bail!(
-                    "the merge base {} is unreadable and an interrupted sync of this pair is \
-                     waiting to be completed from it; nothing was written. Try: restore the \
-                     base from a copy if you have one; otherwise move it aside (mv {} {}) and \
-                     remove {} : the next run merges the pair as a first sync, keeping every \
-                     row and recording differing ones as conflicts",
-                    base_path.display(),
-                    base_path.display(),
-                    aside.display(),
-                    ctx.state.path(&journal::name(name, peer_name)).display()
-                );
-            }
-            if !not_a_database {
-                conn.execute_batch("DETACH b")?;
-            }
-            std::fs::rename(&base_path, &aside).with_context(|| {
-                format!(
-                    "cannot move the unreadable merge base {} aside",
-                    base_path.display()
-                )
-            })?;
-            Connection::open(&base_path)?.close().map_err(|(_, e)| e)?;
-            ctx.perms.apply_file(&base_path)?;
-            conn.execute("ATTACH ?1 AS b", [path_str(&base_path)?])
-                .with_context(|| format!("cannot open the merge base {}", base_path.display()))?;
-            log::warn!(
-                "{name}/{peer_name}: the merge base was unreadable; it is kept as {} and the \
-                 pair is merged as a first sync (rows on either side are kept, differing rows \
-                 are recorded as conflicts)",
-                aside.display()
-            );
-        }
-    }
-    let stale_marker = journal::marker(&conn, "p")
-        .with_context(|| format!("cannot read the snapshot {}", snap.display()))?
-        .is_some();
-    let journal_name = journal::name(name, peer_name);
-    if !opts.dry_run {
-        let unreadable = || {
+        .with_context(|| {
             format!(
-                "the merge base {} is damaged; nothing was written. Try: move it aside (mv {0} \
-                 {0}.damaged): the next run merges the pair as a first sync, keeping every row \
-                 of either side and recording differing rows as conflicts",
-                base_path.display()
+                "cannot create the central copy {}",
+                self.central_path.display()
             )
-        };
-        // Conflict records a stopped run committed but had not appended yet.
-        journal::flush_outbox(ctx, &conn, false).with_context(unreadable)?;
-        if let Some(j) = ctx.state.load::<Journal>(&journal_name)? {
-            report.recovered =
-                complete_interrupted(ctx, &conn, db, rules, peer_name, &j, &central_path)?;
-            ctx.state.remove(&journal_name)?;
-        }
-    }
-
-    if !opts.dry_run {
-        add_migrated_columns(ctx, &conn, db, &peer_path, now, &mut report)?;
-    }
-    let plans = plan_tables(&conn, db, &mut report)?;
-    let fts = plan_virtual_tables(&conn, db, &mut report)?;
-    // A second read-only connection for the peer's side of a large table's diff (see
-    // `differing_rows`); closed before anything is written.
-    let reader = if std::fs::metadata(&snap).map_or(0, |m| m.len()) >= PARALLEL_DIFF_BYTES {
-        Some(std::sync::Mutex::new(open_reader(&conn)?))
-    } else {
-        None
-    };
-    let mut works = Vec::new();
-    for (schema, base_state) in plans {
-        let spec = spec_of(db, &schema);
-        let table = schema.name.clone();
-        // A table that cannot be read is skipped with its reason; the pair's other tables
-        // still sync.
-        let work = match merge_one(&conn, reader.as_ref(), schema, spec, base_state, rules) {
-            Ok(work) => work,
-            Err(e) => {
-                let reason = format!(
-                    "cannot be compared: {e:#}. Try: check the table with sqlite3 (PRAGMA \
-                     integrity_check), or exclude_tables; the pair's other tables sync"
-                );
-                log::warn!("{name}/{peer_name} table {table} skipped: {reason}");
-                report.skipped_tables.push(SkippedTable { table, reason });
-                continue;
-            }
-        };
-        works.push(work);
-    }
-    drop(reader);
-    if rules.direction == Direction::Both && db.rekey && !collisions(&conn, &works)?.is_empty() {
-        // The peer's backup comes from the snapshot, which the moves edit.
-        if !opts.dry_run {
-            maybe_backup(ctx, name, peer_name, &conn, "p", now, &mut report)?;
-        }
-        works = rekey_rows(&conn, db, works, rules)
-            .with_context(|| format!("{name}/{peer_name}: cannot move colliding rows"))?;
-    }
-    if rules.direction == Direction::Both {
-        for work in &mut works {
-            resolve_unique(&conn, work, rules).with_context(|| {
-                format!("cannot check the UNIQUE constraints of {}", work.spec.name)
-            })?;
-        }
-        keep_referenced_parents(&conn, &mut works)
-            .with_context(|| format!("{name}/{peer_name}: cannot check foreign keys"))?;
-    }
-    phases.mark("diff and merge");
-
-    for w in &works {
-        report.tables.push(TableReport {
-            table: w.spec.name.clone(),
-            central: counts(&w.to_central),
-            peer: counts(&[&w.peer_edits[..], &w.to_peer[..]].concat()),
-            conflicts: w.conflicts.len(),
-            counter_merges: w.counter_merges,
-            deferred: 0,
-        });
-    }
-    if !opts.force {
-        guard(
-            &conn,
-            &works,
-            ctx.config.database.max_delete.0,
-            name,
-            peer_name,
-        )?;
-    }
-    if opts.dry_run {
-        return Ok(report);
-    }
-
-    let txid = format!(
-        "{}-{}-{name}-{peer_name}",
-        now.format("%Y%m%dT%H%M%S%.6fZ"),
-        std::process::id()
-    );
-    let records: Vec<ConflictRecord> = works
-        .iter()
-        .flat_map(|w| &w.conflicts)
-        .enumerate()
-        .map(|(i, c)| ConflictRecord::new(format!("{txid}-{i}"), now, name, peer_name, c))
-        .collect();
-
-    // 4. Backups: the peer's from its snapshot, the central copy's through this
-    // connection. Then the exclusive lock on the central copy and the base, held to the
-    // commit, and the central copy's changes inside that transaction. (Only this job
-    // writes them, under its job lock, so the diff above still holds; the writes are
-    // optimistic all the same.)
-    progress.stage(format!("{name}/{peer_name}: backups and writes"));
-    if works.iter().any(|w| !w.to_peer.is_empty()) {
-        maybe_backup(ctx, name, peer_name, &conn, "p", now, &mut report)?;
-    }
-    if works.iter().any(|w| !w.to_central.is_empty()) {
-        maybe_backup(ctx, name, "central", &conn, "main", now, &mut report)?;
-    }
-    phases.mark("backups");
-    let tx = lock_central(&conn, &central_path)?;
-    let mut refused = Vec::new();
-    let central_write = || format!("cannot write the central copy {}", central_path.display());
-    let base_write = || format!("cannot write the merge base {}", base_path.display());
-    for w in &works {
-        refused.push(
-            apply(&tx, "main", &w.spec, &w.to_central)
-                .with_context(central_write)?
-                .skipped,
+        })?;
+        log::info!(
+            "{}: central copy created from peer {}",
+            self.name,
+            self.peer_name
         );
+        Ok(())
     }
-    phases.mark("central apply");
-    // A row the central copy refused is not written to the peer either.
-    let to_peer: Vec<Vec<Change>> = works
-        .iter()
-        .zip(&refused)
-        .map(|(w, refused)| {
-            w.to_peer
-                .iter()
-                .filter(|c| !refused.contains(merge::target_of(c)))
-                .cloned()
-                .collect()
-        })
-        .collect();
-    // AUTOINCREMENT counters: every side's `sqlite_sequence` is raised to the highest one,
-    // so no side hands out again an id another side has used (even for a row that lost).
-    let sequences = sequence_targets(&conn, &works)?;
-    let peer_seq_behind = sequences.iter().any(|s| s.2);
-    let write_peer = to_peer.iter().any(|c| !c.is_empty())
-        || works.iter().any(|w| !w.peer_edits.is_empty())
-        || peer_seq_behind;
 
-    // The journal, then the peer's commit with its marker.
-    let mut left_alone = vec![BTreeSet::new(); works.len()];
-    if write_peer {
-        let j = journal_of(&txid, &works, &to_peer, &records);
-        ctx.state
-            .write_bytes(&journal_name, &serde_json::to_vec(&j)?)
-            .with_context(|| format!("{name}/{peer_name}: nothing was written"))?;
-        phases.mark("journal");
-        fault::point("after-journal")?;
-        // The peer's commit runs beside the settling of the base, which goes on in the
-        // central copy's open transaction (nothing of it is durable before the central
-        // commit below); a row the peer then leaves alone is put back afterwards.
-        let before = base_before(&conn, &works, &to_peer)?;
-        let side = PeerWrite {
-            to_peer: &to_peer,
-            txid: &txid,
-            fts: &fts,
-            sequences: &sequences,
-        };
-        let (peer, settled) = std::thread::scope(|s| {
-            let peer = s.spawn(|| write_peer_side(&peer_path, busy, &works, &side));
-            let settled = settle_bases(&tx, &works, rules.direction, &refused);
-            (peer.join(), settled)
-        });
-        left_alone = peer
-            .map_err(|_| anyhow::anyhow!("the peer's writer stopped unexpectedly"))?
-            .with_context(|| {
-                format!(
-                    "{name}/{peer_name}: cannot write peer {}; nothing was written",
-                    peer_path.display()
-                )
-            })?;
-        settled.with_context(base_write)?;
-        fault::point("after-peer-commit")?;
-        phases.mark("peer writes and base");
-        // Rows the peer left alone get the central copy's old row and keep their old base.
-        for (i, w) in works.iter().enumerate() {
-            if left_alone[i].is_empty() {
-                continue;
-            }
-            undo(&tx, w, &left_alone[i]).with_context(central_write)?;
-            let deferred: BTreeSet<Key> = refused[i].union(&left_alone[i]).cloned().collect();
-            unsettle(
-                &tx,
-                w,
-                rules.direction,
-                &deferred,
-                &left_alone[i],
-                &before[i],
-            )
-            .with_context(base_write)?;
+    /// Step 4's figures, before anything is written.
+    fn report_plan(&mut self, plan: &Plan) {
+        for w in &plan.works {
+            self.report.tables.push(TableReport {
+                table: w.spec.name.clone(),
+                central: counts(&w.to_central),
+                peer: counts(&[&w.peer_edits[..], &w.to_peer[..]].concat()),
+                conflicts: w.conflicts.len(),
+                counter_merges: w.counter_merges,
+                deferred: 0,
+            });
         }
-    } else {
-        settle_bases(&tx, &works, rules.direction, &refused).with_context(base_write)?;
-        phases.mark("base");
     }
-    // Erased before the conflict warnings below.
-    drop(progress);
-    for (i, t) in report.tables.iter_mut().enumerate() {
-        t.deferred = refused[i].union(&left_alone[i]).count();
-    }
-    rebuild_indexes(&tx, "main", &fts, |t| {
-        works
-            .iter()
-            .any(|w| w.spec.name == t && !w.to_central.is_empty())
-    })
-    .with_context(central_write)?;
-    raise_sequences(&tx, &sequences).with_context(central_write)?;
-    commit_central(
-        ctx,
-        &conn,
-        tx,
-        &records,
-        write_peer.then_some(txid.as_str()),
-        ["before-central-commit", "after-central-commit"],
-        &central_path,
-    )
-    .with_context(base_write)?;
-    phases.mark("central commit");
-    for r in &records {
-        let line = match &r.new_key {
-            Some(new_key) => format!(
-                "conflict in {name}/{peer_name} table {} key {}: both sides inserted a row \
-                 there; both are kept, the peer's under key {new_key} (rekey, id {}). Try: \
-                 update anything outside the database that holds the old id, then cr0sync db \
-                 resolve {} --ack",
-                r.table, r.key, r.id, r.id
-            ),
-            None => format!(
-                "conflict in {name}/{peer_name} table {} key {}: {} wins ({}, id {}). Try: \
-                 cr0sync db conflicts; cr0sync db resolve {} --keep central|peer|base or --ack",
-                r.table, r.key, r.winner, r.kind, r.id, r.id
-            ),
-        };
-        log::warn!("{line}");
-        report.new_conflicts.push(line);
-    }
-    if write_peer {
-        ctx.state.remove(&journal_name)?;
-    }
-    if write_peer || stale_marker {
-        journal::drop_marker(&peer_path, busy);
-    }
-    log::info!("{name}/{peer_name}: {}", phases.text());
 
-    let fingerprint = Fingerprint {
-        config: digest,
-        central: FileStat::of(&central_path),
-        central_wal: FileStat::of(&wal(&central_path)),
-        peer: peer_stat.0,
-        peer_wal: peer_stat.1,
+    /// Step 6: the fingerprint of the files as this sync saw them.
+    fn record(&self, look: Look) -> Result<()> {
         // Rows left for the next run (changed meanwhile, or refused) must be retried even
         // if no file changes: never fast-path such a pair.
-        racy: racy(&[peer_stat.0, peer_stat.1], seen_at)
-            || report.tables.iter().any(|t| t.deferred > 0),
-    };
-    ctx.state.save(
-        &state_file,
-        &PairState {
-            last_sync: now,
-            fingerprint,
-            report: report.clone(),
-        },
-    )?;
-    Ok(report)
+        let deferred = self.report.tables.iter().any(|t| t.deferred > 0);
+        self.ctx.state.save(
+            &state_name(self.name, self.peer_name),
+            &PairState {
+                last_sync: self.now,
+                fingerprint: look.fingerprint(&self.central_path, deferred),
+                report: self.report.clone(),
+            },
+        )
+    }
 }
 
 /// Wall time per phase of a sync, for the log.
-struct Phases {
+pub(super) struct Phases {
     last: std::time::Instant,
     done: Vec<(&'static str, u128)>,
 }
@@ -635,7 +382,7 @@ impl Phases {
         }
     }
 
-    fn mark(&mut self, name: &'static str) {
+    pub(super) fn mark(&mut self, name: &'static str) {
         let now = std::time::Instant::now();
         self.done.push((name, (now - self.last).as_millis()));
         self.last = now;

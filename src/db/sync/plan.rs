@@ -17,9 +17,13 @@ use crate::db::migrate;
 use crate::db::snapshot::{self, Schema, quote};
 use crate::db::value::{Cell, Key, Row};
 
+use super::Pair;
 use super::commit::maybe_backup;
+use super::connection::{PARALLEL_DIFF_BYTES, open_reader};
+use super::constraints::{collisions, keep_referenced_parents, rekey_rows, resolve_unique};
 use super::diff::differing_rows;
 use super::{PairReport, SkippedTable};
+use crate::config::Direction;
 
 pub(super) enum BaseState {
     /// The base holds this table with the same schema.
@@ -210,7 +214,7 @@ pub(super) fn describe(s: &Schema) -> String {
     format!("({})", cols.join(", "))
 }
 
-pub(super) fn merge_keyed(
+pub(super) fn plan_keyed(
     conn: &Connection,
     reader: Option<&std::sync::Mutex<Connection>>,
     schema: Schema,
@@ -299,7 +303,7 @@ pub(super) fn merge_keyed(
     Ok(w)
 }
 
-pub(super) fn merge_one(
+pub(super) fn plan_table(
     conn: &Connection,
     reader: Option<&std::sync::Mutex<Connection>>,
     schema: Schema,
@@ -308,13 +312,13 @@ pub(super) fn merge_one(
     rules: Rules,
 ) -> Result<Work> {
     if spec.keyed() {
-        merge_keyed(conn, reader, schema, spec, base, rules)
+        plan_keyed(conn, reader, schema, spec, base, rules)
     } else {
-        merge_multiset(conn, schema, spec, base, rules)
+        plan_multiset(conn, schema, spec, base, rules)
     }
 }
 
-pub(super) fn merge_multiset(
+pub(super) fn plan_multiset(
     conn: &Connection,
     schema: Schema,
     spec: TableSpec,
@@ -490,4 +494,251 @@ pub(super) fn add_migrated_columns(
         }
     }
     Ok(())
+}
+
+/// What a sync is to write: per table, its merge; and the FTS indexes to rebuild.
+pub(super) struct Plan {
+    pub(super) works: Vec<Work>,
+    pub(super) fts: Vec<(String, String)>,
+}
+
+impl Pair<'_> {
+    /// Step 4: columns a migration added are added on the other side; each table's
+    /// differing rows are merged against the base; the plan is then fitted to the
+    /// schema's rules (ids both sides handed out, UNIQUE, foreign keys).
+    pub(super) fn plan(&mut self, conn: &Connection, snap: &Path) -> Result<Plan> {
+        let (ctx, db, rules) = (self.ctx, self.db, self.rules);
+        let (name, peer_name) = (self.name, self.peer_name);
+        if !self.opts.dry_run {
+            add_migrated_columns(ctx, conn, db, &self.peer_path, self.now, &mut self.report)?;
+        }
+        let plans = plan_tables(conn, db, &mut self.report)?;
+        let fts = plan_virtual_tables(conn, db, &mut self.report)?;
+        // A second read-only connection for the peer's side of a large table's diff (see
+        // `differing_rows`); closed before anything is written.
+        let reader = if std::fs::metadata(snap).map_or(0, |m| m.len()) >= PARALLEL_DIFF_BYTES {
+            Some(std::sync::Mutex::new(open_reader(conn)?))
+        } else {
+            None
+        };
+        let mut works = Vec::new();
+        for (schema, base_state) in plans {
+            let spec = spec_of(db, &schema);
+            let table = schema.name.clone();
+            // A table that cannot be read is skipped with its reason; the pair's other tables
+            // still sync.
+            let work = match plan_table(conn, reader.as_ref(), schema, spec, base_state, rules) {
+                Ok(work) => work,
+                Err(e) => {
+                    let reason = format!(
+                        "cannot be compared: {e:#}. Try: check the table with sqlite3 (PRAGMA \
+                         integrity_check), or exclude_tables; the pair's other tables sync"
+                    );
+                    log::warn!("{name}/{peer_name} table {table} skipped: {reason}");
+                    self.report
+                        .skipped_tables
+                        .push(SkippedTable { table, reason });
+                    continue;
+                }
+            };
+            works.push(work);
+        }
+        drop(reader);
+        if rules.direction == Direction::Both && db.rekey && !collisions(conn, &works)?.is_empty() {
+            // The peer's backup comes from the snapshot, which the moves edit.
+            if !self.opts.dry_run {
+                maybe_backup(ctx, name, peer_name, conn, "p", self.now, &mut self.report)?;
+            }
+            works = rekey_rows(conn, db, works, rules)
+                .with_context(|| format!("{name}/{peer_name}: cannot move colliding rows"))?;
+        }
+        if rules.direction == Direction::Both {
+            for work in &mut works {
+                resolve_unique(conn, work, rules).with_context(|| {
+                    format!("cannot check the UNIQUE constraints of {}", work.spec.name)
+                })?;
+            }
+            keep_referenced_parents(conn, &mut works)
+                .with_context(|| format!("{name}/{peer_name}: cannot check foreign keys"))?;
+        }
+        Ok(Plan { works, fts })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+    use crate::db::merge::{ConflictKind, Winner};
+    use rusqlite::types::Value;
+
+    /// The central copy as `main`, the peer as `p`, the base as `b`, each set up by `sql`
+    /// with `{s}` standing for the schema; then the plan of every table.
+    fn plan_of(db_toml: &str, sides: [(&str, &str); 3]) -> (Vec<Work>, PairReport) {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("ATTACH ':memory:' AS p; ATTACH ':memory:' AS b")
+            .unwrap();
+        for (schema, sql) in sides {
+            conn.execute_batch(&sql.replace("{s}", schema)).unwrap();
+        }
+        let db: DbConfig = toml::from_str(&format!("name = \"t\"\npeers = []\n{db_toml}")).unwrap();
+        let rules = Rules {
+            policy: Policy::CentralWins,
+            direction: Direction::Both,
+        };
+        let mut report = PairReport::default();
+        let works = plan_tables(&conn, &db, &mut report)
+            .unwrap()
+            .into_iter()
+            .map(|(schema, base)| {
+                let spec = spec_of(&db, &schema);
+                plan_table(&conn, None, schema, spec, base, rules).unwrap()
+            })
+            .collect();
+        (works, report)
+    }
+
+    const USERS: &str =
+        "CREATE TABLE {s}.users(id INTEGER PRIMARY KEY, name TEXT, coins INTEGER NOT NULL);";
+
+    fn int(i: i64) -> Cell {
+        Cell::from(Value::Integer(i))
+    }
+
+    fn text(s: &str) -> Cell {
+        Cell::from(Value::Text(s.into()))
+    }
+
+    /// `(key, new row)` of each upsert, `(key, None)` of each delete.
+    fn effects(changes: &[Change]) -> Vec<(Key, Option<Row>)> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Upsert { key, new, .. } => (key.clone(), Some(new.clone())),
+                Change::Delete { key, .. } => (key.clone(), None),
+                Change::SetCount { row, new, .. } => (row.clone(), Some(vec![int(*new as i64)])),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_sided_changes_go_to_the_other_side_only() {
+        let base =
+            format!("{USERS} INSERT INTO {{s}}.users VALUES (1, 'andy', 10), (2, 'bob', 20);");
+        let central = format!("{base} UPDATE main.users SET name = 'andrew' WHERE id = 1;");
+        let peer = format!(
+            "{base} DELETE FROM p.users WHERE id = 2; INSERT INTO p.users VALUES (3, 'cy', 0);"
+        );
+        let (works, report) = plan_of("", [("main", &central), ("p", &peer), ("b", &base)]);
+        assert!(report.skipped_tables.is_empty());
+        let w = &works[0];
+        assert!(w.conflicts.is_empty());
+        assert_eq!(
+            effects(&w.to_central),
+            [
+                (vec![int(2)], None),
+                (vec![int(3)], Some(vec![int(3), text("cy"), int(0)]))
+            ]
+        );
+        assert_eq!(
+            effects(&w.to_peer),
+            [(vec![int(1)], Some(vec![int(1), text("andrew"), int(10)]))]
+        );
+    }
+
+    #[test]
+    fn equal_counter_deltas_on_both_sides_are_both_counted() {
+        let base = format!("{USERS} INSERT INTO {{s}}.users VALUES (1, 'andy', 1280);");
+        let add =
+            |s: &str, n: i64| format!("{USERS} INSERT INTO {s}.users VALUES (1, 'andy', {n});");
+        let (works, _) = plan_of(
+            "counters = { users = [\"coins\"] }",
+            [
+                ("main", &add("main", 1300)),
+                ("p", &add("p", 1300)),
+                ("b", &base),
+            ],
+        );
+        let w = &works[0];
+        let want = vec![(vec![int(1)], Some(vec![int(1), text("andy"), int(1320)]))];
+        assert_eq!(effects(&w.to_central), want);
+        assert_eq!(effects(&w.to_peer), want);
+        assert_eq!(w.counter_merges, 1);
+        assert!(w.conflicts.is_empty());
+    }
+
+    #[test]
+    fn a_cell_changed_two_ways_is_a_conflict_the_policy_decides() {
+        let base = format!("{USERS} INSERT INTO {{s}}.users VALUES (1, 'andy', 10);");
+        let side = |s: &str, name: &str| {
+            format!("{USERS} INSERT INTO {s}.users VALUES (1, '{name}', 10);")
+        };
+        let (works, _) = plan_of(
+            "",
+            [
+                ("main", &side("main", "andrew")),
+                ("p", &side("p", "drew")),
+                ("b", &base),
+            ],
+        );
+        let w = &works[0];
+        assert_eq!(w.conflicts.len(), 1);
+        let c = &w.conflicts[0];
+        assert_eq!(
+            (c.kind, c.winner),
+            (ConflictKind::UpdateUpdate, Winner::Central)
+        );
+        assert_eq!(
+            c.peer.as_ref().unwrap()[1],
+            text("drew"),
+            "the loser is kept"
+        );
+        assert!(w.to_central.is_empty());
+        assert_eq!(
+            effects(&w.to_peer),
+            [(vec![int(1)], Some(vec![int(1), text("andrew"), int(10)]))]
+        );
+    }
+
+    #[test]
+    fn rows_without_a_key_are_counted_as_a_multiset() {
+        let log = "CREATE TABLE {s}.log(line TEXT);";
+        let base = format!("{log} INSERT INTO {{s}}.log VALUES ('a');");
+        let both = |s: &str| format!("{log} INSERT INTO {s}.log VALUES ('a'), ('a');");
+        let (works, _) = plan_of(
+            "",
+            [("main", &both("main")), ("p", &both("p")), ("b", &base)],
+        );
+        let w = &works[0];
+        // One 'a' in the base, one added on each side: three everywhere.
+        assert_eq!(
+            effects(&w.to_central),
+            [(vec![text("a")], Some(vec![int(3)]))]
+        );
+        assert_eq!(effects(&w.to_peer), [(vec![text("a")], Some(vec![int(3)]))]);
+    }
+
+    #[test]
+    fn a_table_on_one_side_only_is_skipped_with_a_reason() {
+        let (works, report) = plan_of(
+            "",
+            [
+                ("main", USERS),
+                ("p", "CREATE TABLE p.other(x);"),
+                ("b", ""),
+            ],
+        );
+        assert!(works.is_empty());
+        let skipped: Vec<&str> = report
+            .skipped_tables
+            .iter()
+            .map(|s| s.table.as_str())
+            .collect();
+        assert_eq!(skipped, ["other", "users"]);
+        assert!(
+            report.skipped_tables[1]
+                .reason
+                .contains("central copy only")
+        );
+    }
 }
