@@ -1,6 +1,8 @@
 //! Small helpers every part of cr0sync shares, so each exists once.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Lower-case hexadecimal of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -29,6 +31,61 @@ pub fn mtime_ns(m: &std::fs::Metadata) -> i128 {
     i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec())
 }
 
+/// `path` with `suffix` appended to its last component (`x.db` + `-wal`, `a.log` + `.1`).
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Whether `name` matches a glob of `*` (any run of bytes) and `?` (one byte).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// How many threads a parallel step uses: every core, at most 8.
+pub fn workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8)
+}
+
+/// `f` of every item, on up to [`workers`] threads, in the items' order. An item whose
+/// worker panicked has `None` (the panic hook of the binary ends the process first).
+pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<Option<R>> {
+    let next = AtomicUsize::new(0);
+    let parts: Vec<Vec<(usize, R)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers().min(items.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        mine.push((i, f(item)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let mut out: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    for (i, r) in parts.into_iter().flatten() {
+        out[i] = Some(r);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +97,30 @@ mod tests {
         assert_eq!(unhex("000fA5ff"), Some(vec![0x00, 0x0f, 0xa5, 0xff]));
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.log", "#cr0.log"));
+        assert!(!glob_match("*.log", "#cr0.log.1"));
+        assert!(glob_match("a?c*", "abcdef"));
+        assert!(!glob_match("a?c", "ac"));
+    }
+
+    #[test]
+    fn parallel_map_keeps_the_order_of_its_items() {
+        let items: Vec<u64> = (0..1000).collect();
+        let out = parallel_map(&items, |i| i * 2);
+        assert_eq!(out.len(), 1000);
+        assert!(
+            out.iter()
+                .enumerate()
+                .all(|(i, r)| *r == Some(i as u64 * 2))
+        );
+        assert!(parallel_map(&[] as &[u8], |_| 0).is_empty());
+        assert_eq!(
+            with_suffix(Path::new("/a/x.db"), "-wal"),
+            Path::new("/a/x.db-wal")
+        );
     }
 }

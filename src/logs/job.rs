@@ -19,10 +19,11 @@ use crate::config::StreamConfig;
 use crate::context::Context;
 use crate::fsutil;
 use crate::logs::rotate::{self, is_rotation};
-use crate::logs::stream::{self, FORGET_AFTER_DAYS, StreamState, glob_match, sync_file};
+use crate::logs::stream::{self, FORGET_AFTER_DAYS, StreamState, sync_file};
 use crate::ops::section::Section;
 use crate::ops::task::{JobRun, Task, TaskDone};
 use crate::output::{Table, Tone, paint};
+use crate::util::glob_match;
 
 fn stream_name(s: &StreamConfig) -> &str {
     s.name.get_ref()

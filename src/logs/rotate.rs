@@ -21,12 +21,7 @@ use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 
 use crate::fsutil::{self, Perms};
-
-fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
+use crate::util::with_suffix;
 
 pub fn rotated(path: &Path, n: u32) -> PathBuf {
     with_suffix(path, &format!(".{n}.gz"))
@@ -51,9 +46,7 @@ fn gzip_block(data: &[u8]) -> std::io::Result<Vec<u8>> {
 /// `BLOCK` bytes, compressed on every core at once (a multi-member file is one valid
 /// `.gz`; `gzip -d` and `MultiGzDecoder` read it whole). Memory: two blocks per core.
 fn add_member(raw: &Path, from: u64, out: &mut File) -> Result<u64> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
+    let workers = crate::util::workers();
     let mut src = File::open(raw)?;
     src.seek(SeekFrom::Start(from))?;
     let mut src = BufReader::with_capacity(1 << 20, src);
@@ -72,20 +65,9 @@ fn add_member(raw: &Path, from: u64, out: &mut File) -> Result<u64> {
         if blocks.is_empty() {
             break;
         }
-        let compressed: Vec<std::io::Result<Vec<u8>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = blocks
-                .iter()
-                .map(|b| scope.spawn(move || gzip_block(b)))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(std::io::Error::other("compressor panicked")))
-                })
-                .collect()
-        });
+        let compressed = crate::util::parallel_map(&blocks, |b| gzip_block(b));
         for (block, gz) in blocks.iter().zip(compressed) {
+            let gz = gz.unwrap_or_else(|| Err(std::io::Error::other("compressor panicked")));
             out.write_all(&gz?)?;
             total += block.len() as u64;
         }

@@ -645,31 +645,9 @@ fn finish_old(
     }
 }
 
-/// Whether `name` matches a glob of `*` and `?`.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match (p.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*.log", "#cr0.log"));
-        assert!(!glob_match("*.log", "#cr0.log.1"));
-        assert!(glob_match("a?c*", "abcdef"));
-        assert!(!glob_match("a?c", "ac"));
-    }
 
     #[test]
     fn complete_end_finds_the_last_newline_across_blocks() {

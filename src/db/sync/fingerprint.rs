@@ -45,9 +45,7 @@ pub struct Fingerprint {
 }
 
 pub(super) fn wal(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push("-wal");
-    PathBuf::from(s)
+    crate::util::with_suffix(path, "-wal")
 }
 
 pub(super) fn config_digest(db: &DbConfig, peer: &PeerConfig, rules: Rules) -> String {

@@ -7,15 +7,13 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sha2::{Digest, Sha256};
 
 use crate::context::Context;
 use crate::error::io_text;
-use crate::logs::stream::glob_match;
 use crate::output::Progress;
+use crate::util::glob_match;
 use crate::util::hex;
 
 use super::findings::join_current;
@@ -208,25 +206,12 @@ pub(super) fn walk(ctx: &Context) -> Walked {
             _ => walk_one(&root, &root, patterns, &mut out),
         }
     }
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
-    let next = AtomicUsize::new(0);
-    let parts: Vec<Walked> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut mine = Walked::default();
-                    while let Some((root, start)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        walk_one(root, start, patterns, &mut mine);
-                    }
-                    mine
-                })
-            })
-            .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    let parts = crate::util::parallel_map(&jobs, |(root, start)| {
+        let mut mine = Walked::default();
+        walk_one(root, start, patterns, &mut mine);
+        mine
     });
-    for part in parts {
+    for part in parts.into_iter().flatten() {
         out.files.extend(part.files);
         out.unreadable.extend(part.unreadable);
     }
@@ -253,31 +238,12 @@ pub(super) fn sha256_file(path: &Path, progress: &Progress) -> std::io::Result<S
 
 /// Hashes `paths` on every core. Returns each path's hash or error text, in order.
 pub(super) fn hash_all(paths: &[&str], progress: &Progress) -> Vec<Result<String, String>> {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
-    let next = AtomicUsize::new(0);
-    let done = Mutex::new(Vec::with_capacity(paths.len()));
-    std::thread::scope(|scope| {
-        for _ in 0..workers.min(paths.len()) {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(p) = paths.get(i) else { break };
-                    let r = sha256_file(Path::new(p), progress).map_err(|e| io_text(&e));
-                    if let Ok(mut d) = done.lock() {
-                        d.push((i, r));
-                    }
-                }
-            });
-        }
-    });
-    let mut done = done.into_inner().unwrap_or_default();
-    done.sort_by_key(|(i, _)| *i);
-    let mut results: Vec<Result<String, String>> = done.into_iter().map(|(_, r)| r).collect();
-    // A worker that panicked left its paths without a result.
-    results.resize(paths.len(), Err("not hashed".into()));
-    results
+    crate::util::parallel_map(paths, |p| {
+        sha256_file(Path::new(p), progress).map_err(|e| io_text(&e))
+    })
+    .into_iter()
+    .map(|r| r.unwrap_or_else(|| Err("not hashed".into())))
+    .collect()
 }
 
 pub(super) fn now_ns() -> i64 {
