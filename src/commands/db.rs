@@ -266,7 +266,7 @@ fn list_conflicts(global: &GlobalArgs, json: bool, all: bool) -> Result<Outcome>
         "STATE",
     ]);
     for c in &records {
-        let losing = if c.winner == "central" {
+        let losing = if c.winner == crate::db::merge::Winner::Central {
             &c.rows.peer
         } else {
             &c.rows.central
@@ -278,8 +278,8 @@ fn list_conflicts(global: &GlobalArgs, json: bool, all: bool) -> Result<Outcome>
             c.peer.clone(),
             c.table.clone(),
             c.key.to_string(),
-            c.kind.clone(),
-            c.winner.clone(),
+            c.kind.to_string(),
+            c.winner.to_string(),
             losing
                 .as_ref()
                 .map_or("(deleted)".into(), |r| r.to_string()),

@@ -18,7 +18,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::context::Context;
-use crate::db::merge::{Conflict, Winner};
+use crate::db::merge::{Conflict, ConflictKind, Winner};
 use crate::db::value::Row;
 
 pub const FILE: &str = crate::ops::state::names::DB_CONFLICTS;
@@ -41,9 +41,9 @@ pub struct ConflictRecord {
     pub table: String,
     /// Primary-key values; for a table without a key, `null`.
     pub key: serde_json::Value,
-    pub kind: String,
+    pub kind: ConflictKind,
     pub rows: Images<serde_json::Value>,
-    pub winner: String,
+    pub winner: Winner,
     /// The row both sides hold after the merge (`null`: deleted).
     pub result: serde_json::Value,
     /// `rekey`: the key the peer's row moved to (its old key is `key`).
@@ -64,19 +64,13 @@ impl ConflictRecord {
             peer: peer.into(),
             table: c.table.clone(),
             key: serde_json::to_value(&c.key).unwrap_or_default(),
-            kind: serde_json::to_value(c.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
+            kind: c.kind,
             rows: Images {
                 base: json(&c.base),
                 central: json(&c.central),
                 peer: json(&c.peer),
             },
-            winner: match c.winner {
-                Winner::Central => "central".into(),
-                Winner::Peer => "peer".into(),
-            },
+            winner: c.winner,
             result: json(&c.result).unwrap_or(serde_json::Value::Null),
             new_key: c
                 .moved_to

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Direction, Policy};
 use crate::db::value::{Key, Row, counter_merge};
@@ -72,11 +72,20 @@ pub enum Change {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Winner {
     Central,
     Peer,
+}
+
+impl std::fmt::Display for Winner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Winner::Central => "central",
+            Winner::Peer => "peer",
+        })
+    }
 }
 
 /// A conflict and how it was resolved; every one is recorded.
@@ -94,7 +103,7 @@ pub struct Conflict {
     pub moved_to: Option<Key>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ConflictKind {
     /// The same cell changed to different values on both sides.
@@ -112,6 +121,19 @@ pub enum ConflictKind {
     /// Both sides inserted different rows under one INTEGER PRIMARY KEY: both are kept,
     /// the peer's under a fresh key (`moved_to`).
     Rekey,
+}
+
+impl std::fmt::Display for ConflictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConflictKind::UpdateUpdate => "update-update",
+            ConflictKind::InsertInsert => "insert-insert",
+            ConflictKind::UpdateDelete => "update-delete",
+            ConflictKind::Unique => "unique",
+            ConflictKind::ForeignKey => "foreign-key",
+            ConflictKind::Rekey => "rekey",
+        })
+    }
 }
 
 /// The outcome of merging one table.
