@@ -67,6 +67,8 @@ impl Default for General {
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
+// The names are the configuration values (`central-wins`, ...).
+#[allow(clippy::enum_variant_names)]
 pub enum Policy {
     #[default]
     CentralWins,

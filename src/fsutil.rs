@@ -17,7 +17,6 @@
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -180,10 +179,6 @@ impl Scratch {
         Scratch { path, armed: true }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The file was renamed into place: nothing to remove.
     pub fn disarm(mut self) {
         self.armed = false;
@@ -336,15 +331,6 @@ pub fn ensure_dir(path: &Path, perms: &Perms) -> io::Result<bool> {
     perms.apply_dir(path)?;
     fsync_dir(parent_of(path))?;
     Ok(true)
-}
-
-/// True if `path` is an existing directory this process can create files in.
-pub fn is_writable_dir(path: &Path) -> bool {
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: c is a valid NUL-terminated string.
-    unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
 }
 
 /// Whether a failure was a full disk: ENOSPC anywhere in the chain, or SQLite's "database

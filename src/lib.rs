@@ -6,18 +6,18 @@
 //! foundation every job stands on.
 
 pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod context;
-pub mod db;
-pub mod demo;
+pub(crate) mod commands;
+pub(crate) mod config;
+pub(crate) mod context;
+pub(crate) mod db;
+pub(crate) mod demo;
 pub mod error;
-pub mod fsutil;
-pub mod init;
-pub mod jobs;
-pub mod layout;
-pub mod logs;
-pub mod ops;
-pub mod output;
-pub mod security;
-pub mod util;
+pub(crate) mod fsutil;
+pub(crate) mod init;
+pub(crate) mod jobs;
+pub(crate) mod layout;
+pub(crate) mod logs;
+pub(crate) mod ops;
+pub(crate) mod output;
+pub(crate) mod security;
+pub(crate) mod util;

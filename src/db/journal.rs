@@ -170,7 +170,11 @@ pub fn marker(conn: &Connection, db: &str) -> Result<Option<Marker>> {
     let Some((txid, left_alone)) = row else {
         return Ok(None);
     };
-    let left_alone = serde_json::from_str(&left_alone).unwrap_or_default();
+    // Written by this module in the same transaction as the peer's changes: text that
+    // does not parse is a damaged database, and guessing would count rows twice or never.
+    let left_alone = serde_json::from_str(&left_alone).with_context(|| {
+        format!("the commit marker {db}.{MARKER} of transaction {txid} is damaged")
+    })?;
     Ok(Some(Marker { txid, left_alone }))
 }
 
@@ -262,8 +266,9 @@ pub fn flush_outbox(ctx: &Context, conn: &Connection, fresh: bool) -> Result<usi
     }
     let mut records: Vec<ConflictRecord> = texts
         .iter()
-        .filter_map(|t| serde_json::from_str(t).ok())
-        .collect();
+        .map(|t| serde_json::from_str(t))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("a conflict record in b.{OUTBOX} is damaged"))?;
     if !fresh {
         let known = conflicts::ids(ctx)?;
         records.retain(|r| !known.contains(&r.id));

@@ -85,8 +85,6 @@ fn write_metrics(
 #[derive(Debug, Clone)]
 pub struct RunReport {
     pub outcome: Outcome,
-    /// The lock was held and this cron run did nothing.
-    pub skipped: bool,
     pub tasks: Vec<TaskRecord>,
     pub duration_ms: u64,
 }
@@ -187,7 +185,6 @@ pub fn run_job(
                 }
                 return Ok(RunReport {
                     outcome: Outcome::Success,
-                    skipped: true,
                     tasks: Vec::new(),
                     duration_ms: 0,
                 });
@@ -250,7 +247,6 @@ pub fn run_job(
     match errors.len() {
         0 => Ok(RunReport {
             outcome,
-            skipped: false,
             tasks,
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         }),

@@ -165,8 +165,9 @@ pub fn is_rotation(name: &str) -> bool {
         .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Reads a rotation back (all members), for tests and checks.
-pub fn read_rotation(gz: &Path) -> Result<Vec<u8>> {
+/// Reads a rotation back (all members).
+#[cfg(test)]
+fn read_rotation(gz: &Path) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     MultiGzDecoder::new(BufReader::new(File::open(gz)?)).read_to_end(&mut out)?;
     Ok(out)

@@ -42,7 +42,6 @@ use crate::output::Progress;
 use crate::security::events::{self, Event};
 
 pub use findings::{Finding, FindingId, FindingKind, Report};
-pub use scan::excluded;
 
 use findings::compare;
 use format::{key, load_baseline, write_baseline};

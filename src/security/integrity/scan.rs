@@ -67,7 +67,8 @@ pub(super) fn meta_from(path: &Path, m: std::fs::Metadata) -> std::io::Result<Me
 
 /// Whether `rel` (a path relative to a watched root, `/`-separated) matches a pattern with
 /// `**` (any number of directories), `*` and `?`.
-pub fn excluded(pattern: &str, rel: &str) -> bool {
+#[cfg(test)]
+fn excluded(pattern: &str, rel: &str) -> bool {
     let p = segments(pattern);
     let n = segments(rel);
     matches_segments(&p, &n)
