@@ -1,9 +1,11 @@
 //! cr0sync: keeps the SQLite databases, IRC logs and file-integrity state of a fleet of IRC
 //! bots and their website consistent through one central store. See README.md.
 //!
-//! Architecture: `cli` and `commands` parse and dispatch; `context`, `config`, `layout`,
-//! `fsutil` and `ops` (jobs, locks, state, runs, schedule, logging, status) are the
-//! foundation every job stands on.
+//! Architecture (ARCHITECTURE.md has the picture): `cli` and `commands` parse and
+//! dispatch; `jobs` is the registry of jobs with the runner and `status`; `db`, `logs` and
+//! `security` are the jobs; `context`, `config`, `layout`, `fsutil`, `util`, `output`,
+//! `error` and `ops` (locks, state, task runs, schedule, logging, fault points) are the
+//! foundation, which knows no job.
 
 pub mod cli;
 pub(crate) mod commands;

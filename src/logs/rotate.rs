@@ -1,4 +1,4 @@
-//! Rotation of central logs and cleanup of old rotations (4.4).
+//! Rotation of central logs and cleanup of old rotations.
 //!
 //! Invariants:
 //! - `name.log` is renamed to `name.log.1` before anything is compressed, so a byte
