@@ -52,6 +52,23 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
+/// The `/`-separated components of a path or pattern, without empty ones.
+pub fn segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|s| !s.is_empty()).collect()
+}
+
+/// Whether path components `n` match pattern components `p`: `**` matches any number of
+/// components, other components are globs ([`glob_match`]).
+pub fn matches_segments(p: &[&str], n: &[&str]) -> bool {
+    match p.first() {
+        None => n.is_empty(),
+        Some(&"**") => {
+            matches_segments(&p[1..], n) || (!n.is_empty() && matches_segments(p, &n[1..]))
+        }
+        Some(seg) => !n.is_empty() && glob_match(seg, n[0]) && matches_segments(&p[1..], &n[1..]),
+    }
+}
+
 /// How many threads a parallel step uses: every core, at most 8.
 pub fn workers() -> usize {
     std::thread::available_parallelism()

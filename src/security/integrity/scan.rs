@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::context::Context;
 use crate::error::io_text;
 use crate::output::Progress;
-use crate::util::glob_match;
+use crate::util::{matches_segments, segments};
 use crate::util::hex;
 
 use super::findings::join_current;
@@ -74,19 +74,6 @@ fn excluded(pattern: &str, rel: &str) -> bool {
     matches_segments(&p, &n)
 }
 
-pub(super) fn segments(path: &str) -> Vec<&str> {
-    path.split('/').filter(|s| !s.is_empty()).collect()
-}
-
-pub(super) fn matches_segments(p: &[&str], n: &[&str]) -> bool {
-    match p.first() {
-        None => n.is_empty(),
-        Some(&"**") => {
-            matches_segments(&p[1..], n) || (!n.is_empty() && matches_segments(p, &n[1..]))
-        }
-        Some(seg) => !n.is_empty() && glob_match(seg, n[0]) && matches_segments(&p[1..], &n[1..]),
-    }
-}
 
 pub(super) fn path_string(path: PathBuf) -> String {
     path.into_os_string()
