@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use crate::context::Context;
 use crate::error::io_text;
 use crate::output::Progress;
-use crate::util::{matches_segments, segments};
 use crate::util::hex;
+use crate::util::{matches_segments, segments};
 
 use super::findings::join_current;
 use super::{Entry, Files, Kind, join};
@@ -73,7 +73,6 @@ fn excluded(pattern: &str, rel: &str) -> bool {
     let n = segments(rel);
     matches_segments(&p, &n)
 }
-
 
 pub(super) fn path_string(path: PathBuf) -> String {
     path.into_os_string()
