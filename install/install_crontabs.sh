@@ -1,5 +1,5 @@
 #!/bin/sh
-# Installs cr0sync's three every-minute entries into a user's crontab, between
+# Installs cr0sync's four every-minute entries into a user's crontab, between
 # "# BEGIN cr0sync" and "# END cr0sync". Idempotent: an earlier block is replaced, every
 # other line is kept. The block goes last, so its SHELL/PATH/MAILTO settings apply to its
 # own lines only. Works when the user has no crontab yet.
@@ -86,7 +86,7 @@ fi
     echo "SHELL=/bin/sh"
     echo "PATH=/usr/local/bin:/usr/bin:/bin"
     echo "MAILTO=${MAILTO:-root}"
-    for job in database logs security; do
+    for job in database logs security files; do
         echo "* * * * * $bin --root $root cron $job"
     done
     echo "# END cr0sync"

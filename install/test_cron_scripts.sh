@@ -32,7 +32,7 @@ if [ -z "$bin" ] || [ ! -x "$bin" ]; then
 fi
 
 failed=0
-for job in database logs security; do
+for job in database logs security files; do
     err=$("$bin" --root "$root" cron "$job" --dry-run 2>&1 >/dev/null)
     code=$?
     case $code in

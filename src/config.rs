@@ -30,6 +30,7 @@ pub struct Config {
     pub database: DatabaseSection,
     pub logs: LogsSection,
     pub security: SecuritySection,
+    pub files: FilesSection,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -189,6 +190,75 @@ pub struct StreamConfig {
 
 fn default_pattern() -> String {
     "*.log".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesSection {
+    /// Whole-file conflicts, unless a tree says otherwise.
+    pub policy: Policy,
+    /// Refuse a sync that deletes more than this share of a tree's files on a side
+    /// (trees of 10 files or more).
+    pub max_delete: Percent,
+    pub tree: Vec<TreeConfig>,
+}
+
+impl Default for FilesSection {
+    fn default() -> Self {
+        FilesSection {
+            policy: Policy::NewestWins,
+            max_delete: Percent(50),
+            tree: Vec::new(),
+        }
+    }
+}
+
+/// How a changed file is written on a side.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WriteMode {
+    /// A temporary file in the same directory, renamed over the target under the target's
+    /// `flock` if the target is still as listed.
+    #[default]
+    Atomic,
+    /// Rewritten in place under the file's own `flock`, for sites that rewrite their files
+    /// in place under `flock()` (PHP `file_put_contents(..., LOCK_EX)`).
+    Flock,
+}
+
+/// One `[[files.tree]]`: a central directory and the same directory on each peer.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TreeConfig {
+    pub name: Spanned<String>,
+    /// Relative to the root.
+    pub central: Spanned<PathBuf>,
+    /// Globs of the files that sync (`*.txt`; a pattern with `/` matches the path below the
+    /// tree, `**` any number of directories). Default: every file.
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    pub policy: Option<Policy>,
+    /// Numeric JSON keys merged additively, wherever they occur in an object.
+    #[serde(default)]
+    pub json_counters: Vec<String>,
+    #[serde(default)]
+    pub write: WriteMode,
+    /// Files up to this size keep their content in the base, so both-sided changes can be
+    /// merged; larger ones are whole-file conflicts.
+    #[serde(default = "default_merge_max")]
+    pub merge_max: Size,
+    pub max_delete: Option<Percent>,
+    pub peers: Vec<PeerConfig>,
+}
+
+fn default_include() -> Vec<String> {
+    vec!["**".into()]
+}
+
+fn default_merge_max() -> Size {
+    Size(1 << 20)
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -521,6 +591,7 @@ impl Config {
                 }
             }
         }
+        self.validate_trees(text, root)?;
         let mut stream_names = HashSet::new();
         for stream in &self.logs.stream {
             let name = stream.name.get_ref();
@@ -533,6 +604,85 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Tree names, peer names, and no directory inside another: a peer path inside the
+    /// central tree or another tree (or the reverse) would sync a tree into itself.
+    fn validate_trees(&self, text: &str, root: &Path) -> Result<(), String> {
+        let at = |span: std::ops::Range<usize>, msg: String| {
+            format!("line {}: {msg}", line_of(text, span.start))
+        };
+        let mut names = HashSet::new();
+        let mut dirs: Vec<(String, PathBuf, std::ops::Range<usize>)> = Vec::new();
+        for tree in &self.files.tree {
+            let name = tree.name.get_ref();
+            check_name(name).map_err(|m| at(tree.name.span(), format!("key `name`: {m}")))?;
+            if !names.insert(name.clone()) {
+                return Err(at(
+                    tree.name.span(),
+                    format!("key `name`: duplicate tree {name:?}"),
+                ));
+            }
+            if tree.peers.is_empty() {
+                return Err(at(
+                    tree.name.span(),
+                    format!("key `peers`: tree {name:?} has no peers"),
+                ));
+            }
+            dirs.push((
+                format!("the central directory of tree {name:?}"),
+                normalize(&root.join(tree.central.get_ref())),
+                tree.central.span(),
+            ));
+            let mut peer_names = HashSet::new();
+            for peer in &tree.peers {
+                let pname = peer.name.get_ref();
+                check_name(pname).map_err(|m| at(peer.name.span(), format!("key `name`: {m}")))?;
+                if pname == "central" {
+                    return Err(at(
+                        peer.name.span(),
+                        "key `name`: \"central\" is reserved for the central directory".into(),
+                    ));
+                }
+                if !peer_names.insert(pname.clone()) {
+                    return Err(at(
+                        peer.name.span(),
+                        format!("key `name`: duplicate peer {pname:?} in tree {name:?}"),
+                    ));
+                }
+                dirs.push((
+                    format!("peer {pname:?} of tree {name:?}"),
+                    normalize(&root.join(peer.path.get_ref())),
+                    peer.path.span(),
+                ));
+            }
+        }
+        for (i, (what, dir, span)) in dirs.iter().enumerate() {
+            for (other, odir, _) in &dirs[..i] {
+                if dir.starts_with(odir) || odir.starts_with(dir) {
+                    let key = if what.starts_with("peer") {
+                        "path"
+                    } else {
+                        "central"
+                    };
+                    return Err(at(
+                        span.clone(),
+                        format!(
+                            "key `{key}`: {what} ({}) overlaps {other} ({}); each directory \
+                             belongs to one tree and one side",
+                            dir.display(),
+                            odir.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective whole-file conflict policy of a tree.
+    pub fn tree_policy(&self, tree: &TreeConfig) -> Policy {
+        tree.policy.unwrap_or(self.files.policy)
     }
 
     /// The effective conflict policy of a database.

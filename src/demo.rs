@@ -72,6 +72,11 @@ impl Demo {
         self.bot.join("logs")
     }
 
+    /// A site's directory of per-user balance files.
+    pub fn balances(&self, side: &Path) -> PathBuf {
+        side.join("userdata/balances")
+    }
+
     /// The demo's configuration: the template's defaults plus the demo's sides.
     pub fn config_text(&self) -> String {
         format!(
@@ -85,13 +90,19 @@ impl Demo {
              {{ name = \"website\", path = \"{website_site}\" }},\n]\n\n\
              [[logs.stream]]\nname = \"rizon\"\nfrom = \"{bot_logs}\"\n\
              to = \"logs/irc_networks/rizon\"\n\n\
-             [security]\nintegrity_paths = [\"{website}\", \"shared_storage/api_keys.json\"]\n",
+             [security]\nintegrity_paths = [\"{website}\", \"shared_storage/api_keys.json\"]\n\n\
+             [[files.tree]]\nname = \"balances\"\ncentral = \"shared_storage/userdata/balances\"\n\
+             include = [\"*.txt\"]\njson_counters = [\"balance\"]\nwrite = \"flock\"\n\
+             peers = [\n  {{ name = \"bot\", path = \"{bot_balances}\" }},\n  \
+             {{ name = \"website\", path = \"{website_balances}\" }},\n]\n",
             bot_db = self.bot_db().display(),
             bot_logs = self.bot_logs().display(),
             website_db = self.website_db().display(),
             bot_site = self.site_db(&self.bot).display(),
             website_site = self.site_db(&self.website).display(),
             website = self.website.display(),
+            bot_balances = self.balances(&self.bot).display(),
+            website_balances = self.balances(&self.website).display(),
         )
     }
 
@@ -119,6 +130,13 @@ impl Demo {
         for side in [&self.bot, &self.website] {
             create_db(&self.site_db(side), WEBSITE_SQL)?;
         }
+        for side in [&self.bot, &self.website] {
+            fs::create_dir_all(self.balances(side))?;
+        }
+        fs::write(
+            self.balances(&self.bot).join("1-andy.txt"),
+            "{\"user_id\":\"1-andy\",\"balance\":1280}\n",
+        )?;
         fs::create_dir_all(self.bot_logs())?;
         fs::write(self.bot_logs().join("#cr0.log"), IRC_LOG)?;
         fs::create_dir_all(self.website.join("html"))?;
@@ -224,7 +242,7 @@ fn database_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
          post {found}\n",
         who.join(", user ")
     ));
-    for c in crate::db::conflicts::open(ctx)? {
+    for c in crate::conflicts::open(ctx)? {
         // The operator reviews each conflict: a moved id is acknowledged (both rows were
         // kept); for carol's name the website's is kept after all.
         let (side, flag) = match &c.new_key {
@@ -355,6 +373,60 @@ fn security_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// The file-tree part: a balance file per user on two sites; in the same minute one site
+/// adds 20 coins and the other takes 10; the sync merges the JSON key by key and both
+/// deltas count.
+fn files_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
+    let sync = |out: &mut String, title: &str| -> Result<()> {
+        let mut reports = Vec::new();
+        run_job(ctx, Job::Files, Trigger::Manual, false, |run| {
+            reports = crate::files::job::sync_pairs(
+                run,
+                &crate::files::job::Selection::default(),
+                false,
+            )?;
+            Ok(())
+        })?;
+        out.push_str(&format!("$ cr0sync files sync   # {title}\n"));
+        out.push_str(&crate::files::job::sync_table(&reports).render());
+        Ok(())
+    };
+    sync(
+        out,
+        "andy's balance file reaches the central store and the website",
+    )?;
+    sync(out, "and the bot pair settles")?;
+    let set = |side: &Path, balance: i64| {
+        fs::write(
+            demo.balances(side).join("1-andy.txt"),
+            format!("{{\"user_id\":\"1-andy\",\"balance\":{balance}}}\n"),
+        )
+    };
+    set(&demo.bot, 1300)?;
+    set(&demo.website, 1270)?;
+    out.push_str(
+        "in the same minute the bot adds 20 coins to andy (1280 -> 1300) and the website takes \
+         10 (1280 -> 1270)\n",
+    );
+    sync(out, "merged key by key: balance is a json counter")?;
+    sync(out, "the bot pair picks up the website's part")?;
+    let mut seen = Vec::new();
+    for dir in [
+        ctx.resolve(Path::new("shared_storage/userdata/balances")),
+        demo.balances(&demo.bot),
+        demo.balances(&demo.website),
+    ] {
+        let text = fs::read_to_string(dir.join("1-andy.txt"))?;
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        seen.push(v["balance"].as_i64().unwrap_or_default());
+    }
+    out.push_str(&format!(
+        "andy's balance: 1280 + 20 - 10 = {} (central, bot, website: {:?})\n\n",
+        seen[0], seen
+    ));
+    Ok(())
+}
+
 /// Builds the demo, runs each job once as cron would, and returns the narrative and the
 /// final status for printing.
 pub fn run(dir: &Path) -> Result<String> {
@@ -370,6 +442,7 @@ pub fn run(dir: &Path) -> Result<String> {
     let ctx = demo.context()?;
     database_part(&demo, &ctx, &mut out)?;
     logs_part(&demo, &ctx, &mut out)?;
+    files_part(&demo, &ctx, &mut out)?;
     security_part(&demo, &ctx, &mut out)?;
     for job in Job::ALL {
         let result = run_job(&ctx, job, Trigger::Cron, false, |run| job.cron(run));

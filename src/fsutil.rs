@@ -233,6 +233,28 @@ fn parent_of(path: &Path) -> &Path {
     }
 }
 
+/// Whether a file name is one of cr0sync's temporary names (see [`temp_beside`]): skipped
+/// by every listing.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp.")
+}
+
+/// Whether a temporary name was left by a process that is gone (killed mid-write): its pid
+/// is no longer running. Such a file is garbage; a live process's is in use.
+pub fn is_stale_temp(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    let (_n, pid) = (parts.next(), parts.next());
+    is_temp_name(name)
+        && pid.and_then(|p| p.parse::<u32>().ok()).is_some_and(|pid| {
+            pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+        })
+}
+
+/// A scratch file name beside `path` (same directory, so a rename is atomic).
+pub fn temp_beside(path: &Path) -> Scratch {
+    Scratch::new(temp_path(path))
+}
+
 /// A temporary name beside `path`, unique to this process and call.
 fn temp_path(path: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};

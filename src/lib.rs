@@ -10,10 +10,12 @@
 pub mod cli;
 pub(crate) mod commands;
 pub(crate) mod config;
+pub(crate) mod conflicts;
 pub(crate) mod context;
 pub(crate) mod db;
 pub(crate) mod demo;
 pub mod error;
+pub(crate) mod files;
 pub(crate) mod fsutil;
 pub(crate) mod init;
 pub(crate) mod jobs;

@@ -69,6 +69,16 @@ pub fn matches_segments(p: &[&str], n: &[&str]) -> bool {
     }
 }
 
+/// Whether a relative path matches a pattern: a pattern without `/` matches the last
+/// component (`*.json`), one with `/` the whole path (`users/**/*.json`).
+pub fn path_match(pattern: &str, rel: &str) -> bool {
+    if pattern.contains('/') || pattern == "**" {
+        matches_segments(&segments(pattern), &segments(rel))
+    } else {
+        glob_match(pattern, rel.rsplit('/').next().unwrap_or(rel))
+    }
+}
+
 /// How many threads a parallel step uses: every core, at most 8.
 pub fn workers() -> usize {
     std::thread::available_parallelism()

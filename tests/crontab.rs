@@ -101,7 +101,7 @@ fn install_is_idempotent_keeps_other_lines_and_remove_takes_only_the_block() {
     ok(&script("install_crontabs.sh", &args));
     let first = user.crontab().unwrap();
     assert_eq!(first.matches("# BEGIN cr0sync").count(), 1, "{first}");
-    for job in ["database", "logs", "security"] {
+    for job in ["database", "logs", "security", "files"] {
         assert!(
             first.contains(&format!("* * * * * {BIN} --root {root} cron {job}")),
             "{first}"
@@ -220,7 +220,10 @@ fn test_cron_scripts_passes_on_a_good_root_and_names_the_broken_config() {
     let root = r.root.display().to_string();
     let out = script("test_cron_scripts.sh", &["--root", &root, "--bin", BIN]);
     let text = ok(&out);
-    assert_eq!(text, "database: pass\nlogs: pass\nsecurity: pass\n");
+    assert_eq!(
+        text,
+        "database: pass\nlogs: pass\nsecurity: pass\nfiles: pass\n"
+    );
     // Dry runs wrote nothing: no run records.
     assert!(!r.path("state/runs/database.json").exists());
     r.write_config("[general]\nbusy_timout = \"5s\"\n");

@@ -22,9 +22,16 @@ fn demo_runs_every_job_and_prints_status() {
         text.contains("Next, on your server:") && text.contains("install_crontabs.sh"),
         "the demo ends with what to do next: {text}"
     );
-    for job in ["database", "logs", "security"] {
+    for job in ["database", "logs", "security", "files"] {
         assert!(text.contains(&format!("ran cron {job}: ok")), "{text}");
     }
+    // The file-tree part: two sites changed one balance file in the same minute.
+    assert!(
+        text.contains(
+            "andy's balance: 1280 + 20 - 10 = 1290 (central, bot, website: [1290, 1290, 1290])"
+        ),
+        "{text}"
+    );
     // The database part: a conflict, a counter merge, backups.
     assert!(text.contains("= 100 on every side"), "{text}");
     assert!(

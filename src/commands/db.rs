@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::{Args, Subcommand};
 
 use crate::cli::GlobalArgs;
-use crate::db::conflicts;
+use crate::conflicts;
 use crate::db::job::{self, Selection};
 use crate::error::Outcome;
 use crate::jobs::Job;

@@ -4,6 +4,7 @@ pub mod completions;
 pub mod cron;
 pub mod db;
 pub mod demo;
+pub mod files;
 pub mod init;
 pub mod logs;
 pub mod run;

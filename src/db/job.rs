@@ -19,10 +19,10 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::{DbConfig, PeerConfig};
+use crate::conflicts;
 use crate::context::Context;
 use crate::db::apply::{apply, open_for_merge};
 use crate::db::backup::{self, Backup};
-use crate::db::conflicts;
 use crate::db::merge;
 use crate::db::snapshot;
 use crate::db::sync::{self, Options, PairReport, PairState};
@@ -402,7 +402,15 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
                 skipped_tables: state.map(|s| s.report.skipped_tables).unwrap_or_default(),
                 conflicts: all_conflicts
                     .iter()
-                    .filter(|c| &c.database == name && &c.peer == peer_name)
+                    .filter(|c| {
+                        &c.database == name
+                            && &c.peer == peer_name
+                            && !matches!(
+                                c.kind,
+                                crate::conflicts::ConflictKind::File
+                                    | crate::conflicts::ConflictKind::Json
+                            )
+                    })
                     .count(),
                 last_error,
                 newest_backup: backups
@@ -439,6 +447,20 @@ pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String>
                 .as_ref()
                 .map(|k| k.to_string())
                 .unwrap_or_default()
+        );
+    }
+    if matches!(
+        record.kind,
+        crate::conflicts::ConflictKind::File | crate::conflicts::ConflictKind::Json
+    ) && side.is_some()
+    {
+        anyhow::bail!(
+            "conflict {id} is in file tree {} (file {}): --keep writes database rows only. \
+             Try: copy the content you want into the central directory's file (a losing file \
+             is kept at the path in the record's result), let the next sync carry it to every \
+             side, then cr0sync db resolve {id} --ack",
+            record.database,
+            record.key
         );
     }
     let Some(side) = side else {

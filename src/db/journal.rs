@@ -68,9 +68,9 @@ use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Direction, Policy};
+use crate::conflicts::{self, ConflictRecord};
 use crate::context::Context;
 use crate::db::apply::{apply, overwrite};
-use crate::db::conflicts::{self, ConflictRecord};
 use crate::db::merge::{Change, Conflict, Rules, TableSpec, merge_key};
 use crate::db::snapshot::{self, quote};
 use crate::db::value::{Key, Row};

@@ -15,9 +15,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::config::{Direction, Policy};
+use chrono::{DateTime, Utc};
+
+use crate::conflicts::{ConflictRecord, Images};
 use crate::db::value::{Key, Row, counter_merge};
 
 /// What the merge needs to know about a table whose schema agrees on all sides.
@@ -72,21 +75,7 @@ pub enum Change {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Winner {
-    Central,
-    Peer,
-}
-
-impl std::fmt::Display for Winner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Winner::Central => "central",
-            Winner::Peer => "peer",
-        })
-    }
-}
+pub use crate::conflicts::{ConflictKind, Winner};
 
 /// A conflict and how it was resolved; every one is recorded.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -101,39 +90,6 @@ pub struct Conflict {
     pub result: Option<Row>,
     /// `rekey`: the fresh key the peer's row moved to.
     pub moved_to: Option<Key>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ConflictKind {
-    /// The same cell changed to different values on both sides.
-    UpdateUpdate,
-    /// Both sides inserted the key with different values.
-    InsertInsert,
-    /// One side updated the row, the other deleted it.
-    UpdateDelete,
-    /// Two rows under different keys hold the same value of a UNIQUE constraint (the same
-    /// nick registered under two ids): the loser is removed from the side that holds it.
-    Unique,
-    /// A parent row deleted on one side while the other still has rows referencing it:
-    /// the parent is kept (its deletion undone).
-    ForeignKey,
-    /// Both sides inserted different rows under one INTEGER PRIMARY KEY: both are kept,
-    /// the peer's under a fresh key (`moved_to`).
-    Rekey,
-}
-
-impl std::fmt::Display for ConflictKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ConflictKind::UpdateUpdate => "update-update",
-            ConflictKind::InsertInsert => "insert-insert",
-            ConflictKind::UpdateDelete => "update-delete",
-            ConflictKind::Unique => "unique",
-            ConflictKind::ForeignKey => "foreign-key",
-            ConflictKind::Rekey => "rekey",
-        })
-    }
 }
 
 /// The outcome of merging one table.
@@ -472,6 +428,43 @@ fn merge_multiset(rules: Rules, base: Option<&[Row]>, central: &[Row], peer: &[R
 
 /// Applies changes to an in-memory table: the reference semantics the SQLite apply step
 /// must match, used by the property tests.
+impl Conflict {
+    /// The record of this conflict, as `conflicts.jsonl` keeps it.
+    pub fn record(
+        &self,
+        id: String,
+        time: DateTime<Utc>,
+        database: &str,
+        peer: &str,
+    ) -> ConflictRecord {
+        let c = self;
+        let json = |r: &Option<Row>| {
+            r.as_ref()
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+        };
+        ConflictRecord {
+            id,
+            time,
+            database: database.into(),
+            peer: peer.into(),
+            table: c.table.clone(),
+            key: serde_json::to_value(&c.key).unwrap_or_default(),
+            kind: c.kind,
+            rows: Images {
+                base: json(&c.base),
+                central: json(&c.central),
+                peer: json(&c.peer),
+            },
+            winner: c.winner,
+            result: json(&c.result).unwrap_or(serde_json::Value::Null),
+            new_key: c
+                .moved_to
+                .as_ref()
+                .map(|k| serde_json::to_value(k).unwrap_or_default()),
+        }
+    }
+}
+
 #[cfg(test)]
 pub fn apply_in_memory(spec: &TableSpec, rows: &[Row], changes: &[Change]) -> Vec<Row> {
     if spec.keyed() {

@@ -9,14 +9,14 @@
 //! - `apply`: optimistic writes, in any order a valid change set needs; `base`: the merge
 //!   base; `migrate`: columns added by a migration on one side; `rekey`: rows inserted on
 //!   both sides under one INTEGER PRIMARY KEY, both kept.
-//! - `snapshot`, `backup`, `conflicts` (records, open until resolved), `value`.
+//! - `snapshot`, `backup`, `value`. (Conflict records are shared with the file-tree job:
+//!   `crate::conflicts`.)
 //! - `job`: pair selection, recovery commands (`sync-from-bot`, `restore`, `resolve`),
 //!   backup cleanup, the status section.
 
 pub mod apply;
 pub mod backup;
 pub mod base;
-pub mod conflicts;
 pub mod job;
 pub mod journal;
 pub mod merge;

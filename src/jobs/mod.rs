@@ -3,7 +3,7 @@
 //! with their intervals, what `cron <job>` runs and the sections it adds to `status`.
 //!
 //! Layers, bottom up: the foundation (`ops`, `fsutil`, `util`, `layout`, `config`,
-//! `context`) knows no job; each job (`db`, `logs`, `security`) is one folder that uses
+//! `context`) knows no job; each job (`db`, `logs`, `security`, `files`) is one folder that uses
 //! the foundation; this registry, the [`runner`] and [`status`] sit above the jobs; the
 //! commands sit on top. Adding a job is one folder and one entry in [`Job::spec`].
 
@@ -26,6 +26,7 @@ pub enum Job {
     Database,
     Logs,
     Security,
+    Files,
 }
 
 /// Everything the runner, `status` and `cron` need to know about one job.
@@ -98,8 +99,16 @@ const SECURITY: JobSpec = JobSpec {
     ],
 };
 
+const FILES: JobSpec = JobSpec {
+    name: crate::files::job::JOB,
+    log_file: "cron_files_sync.log",
+    periodic: |_| Vec::new(),
+    cron: crate::files::job::cron_tasks,
+    sections: &[crate::files::job::section],
+};
+
 impl Job {
-    pub const ALL: [Job; 3] = [Job::Database, Job::Logs, Job::Security];
+    pub const ALL: [Job; 4] = [Job::Database, Job::Logs, Job::Security, Job::Files];
 
     /// The job's entry in the registry.
     pub fn spec(self) -> &'static JobSpec {
@@ -107,6 +116,7 @@ impl Job {
             Job::Database => &DATABASE,
             Job::Logs => &LOGS,
             Job::Security => &SECURITY,
+            Job::Files => &FILES,
         }
     }
 

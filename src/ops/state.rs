@@ -83,6 +83,22 @@ pub mod names {
     /// lengths before), so an interrupted run is undone before it is done again.
     pub const EVENT_ARCHIVE_JOURNAL: &str = "security/archive-journal.json";
 
+    /// A tree's state: base, contents, journal and conflict outbox of every pair (an
+    /// SQLite database changed in transactions).
+    pub fn files_state(tree: &str) -> String {
+        format!("files/{tree}.db")
+    }
+
+    /// The last sync of a (tree, peer) pair.
+    pub fn files_pair(tree: &str, peer: &str) -> String {
+        format!("files/{tree}/{peer}.json")
+    }
+
+    /// The losing content of a `file` conflict, kept until the conflict is resolved.
+    pub fn files_lost(tree: &str, id: &str) -> String {
+        format!("files/{tree}/lost/{id}")
+    }
+
     /// The copy of the sessions file a cleanup rewrites from, kept until the rewrite is
     /// installed.
     pub const SESSIONS_COPY: &str = "sessions/api_sessions.json.copy";

@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, TransactionBehavior};
 
 use crate::config::DbConfig;
+use crate::conflicts::ConflictRecord;
 use crate::context::Context;
 use crate::db::apply::{apply, open_for_merge};
 use crate::db::backup;
-use crate::db::conflicts::ConflictRecord;
 use crate::db::journal::{self, Journal};
 use crate::db::merge::{self, Change, Rules};
 use crate::db::snapshot::{self, quote};
@@ -77,12 +77,11 @@ pub(super) fn complete_interrupted(
     }
     let mut records = journal::taken_conflicts(j, &marker);
     records.extend(done.conflicts.iter().enumerate().map(|(i, c)| {
-        ConflictRecord::new(
+        c.record(
             format!("{}-r{i}", j.txid),
             crate::ops::clock::now(),
             db.name.get_ref(),
             peer_name,
-            c,
         )
     }));
     commit_central(
@@ -418,15 +417,7 @@ impl Pair<'_> {
             .iter()
             .flat_map(|w| &w.conflicts)
             .enumerate()
-            .map(|(i, c)| {
-                ConflictRecord::new(
-                    format!("{txid}-{i}"),
-                    self.now,
-                    self.name,
-                    self.peer_name,
-                    c,
-                )
-            })
+            .map(|(i, c)| c.record(format!("{txid}-{i}"), self.now, self.name, self.peer_name))
             .collect();
 
         // 5a. Backups: the peer's from its snapshot, the central copy's through this

@@ -1,4 +1,6 @@
-//! The conflict record: `state/conflicts.jsonl`, one JSON object a line.
+//! The conflict record: `state/conflicts.jsonl`, one JSON object a line, shared by the
+//! jobs that merge (database rows, files of a tree) and reviewed with `db conflicts` and
+//! `db resolve`.
 //!
 //! Invariants:
 //! - Records are only appended, each with a unique `id`, and synced. A sync commits its
@@ -18,10 +20,65 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::context::Context;
-use crate::db::merge::{Conflict, ConflictKind, Winner};
-use crate::db::value::Row;
 
 pub const FILE: &str = crate::ops::state::names::DB_CONFLICTS;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Winner {
+    Central,
+    Peer,
+}
+
+impl std::fmt::Display for Winner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Winner::Central => "central",
+            Winner::Peer => "peer",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictKind {
+    /// The same cell changed to different values on both sides.
+    UpdateUpdate,
+    /// Both sides inserted the key with different values.
+    InsertInsert,
+    /// One side updated the row, the other deleted it.
+    UpdateDelete,
+    /// Two rows under different keys hold the same value of a UNIQUE constraint (the same
+    /// nick registered under two ids): the loser is removed from the side that holds it.
+    Unique,
+    /// A parent row deleted on one side while the other still has rows referencing it:
+    /// the parent is kept (its deletion undone).
+    ForeignKey,
+    /// Both sides inserted different rows under one INTEGER PRIMARY KEY: both are kept,
+    /// the peer's under a fresh key (`moved_to`).
+    Rekey,
+    /// A file of a tree changed differently on both sides that could not be merged: the
+    /// winner's content is on both sides, the loser's kept under `state/`.
+    File,
+    /// A key of a JSON file changed differently on both sides: the file is merged key by
+    /// key and this key takes the winner's value.
+    Json,
+}
+
+impl std::fmt::Display for ConflictKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConflictKind::UpdateUpdate => "update-update",
+            ConflictKind::InsertInsert => "insert-insert",
+            ConflictKind::UpdateDelete => "update-delete",
+            ConflictKind::Unique => "unique",
+            ConflictKind::ForeignKey => "foreign-key",
+            ConflictKind::Rekey => "rekey",
+            ConflictKind::File => "file",
+            ConflictKind::Json => "json",
+        })
+    }
+}
 
 /// The three row images of a conflict (`null`: the row was absent / deleted).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,35 +106,6 @@ pub struct ConflictRecord {
     /// `rekey`: the key the peer's row moved to (its old key is `key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub new_key: Option<serde_json::Value>,
-}
-
-impl ConflictRecord {
-    pub fn new(id: String, time: DateTime<Utc>, database: &str, peer: &str, c: &Conflict) -> Self {
-        let json = |r: &Option<Row>| {
-            r.as_ref()
-                .map(|r| serde_json::to_value(r).unwrap_or_default())
-        };
-        ConflictRecord {
-            id,
-            time,
-            database: database.into(),
-            peer: peer.into(),
-            table: c.table.clone(),
-            key: serde_json::to_value(&c.key).unwrap_or_default(),
-            kind: c.kind,
-            rows: Images {
-                base: json(&c.base),
-                central: json(&c.central),
-                peer: json(&c.peer),
-            },
-            winner: c.winner,
-            result: json(&c.result).unwrap_or(serde_json::Value::Null),
-            new_key: c
-                .moved_to
-                .as_ref()
-                .map(|k| serde_json::to_value(k).unwrap_or_default()),
-        }
-    }
 }
 
 pub const CLOSED: &str = crate::ops::state::names::DB_CONFLICTS_CLOSED;

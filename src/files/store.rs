@@ -1,0 +1,428 @@
+//! The state of one tree: `state/files/<tree>.db`, an SQLite database changed only in
+//! transactions, so each step of a sync is recorded whole or not at all.
+//!
+//! - `base`: per (peer, path), the content both sides agreed on at the last sync (its
+//!   SHA-256) and each side's file metadata as seen then (the fast path).
+//! - `objects`: content by SHA-256, for files up to `merge_max`: the bases a three-way
+//!   merge needs, merge results, and the pre-images a journal refers to.
+//! - `journal`: writes decided but not yet known to be done, per (peer, path): for each
+//!   side the content it held when the write was decided (`pre`) and what it is to hold
+//!   (`res`), and the base once both sides hold their result. Written before any file is
+//!   touched; an entry leaves the journal in the same transaction that sets its base.
+//! - `outbox`: conflict records decided with the journal, appended to
+//!   `state/conflicts.jsonl` afterwards (once: records whose id is there are skipped).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::files::list::Stat;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS base(
+  peer TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL,
+  c_size INTEGER, c_mtime INTEGER, c_ctime INTEGER, c_ino INTEGER,
+  p_size INTEGER, p_mtime INTEGER, p_ctime INTEGER, p_ino INTEGER,
+  seen_ns INTEGER NOT NULL,
+  PRIMARY KEY(peer, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS objects(sha256 TEXT PRIMARY KEY, content BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal(
+  peer TEXT NOT NULL, path TEXT NOT NULL, base_after TEXT,
+  c_pre TEXT, c_res TEXT, p_pre TEXT, p_res TEXT, source TEXT,
+  PRIMARY KEY(peer, path)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox(id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
+";
+
+/// A side's file as the base remembers it (size, mtime, ctime, inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+    pub ino: u64,
+}
+
+impl Seen {
+    pub fn matches(&self, s: &Stat) -> bool {
+        (self.size, self.mtime_ns, self.ctime_ns, self.ino)
+            == (s.size, s.mtime_ns, s.ctime_ns, s.ino)
+    }
+}
+
+impl From<&Stat> for Seen {
+    fn from(s: &Stat) -> Self {
+        Seen {
+            size: s.size,
+            mtime_ns: s.mtime_ns,
+            ctime_ns: s.ctime_ns,
+            ino: s.ino,
+        }
+    }
+}
+
+/// One path of the base.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseEntry {
+    pub sha256: String,
+    pub central: Option<Seen>,
+    pub peer: Option<Seen>,
+    /// When the metadata was taken: a file modified within a second before is read again
+    /// (its mtime may not show a later change).
+    pub seen_ns: i128,
+}
+
+/// Which side of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Side {
+    Central,
+    Peer,
+}
+
+impl Side {
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Central => "central",
+            Side::Peer => "peer",
+        }
+    }
+
+    pub fn other(self) -> Side {
+        match self {
+            Side::Central => Side::Peer,
+            Side::Peer => Side::Central,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Side> {
+        match s {
+            "central" => Some(Side::Central),
+            "peer" => Some(Side::Peer),
+            _ => None,
+        }
+    }
+}
+
+/// A side's part of a journal entry: content hashes (`None`: no file).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Change {
+    pub pre: Option<String>,
+    pub res: Option<String>,
+}
+
+impl Change {
+    pub fn writes(&self) -> bool {
+        self.pre != self.res
+    }
+}
+
+/// A decided write of one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    pub path: String,
+    /// The base once both sides hold their result (`None`: the path is gone).
+    pub base_after: Option<String>,
+    pub central: Change,
+    pub peer: Change,
+    /// Where a result that is not in `objects` (a large file) is read from.
+    pub source: Option<Side>,
+}
+
+impl JournalEntry {
+    pub fn side(&self, side: Side) -> &Change {
+        match side {
+            Side::Central => &self.central,
+            Side::Peer => &self.peer,
+        }
+    }
+
+    pub fn side_mut(&mut self, side: Side) -> &mut Change {
+        match side {
+            Side::Central => &mut self.central,
+            Side::Peer => &mut self.peer,
+        }
+    }
+}
+
+/// A path whose base is set once its writes are done.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    pub path: String,
+    /// `None`: the path is gone from the base.
+    pub entry: Option<BaseEntry>,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+fn i64_of(n: i128) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Opens (creating) the tree's state database at `path`.
+    pub fn open(path: &Path, busy: std::time::Duration) -> Result<Store> {
+        let conn =
+            Connection::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        conn.busy_timeout(busy)?;
+        conn.pragma_update(None, "journal_mode", "wal")?;
+        conn.pragma_update(None, "synchronous", "full")?;
+        conn.execute_batch(SCHEMA).with_context(|| {
+            format!(
+                "{} is damaged. Try: move it aside: the next sync merges the tree as a first \
+                 sync (every file of either side is kept, differing ones are recorded as \
+                 conflicts)",
+                path.display()
+            )
+        })?;
+        Ok(Store { conn })
+    }
+
+    /// The base of one peer's pair, by path.
+    pub fn base(&self, peer: &str) -> Result<BTreeMap<String, BaseEntry>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, sha256, c_size, c_mtime, c_ctime, c_ino, p_size, p_mtime, p_ctime, \
+             p_ino, seen_ns FROM base WHERE peer = ?1",
+        )?;
+        let rows = stmt.query_map([peer], |r| {
+            let seen = |i: usize| -> rusqlite::Result<Option<Seen>> {
+                let size: Option<i64> = r.get(i)?;
+                Ok(match size {
+                    None => None,
+                    Some(size) => Some(Seen {
+                        size: u64::try_from(size).unwrap_or(0),
+                        mtime_ns: i128::from(r.get::<_, i64>(i + 1)?),
+                        ctime_ns: i128::from(r.get::<_, i64>(i + 2)?),
+                        ino: u64::try_from(r.get::<_, i64>(i + 3)?).unwrap_or(0),
+                    }),
+                })
+            };
+            Ok((
+                r.get::<_, String>(0)?,
+                BaseEntry {
+                    sha256: r.get(1)?,
+                    central: seen(2)?,
+                    peer: seen(6)?,
+                    seen_ns: i128::from(r.get::<_, i64>(10)?),
+                },
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn object(&self, sha256: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT content FROM objects WHERE sha256 = ?1",
+                [sha256],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    pub fn journal(&self, peer: &str) -> Result<Vec<JournalEntry>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, base_after, c_pre, c_res, p_pre, p_res, source FROM journal \
+             WHERE peer = ?1 ORDER BY path",
+        )?;
+        let rows = stmt.query_map([peer], |r| {
+            Ok(JournalEntry {
+                path: r.get(0)?,
+                base_after: r.get(1)?,
+                central: Change {
+                    pre: r.get(2)?,
+                    res: r.get(3)?,
+                },
+                peer: Change {
+                    pre: r.get(4)?,
+                    res: r.get(5)?,
+                },
+                source: r
+                    .get::<_, Option<String>>(6)?
+                    .as_deref()
+                    .and_then(Side::parse),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records decided writes, the contents they need and their conflict records, in one
+    /// transaction: after this, the decisions survive any stop.
+    pub fn decide(
+        &mut self,
+        peer: &str,
+        entries: &[JournalEntry],
+        objects: &BTreeMap<String, Vec<u8>>,
+        records: &[(String, String)],
+        settled: &[Settled],
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut put = tx
+                .prepare_cached("INSERT OR IGNORE INTO objects(sha256, content) VALUES (?1, ?2)")?;
+            for (sha, content) in objects {
+                put.execute(params![sha, content])?;
+            }
+            let mut j = tx.prepare_cached(
+                "INSERT OR REPLACE INTO journal(peer, path, base_after, c_pre, c_res, p_pre, \
+                 p_res, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for e in entries {
+                j.execute(params![
+                    peer,
+                    e.path,
+                    e.base_after,
+                    e.central.pre,
+                    e.central.res,
+                    e.peer.pre,
+                    e.peer.res,
+                    e.source.map(Side::name)
+                ])?;
+            }
+            let mut o =
+                tx.prepare_cached("INSERT OR IGNORE INTO outbox(id, record) VALUES (?1, ?2)")?;
+            for (id, record) in records {
+                o.execute(params![id, record])?;
+            }
+            set_base(&tx, peer, settled)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a journal entry (a side found changed since: its new pre-image and result),
+    /// with the contents it needs.
+    pub fn revise(
+        &mut self,
+        peer: &str,
+        entry: &JournalEntry,
+        objects: &BTreeMap<String, Vec<u8>>,
+    ) -> Result<()> {
+        self.decide(peer, std::slice::from_ref(entry), objects, &[], &[])
+    }
+
+    /// Sets the base of finished paths and removes their journal entries, and records the
+    /// sides already written of unfinished ones (`progress`: their entries as they now
+    /// stand), in one transaction.
+    pub fn settle(
+        &mut self,
+        peer: &str,
+        done: &[Settled],
+        progress: &[JournalEntry],
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        set_base(&tx, peer, done)?;
+        {
+            let mut j = tx.prepare_cached(
+                "UPDATE journal SET c_pre = ?3, c_res = ?4, p_pre = ?5, p_res = ?6 \
+                 WHERE peer = ?1 AND path = ?2",
+            )?;
+            for e in progress {
+                j.execute(params![
+                    peer,
+                    e.path,
+                    e.central.pre,
+                    e.central.res,
+                    e.peer.pre,
+                    e.peer.res
+                ])?;
+            }
+        }
+        {
+            let mut del = tx.prepare_cached("DELETE FROM journal WHERE peer = ?1 AND path = ?2")?;
+            for s in done {
+                del.execute(params![peer, s.path])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drops a journal entry without touching the base (nothing of it was written).
+    pub fn abandon(&self, peer: &str, path: &str) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM journal WHERE peer = ?1 AND path = ?2",
+            params![peer, path],
+        )?;
+        Ok(())
+    }
+
+    /// Drops contents that no base or journal entry refers to.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        Ok(self.conn.execute(
+            "DELETE FROM objects WHERE sha256 NOT IN (SELECT sha256 FROM base) \
+             AND sha256 NOT IN (SELECT c_pre FROM journal WHERE c_pre IS NOT NULL) \
+             AND sha256 NOT IN (SELECT c_res FROM journal WHERE c_res IS NOT NULL) \
+             AND sha256 NOT IN (SELECT p_pre FROM journal WHERE p_pre IS NOT NULL) \
+             AND sha256 NOT IN (SELECT p_res FROM journal WHERE p_res IS NOT NULL)",
+            [],
+        )?)
+    }
+
+    /// Conflict records decided but not yet appended to `conflicts.jsonl`.
+    pub fn outbox(&self) -> Result<Vec<(String, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, record FROM outbox ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn clear_outbox(&self, ids: &[String]) -> Result<()> {
+        let mut del = self
+            .conn
+            .prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        for id in ids {
+            del.execute([id])?;
+        }
+        Ok(())
+    }
+}
+
+fn set_base(tx: &Connection, peer: &str, settled: &[Settled]) -> Result<()> {
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO base(peer, path, sha256, c_size, c_mtime, c_ctime, c_ino, \
+         p_size, p_mtime, p_ctime, p_ino, seen_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let mut del = tx.prepare_cached("DELETE FROM base WHERE peer = ?1 AND path = ?2")?;
+    let parts = |s: Option<Seen>| {
+        s.map_or((None, None, None, None), |s| {
+            (
+                Some(i64::try_from(s.size).unwrap_or(i64::MAX)),
+                Some(i64_of(s.mtime_ns)),
+                Some(i64_of(s.ctime_ns)),
+                Some(i64::try_from(s.ino).unwrap_or(i64::MAX)),
+            )
+        })
+    };
+    for s in settled {
+        match &s.entry {
+            Some(e) => {
+                let (cs, cm, cc, ci) = parts(e.central);
+                let (ps, pm, pc, pi) = parts(e.peer);
+                put.execute(params![
+                    peer,
+                    s.path,
+                    e.sha256,
+                    cs,
+                    cm,
+                    cc,
+                    ci,
+                    ps,
+                    pm,
+                    pc,
+                    pi,
+                    i64_of(e.seen_ns)
+                ])?;
+            }
+            None => {
+                del.execute(params![peer, s.path])?;
+            }
+        }
+    }
+    Ok(())
+}

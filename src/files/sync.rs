@@ -1,0 +1,795 @@
+//! Syncing one (tree, peer) pair. The steps:
+//! 1. Both directories exist (a missing peer directory is an error, never an empty tree;
+//!    the central one is created the first time).
+//! 2. Writes a stopped run decided are completed first, from the journal (`store`).
+//! 3. Both sides are listed (stat only); a file whose metadata matches the base (and was
+//!    not modified within a second of being seen) is not read; the others are hashed, and
+//!    read when small enough to merge.
+//! 4. Each path is decided (`plan`); the mass-delete guard checks the whole plan.
+//! 5. Losing contents of conflicts are kept under `state/`; then the journal, the merge
+//!    results and the conflict records are committed in one transaction.
+//! 6. The writes ([`complete`]): per side, a file that holds its result is done, one that
+//!    still holds what was decided on is written (optimistically), one the site changed
+//!    meanwhile is merged again (JSON) or keeps the site's change; an entry whose sides
+//!    all hold their results leaves the journal in the transaction that sets its base.
+//! 7. Conflict records are appended to `state/conflicts.jsonl`, and unused contents
+//!    dropped.
+//!
+//! A run stopped at any instant leaves no partial file under a real name (writes are
+//! atomic, or in place under the site's lock with the content to restore in the journal),
+//! and the next run completes the journal before it decides anything new: every change
+//! is made once, every counter delta counted once, every conflict recorded once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{TreeConfig, WriteMode};
+use crate::conflicts::{self, ConflictRecord, Images};
+use crate::context::Context;
+use crate::files::json::{self, Prefer};
+use crate::files::list::{self, Listing};
+use crate::files::plan::{self, Counts, Known, Rules};
+use crate::files::store::{BaseEntry, JournalEntry, Seen, Settled, Side, Store};
+use crate::files::write::{self, Content, Current, Dir, Outcome};
+use crate::fsutil;
+use crate::ops::fault;
+use crate::ops::state::names;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub dry_run: bool,
+    /// Override the mass-delete guard.
+    pub force: bool,
+}
+
+/// What one pair's sync did (or, in a dry run, would do).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairReport {
+    pub tree: String,
+    pub peer: String,
+    /// Files on the central side after the sync.
+    pub files: usize,
+    pub central: Counts,
+    pub peer_side: Counts,
+    pub conflicts: usize,
+    /// Writes left for the next run (the site changed or held the file meanwhile).
+    pub deferred: usize,
+    /// Writes of a stopped run completed first.
+    pub recovered: usize,
+    /// Paths skipped (symlinks, special files, names that are not UTF-8).
+    pub skipped: Vec<String>,
+    /// One line per new conflict, for `cron files` to print.
+    #[serde(default, skip_serializing)]
+    pub new_conflicts: Vec<String>,
+}
+
+impl PairReport {
+    pub fn summary(&self) -> String {
+        format!(
+            "{}/{}: {} change(s) to central, {} to the peer, {} conflict(s), {} deferred",
+            self.tree,
+            self.peer,
+            self.central.total(),
+            self.peer_side.total(),
+            self.conflicts,
+            self.deferred
+        )
+    }
+}
+
+/// `state/files/<tree>/<peer>.json`: the last sync of a pair.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairState {
+    pub last_sync: DateTime<Utc>,
+    pub report: PairReport,
+}
+
+/// One pair in progress.
+struct Pair<'a> {
+    ctx: &'a Context,
+    tree: &'a TreeConfig,
+    name: &'a str,
+    peer: &'a str,
+    central_root: PathBuf,
+    peer_root: PathBuf,
+    rules: Rules<'a>,
+    merge_max: u64,
+    now: DateTime<Utc>,
+}
+
+impl<'a> Pair<'a> {
+    fn dir(&self, side: Side) -> Dir<'_> {
+        Dir {
+            root: match side {
+                Side::Central => &self.central_root,
+                Side::Peer => &self.peer_root,
+            },
+            mode: self.tree.write,
+            perms: &self.ctx.perms,
+            busy: self.ctx.config.general.busy_timeout.0,
+        }
+    }
+
+    /// How long a read waits for the site's lock (`write = "flock"` trees only).
+    fn read_lock(&self) -> Option<std::time::Duration> {
+        (self.tree.write == WriteMode::Flock).then_some(self.ctx.config.general.busy_timeout.0)
+    }
+
+    fn label(&self) -> String {
+        format!("{}/{}", self.name, self.peer)
+    }
+}
+
+/// Syncs one pair of a tree.
+pub fn sync_pair(
+    ctx: &Context,
+    tree: &TreeConfig,
+    peer: &crate::config::PeerConfig,
+    opts: Options,
+    now: DateTime<Utc>,
+) -> Result<PairReport> {
+    let name = tree.name.get_ref().as_str();
+    let peer_name = peer.name.get_ref().as_str();
+    let pair = Pair {
+        ctx,
+        tree,
+        name,
+        peer: peer_name,
+        central_root: ctx.resolve(tree.central.get_ref()),
+        peer_root: ctx.resolve(peer.path.get_ref()),
+        rules: Rules {
+            policy: ctx.config.tree_policy(tree),
+            direction: peer.direction,
+            counters: &tree.json_counters,
+        },
+        merge_max: tree.merge_max.0,
+        now,
+    };
+    run(&pair, opts).with_context(|| pair.label())
+}
+
+fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
+    let ctx = pair.ctx;
+    let mut report = PairReport {
+        tree: pair.name.into(),
+        peer: pair.peer.into(),
+        ..PairReport::default()
+    };
+    // 1. Both directories.
+    if !pair.peer_root.is_dir() {
+        anyhow::bail!(
+            "peer directory not found: {} (never created, to protect the central copy from \
+             an unmounted disk). Try: fix the peer's path in the configuration, or mount the \
+             disk",
+            pair.peer_root.display()
+        );
+    }
+    if !pair.central_root.exists() && !opts.dry_run {
+        fsutil::ensure_dir(&pair.central_root, &ctx.perms)
+            .with_context(|| format!("cannot create directory {}", pair.central_root.display()))?;
+    }
+    let state_path = ctx.state.path(&names::files_state(pair.name));
+    if let Some(dir) = state_path.parent() {
+        fsutil::ensure_dir(dir, &ctx.perms)
+            .with_context(|| format!("cannot create directory {}", dir.display()))?;
+    }
+    let mut store = Store::open(&state_path, ctx.config.general.busy_timeout.0)?;
+    // 2. A stopped run's writes, of every pair of the tree (another pair must not change
+    //    a file whose write is still pending: its completion would count that change).
+    if !opts.dry_run {
+        for peer in &pair.tree.peers {
+            let other = Pair {
+                peer: peer.name.get_ref(),
+                peer_root: ctx.resolve(peer.path.get_ref()),
+                central_root: pair.central_root.clone(),
+                rules: Rules {
+                    direction: peer.direction,
+                    ..pair.rules
+                },
+                ..*pair
+            };
+            let pending = store.journal(other.peer)?;
+            if pending.is_empty() || !other.peer_root.is_dir() {
+                continue;
+            }
+            let (done, _) = complete(&other, &mut store, pending, &BTreeMap::new())?;
+            if other.peer == pair.peer {
+                report.recovered = done;
+            }
+            log::info!(
+                "{}: {done} write(s) of a stopped run completed",
+                other.label()
+            );
+        }
+        flush_outbox(ctx, &store)?;
+    }
+    let pending: BTreeSet<String> = store
+        .journal(pair.peer)?
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+
+    // 3. Both listings, then what changed. Metadata recorded now is trusted later only for
+    //    files last modified over a second before this instant (the racy-entry rule: a
+    //    write in the same clock tick as the one we saw does not change the metadata).
+    let seen_ns = wall_ns();
+    let (central, peer) = std::thread::scope(|s| {
+        let c = s.spawn(|| {
+            if pair.central_root.exists() {
+                list::list(&pair.central_root, &pair.tree.include, &pair.tree.exclude)
+            } else {
+                Ok(Listing::default())
+            }
+        });
+        let p = list::list(&pair.peer_root, &pair.tree.include, &pair.tree.exclude);
+        (c.join(), p)
+    });
+    let central = central.map_err(|_| anyhow::anyhow!("the listing stopped unexpectedly"))??;
+    let peer = peer?;
+    if !opts.dry_run {
+        for (root, rel) in central
+            .stale_temps
+            .iter()
+            .map(|r| (&pair.central_root, r))
+            .chain(peer.stale_temps.iter().map(|r| (&pair.peer_root, r)))
+        {
+            let path = root.join(rel);
+            match fsutil::remove_if_exists(&path) {
+                Ok(()) => log::info!("removed {} (left by a stopped run)", path.display()),
+                Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
+    }
+    for (path, why) in central.skipped.iter().chain(&peer.skipped) {
+        log::warn!("{}: {path} skipped: {why}", pair.label());
+        report.skipped.push(path.clone());
+    }
+    for (dir, why) in central.unreadable.iter().chain(&peer.unreadable) {
+        log::warn!(
+            "{}: cannot read {dir}: {why}; nothing below it is synced",
+            pair.label()
+        );
+    }
+    let base = store.base(pair.peer)?;
+    let known = known_sides(pair, &central, &peer, &base, &pending)?;
+
+    // 4. The plan.
+    let mut entries = Vec::new();
+    let mut objects: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut decided = Vec::new();
+    let mut settled = Vec::new();
+    for (path, (c, p)) in &known {
+        let b = base.get(path);
+        let b_bytes = match b {
+            Some(b) => store.object(&b.sha256)?,
+            None => None,
+        };
+        let plan = plan::decide(
+            path,
+            b.map(|b| (b.sha256.as_str(), b_bytes.as_deref())),
+            c,
+            p,
+            pair.rules,
+        );
+        for (h, bytes) in plan.objects {
+            objects.insert(h, bytes);
+        }
+        let has_entry = plan.entry.is_some();
+        if let Some(e) = plan.entry {
+            // Pre-images and results of small files go to the store, so a later merge (a
+            // site writing meanwhile, a stopped run) has them.
+            for k in [c, p] {
+                if let (Some(h), Some(bytes)) = (&k.sha256, &k.content) {
+                    objects.insert(h.clone(), bytes.clone());
+                }
+            }
+            entries.push(e);
+        }
+        let stat_of = |l: &Listing| l.files.get(path).map(Seen::from);
+        let settle_to = plan.settle.or_else(|| {
+            // Unchanged: refresh the base's metadata when a side's moved (a touch).
+            let b = b.filter(|_| !has_entry)?;
+            let fresh = (stat_of(&central), stat_of(&peer));
+            (b.central != fresh.0 || b.peer != fresh.1).then(|| Some(b.sha256.clone()))
+        });
+        if let Some(to) = settle_to {
+            for k in [c, p] {
+                if let (Some(h), Some(bytes)) = (&k.sha256, &k.content)
+                    && Some(h) == to.as_ref()
+                {
+                    objects.insert(h.clone(), bytes.clone());
+                }
+            }
+            settled.push(Settled {
+                path: path.clone(),
+                entry: to.map(|sha256| BaseEntry {
+                    sha256,
+                    central: stat_of(&central),
+                    peer: stat_of(&peer),
+                    seen_ns,
+                }),
+            });
+        }
+        decided.extend(plan.conflicts);
+    }
+    let counts = plan::counts(&entries);
+    report.central = counts.get(&Side::Central).copied().unwrap_or_default();
+    report.peer_side = counts.get(&Side::Peer).copied().unwrap_or_default();
+    report.conflicts = decided.len();
+    report.deferred = pending.len();
+    guard(pair, &central, &peer, &report, opts)?;
+    if opts.dry_run {
+        report.files = central.files.len();
+        return Ok(report);
+    }
+
+    // 5. Losing contents, then the decisions, durably.
+    let txid = format!(
+        "{}-{}-{}-{}",
+        pair.now.format("%Y%m%dT%H%M%S%.6fZ"),
+        std::process::id(),
+        pair.name,
+        pair.peer
+    );
+    let mut records = Vec::new();
+    for (i, d) in decided.iter().enumerate() {
+        let id = format!("{txid}-{i}");
+        let mut result = d.result.clone();
+        if let Some(loser) = d.loser {
+            let kept = keep_lost(pair, &id, loser, &d.path, &known)?;
+            result = serde_json::json!({"winner": d.result, "lost_kept_at": kept});
+        }
+        let record = ConflictRecord {
+            id: id.clone(),
+            time: pair.now,
+            database: pair.name.into(),
+            peer: pair.peer.into(),
+            table: d.key.clone(),
+            key: serde_json::Value::String(d.path.clone()),
+            kind: d.kind,
+            rows: Images {
+                base: Some(d.base.clone()),
+                central: Some(d.central.clone()),
+                peer: Some(d.peer.clone()),
+            },
+            winner: d.winner,
+            result,
+            new_key: None,
+        };
+        report.new_conflicts.push(conflict_line(pair, &record));
+        records.push((id, serde_json::to_string(&record)?));
+    }
+    store
+        .decide(pair.peer, &entries, &objects, &records, &settled)
+        .with_context(|| format!("cannot write {}", state_path.display()))?;
+    fault::point("files-after-decide")?;
+
+    // 6. The writes.
+    let listed: BTreeMap<(Side, String), Seen> = central
+        .files
+        .iter()
+        .map(|(p, s)| ((Side::Central, p.clone()), Seen::from(s)))
+        .chain(
+            peer.files
+                .iter()
+                .map(|(p, s)| ((Side::Peer, p.clone()), Seen::from(s))),
+        )
+        .collect();
+    let (_, left) = complete(pair, &mut store, entries, &listed)?;
+    report.deferred += left;
+    fault::point("files-after-writes")?;
+
+    // 7. Records and cleanup.
+    flush_outbox(ctx, &store)?;
+    store.collect_garbage()?;
+    report.files = std::fs::read_dir(&pair.central_root).map_or(0, |_| central_count(pair));
+    for line in &report.new_conflicts {
+        log::warn!("{line}");
+    }
+    ctx.state.save(
+        &names::files_pair(pair.name, pair.peer),
+        &PairState {
+            last_sync: pair.now,
+            report: report.clone(),
+        },
+    )?;
+    Ok(report)
+}
+
+/// The wall clock in nanoseconds (not the test clock: it is compared with file times).
+fn wall_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+}
+
+fn central_count(pair: &Pair) -> usize {
+    list::list(&pair.central_root, &pair.tree.include, &pair.tree.exclude)
+        .map_or(0, |l| l.files.len())
+}
+
+/// Each path's state on both sides. Files whose metadata matches the base are known from
+/// it; the others are read, on every core.
+fn known_sides(
+    pair: &Pair,
+    central: &Listing,
+    peer: &Listing,
+    base: &BTreeMap<String, BaseEntry>,
+    pending: &BTreeSet<String>,
+) -> Result<BTreeMap<String, (Known, Known)>> {
+    let mut paths: BTreeSet<&String> = central.files.keys().chain(peer.files.keys()).collect();
+    paths.extend(base.keys());
+    let mut to_read: Vec<(String, Side)> = Vec::new();
+    let mut out: BTreeMap<String, (Known, Known)> = BTreeMap::new();
+    for path in paths {
+        if pending.contains(path) || central.hidden(path) || peer.hidden(path) {
+            continue;
+        }
+        let b = base.get(path);
+        let mut pair_known = (Known::default(), Known::default());
+        for (side, listing) in [(Side::Central, central), (Side::Peer, peer)] {
+            let Some(stat) = listing.files.get(path) else {
+                continue;
+            };
+            let seen = b.and_then(|b| match side {
+                Side::Central => b.central,
+                Side::Peer => b.peer,
+            });
+            let fresh = b.is_some_and(|b| {
+                seen.is_some_and(|s| s.matches(stat)) && stat.mtime_ns < b.seen_ns - 1_000_000_000
+            });
+            let k = Known {
+                sha256: fresh.then(|| b.map(|b| b.sha256.clone())).flatten(),
+                content: None,
+                mtime_ns: stat.mtime_ns,
+                mode: stat.mode,
+            };
+            if !fresh {
+                to_read.push((path.clone(), side));
+            }
+            match side {
+                Side::Central => pair_known.0 = k,
+                Side::Peer => pair_known.1 = k,
+            }
+        }
+        out.insert(path.clone(), pair_known);
+    }
+    let read = crate::util::parallel_map(&to_read, |(path, side)| {
+        write::read_current(
+            &pair.dir(*side).path(path),
+            pair.merge_max,
+            pair.read_lock(),
+        )
+    });
+    for ((path, side), r) in to_read.iter().zip(read) {
+        let r = r.ok_or_else(|| anyhow::anyhow!("a reader stopped unexpectedly"))??;
+        let Some(k) = out.get_mut(path).map(|(c, p)| match side {
+            Side::Central => c,
+            Side::Peer => p,
+        }) else {
+            continue;
+        };
+        k.sha256 = r.sha256;
+        k.content = r.content;
+        if let Some(s) = r.stat {
+            k.mtime_ns = s.mtime_ns;
+            k.mode = s.mode;
+        }
+    }
+    // Paths the base knows whose content is the base's (unchanged on both sides) need
+    // nothing: drop them before deciding.
+    out.retain(|path, (c, p)| {
+        let b = base.get(path).map(|b| b.sha256.as_str());
+        !(c.sha256.as_deref() == b && p.sha256.as_deref() == b && b.is_some())
+            || base.get(path).is_some_and(|b| {
+                b.central != central.files.get(path).map(Seen::from)
+                    || b.peer != peer.files.get(path).map(Seen::from)
+            })
+    });
+    Ok(out)
+}
+
+/// Refuses a plan that removes more than `max_delete` of a side's files (10 files or more).
+fn guard(
+    pair: &Pair,
+    central: &Listing,
+    peer: &Listing,
+    report: &PairReport,
+    opts: Options,
+) -> Result<()> {
+    if opts.force {
+        return Ok(());
+    }
+    let max = pair
+        .tree
+        .max_delete
+        .unwrap_or(pair.ctx.config.files.max_delete)
+        .0;
+    for (side, listing, counts) in [
+        ("central", central, report.central),
+        ("peer", peer, report.peer_side),
+    ] {
+        let n = listing.files.len() as u64;
+        if n >= 10 && counts.removed * 100 > n * u64::from(max) {
+            anyhow::bail!(
+                "refused: the sync would remove {} of the {n} files on the {side} side (more \
+                 than max_delete = {max}%); nothing was written. Is a directory unmounted or \
+                 wiped? Try: check both directories; if the removals are wanted, run cr0sync \
+                 files sync --tree {} --peer {} --force",
+                counts.removed,
+                pair.name,
+                pair.peer
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Keeps the losing content of a `file` conflict under `state/files/<tree>/lost/<id>`.
+/// Returns that path.
+fn keep_lost(
+    pair: &Pair,
+    id: &str,
+    loser: Side,
+    path: &str,
+    known: &BTreeMap<String, (Known, Known)>,
+) -> Result<String> {
+    let name = names::files_lost(pair.name, id);
+    let dest = pair.ctx.state.path(&name);
+    let k = known.get(path).map(|(c, p)| match loser {
+        Side::Central => c,
+        Side::Peer => p,
+    });
+    if k.is_none_or(|k| k.sha256.is_none()) {
+        // The losing side had deleted the file: nothing to keep.
+        return Ok(String::new());
+    }
+    let src = pair.dir(loser).path(path);
+    pair.ctx
+        .state
+        .replace_with(&name, |tmp| {
+            match k.and_then(|k| k.content.as_ref()) {
+                Some(bytes) => std::fs::write(tmp, bytes)?,
+                None => {
+                    std::fs::copy(&src, tmp)?;
+                }
+            }
+            Ok(())
+        })
+        .with_context(|| format!("cannot keep the losing content of {path}"))?;
+    Ok(dest.display().to_string())
+}
+
+fn conflict_line(pair: &Pair, r: &ConflictRecord) -> String {
+    let what = if r.table.is_empty() {
+        String::new()
+    } else {
+        format!(" key {}", r.table)
+    };
+    format!(
+        "conflict in tree {} file {}{what} ({}): {} wins (id {}). Try: cr0sync db conflicts; \
+         cr0sync db resolve {} --ack once reviewed",
+        pair.label(),
+        r.key.as_str().unwrap_or_default(),
+        r.kind,
+        r.winner,
+        r.id,
+        r.id
+    )
+}
+
+/// Appends the outbox's records that `conflicts.jsonl` lacks, then empties it.
+fn flush_outbox(ctx: &Context, store: &Store) -> Result<()> {
+    let outbox = store.outbox()?;
+    if outbox.is_empty() {
+        return Ok(());
+    }
+    let known = conflicts::ids(ctx)?;
+    let mut records = Vec::new();
+    for (id, text) in &outbox {
+        if known.contains(id) {
+            continue;
+        }
+        let r: ConflictRecord = serde_json::from_str(text)
+            .with_context(|| format!("a conflict record in the outbox of {id} is damaged"))?;
+        records.push(r);
+    }
+    conflicts::append(ctx, &records)?;
+    fault::point("files-after-conflicts-append")?;
+    store.clear_outbox(&outbox.into_iter().map(|(id, _)| id).collect::<Vec<_>>())
+}
+
+/// Completes journal entries: see the module doc (step 6). `listed` has the metadata of
+/// the files as this run listed them (empty when completing a stopped run's entries): a
+/// side that needs no write keeps it in the base. Returns how many entries were completed
+/// and how many are left for the next run.
+fn complete(
+    pair: &Pair,
+    store: &mut Store,
+    entries: Vec<JournalEntry>,
+    listed: &BTreeMap<(Side, String), Seen>,
+) -> Result<(usize, usize)> {
+    let mut done = Vec::new();
+    let mut progress = Vec::new();
+    let mut left = 0;
+    // Before any read or write below (see the racy-entry rule in `run`).
+    let seen_ns = wall_ns();
+    'entries: for mut e in entries {
+        let mut stats = [None, None];
+        let mut finished = true;
+        let mut wrote = false;
+        for (i, side) in [Side::Central, Side::Peer].into_iter().enumerate() {
+            let untouched = !e.side(side).writes();
+            match complete_side(pair, store, &mut e, side)? {
+                SideDone::Yes(stat) => {
+                    stats[i] = if untouched {
+                        listed.get(&(side, e.path.clone())).copied()
+                    } else {
+                        wrote = true;
+                        stat
+                    };
+                    // Written: from now on this side needs nothing more.
+                    let c = e.side_mut(side);
+                    c.pre = c.res.clone();
+                }
+                SideDone::Later => finished = false,
+                SideDone::Abandon => {
+                    // A copy whose source changed: nothing was written for this entry
+                    // (only one side is ever written from a source); the old base stays,
+                    // and the next run decides again.
+                    store.abandon(pair.peer, &e.path)?;
+                    left += 1;
+                    continue 'entries;
+                }
+            }
+        }
+        if !finished {
+            left += 1;
+            if wrote {
+                progress.push(e);
+            }
+            continue;
+        }
+        done.push(Settled {
+            path: e.path.clone(),
+            entry: e.base_after.clone().map(|sha256| BaseEntry {
+                sha256,
+                central: stats[0],
+                peer: stats[1],
+                seen_ns,
+            }),
+        });
+    }
+    store.settle(pair.peer, &done, &progress)?;
+    Ok((done.len(), left))
+}
+
+enum SideDone {
+    /// The side holds its result: its metadata when known (a write just made, or the
+    /// file as read).
+    Yes(Option<Seen>),
+    Later,
+    Abandon,
+}
+
+/// How many times a side that keeps changing under the sync is tried in one run.
+const ATTEMPTS: usize = 3;
+
+fn complete_side(
+    pair: &Pair,
+    store: &mut Store,
+    e: &mut JournalEntry,
+    side: Side,
+) -> Result<SideDone> {
+    let dir = pair.dir(side);
+    for _ in 0..ATTEMPTS {
+        let ch = e.side(side).clone();
+        if !ch.writes() {
+            return Ok(SideDone::Yes(None));
+        }
+        let cur = write::read_current(&dir.path(&e.path), pair.merge_max, pair.read_lock())?;
+        if cur.sha256 == ch.res {
+            return Ok(SideDone::Yes(cur.stat.as_ref().map(Seen::from)));
+        }
+        if cur.sha256 == ch.pre {
+            let object;
+            let source_path;
+            let content = match &ch.res {
+                None => Content::Absent,
+                Some(h) => match store.object(h)? {
+                    Some(bytes) => {
+                        object = bytes;
+                        Content::Bytes(&object)
+                    }
+                    None => {
+                        let from = e.source.unwrap_or(side.other());
+                        source_path = pair.dir(from).path(&e.path);
+                        Content::File {
+                            path: &source_path,
+                            sha256: h,
+                        }
+                    }
+                },
+            };
+            let mode = cur
+                .stat
+                .map(|s| s.mode)
+                .or_else(|| {
+                    std::fs::metadata(pair.dir(side.other()).path(&e.path))
+                        .ok()
+                        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+                })
+                .unwrap_or(pair.ctx.perms.file_mode);
+            match dir.put(&e.path, ch.pre.as_deref(), content, mode)? {
+                Outcome::Done(stat) => {
+                    fault::point("files-after-write")?;
+                    return Ok(SideDone::Yes(stat.as_ref().map(Seen::from)));
+                }
+                Outcome::Busy => return Ok(SideDone::Later),
+                Outcome::SourceChanged => return Ok(SideDone::Abandon),
+                Outcome::Changed => continue,
+            }
+        }
+        // The site changed the file since the decision: merge its change into the result
+        // (JSON), or let the site's change stand (it is newer).
+        revise(pair, store, e, side, &cur)?;
+    }
+    Ok(SideDone::Later)
+}
+
+/// A side found holding neither its pre-image nor its result: the journal entry is
+/// revised durably before anything is written, so a stop cannot count a change twice.
+fn revise(
+    pair: &Pair,
+    store: &mut Store,
+    e: &mut JournalEntry,
+    side: Side,
+    cur: &Current,
+) -> Result<()> {
+    let ch = e.side(side).clone();
+    let bytes = |h: &Option<String>| -> Result<Option<Vec<u8>>> {
+        match h {
+            Some(h) => store.object(h),
+            None => Ok(None),
+        }
+    };
+    let (pre, res) = (bytes(&ch.pre)?, bytes(&ch.res)?);
+    let mut objects = BTreeMap::new();
+    let cur_obj = cur.content.as_deref().and_then(json::object);
+    let torn = pair.tree.write == WriteMode::Flock
+        && cur_obj.is_none()
+        && res.as_deref().and_then(json::object).is_some();
+    let new_res = match (&pre, &res, &cur_obj) {
+        (Some(pre), Some(res), Some(cur_obj)) if !torn => {
+            match (json::object(pre), json::object(res)) {
+                (Some(p), Some(r)) => {
+                    let (m, _) =
+                        json::merge3(Some(&p), cur_obj, &r, pair.rules.counters, Prefer::Central);
+                    let style = json::Style::of(
+                        std::str::from_utf8(cur.content.as_deref().unwrap_or_default())
+                            .unwrap_or(""),
+                    );
+                    let out = style.render(&serde_json::Value::Object(m));
+                    let h = write::sha256(&out);
+                    objects.insert(h.clone(), out);
+                    Some(h)
+                }
+                _ => cur.sha256.clone(),
+            }
+        }
+        // A flock-mode file torn by a stopped rewrite of ours: write the result again.
+        _ if torn => ch.res.clone(),
+        _ => cur.sha256.clone(),
+    };
+    if let (Some(h), Some(b)) = (&cur.sha256, &cur.content) {
+        objects.insert(h.clone(), b.clone());
+    }
+    let c = e.side_mut(side);
+    c.pre = cur.sha256.clone();
+    c.res = new_res;
+    store.revise(pair.peer, e, &objects)
+}

@@ -1,0 +1,489 @@
+//! The file-tree job end to end: the real binary on real directories.
+//!
+//! The laws under test: every committed increment of every site is in the final balance
+//! on every side (counted once, whatever stops the sync); a change on one side reaches
+//! the others; nothing is ever lost (a losing file is kept and recorded); a missing or
+//! emptied directory is never mirrored.
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{BIN, Root, stderr_of};
+
+/// A root with one tree `balances` (central `shared_storage/balances`) and two site
+/// directories as peers.
+struct Sites {
+    r: Root,
+    site1: PathBuf,
+    site2: PathBuf,
+}
+
+impl Sites {
+    fn new(extra: &str) -> Sites {
+        let r = Root::new();
+        let site1 = r.tmp.path().join("site1/balances");
+        let site2 = r.tmp.path().join("site2/balances");
+        std::fs::create_dir_all(&site1).unwrap();
+        std::fs::create_dir_all(&site2).unwrap();
+        r.write_config(&format!(
+            r#"
+[[files.tree]]
+name = "balances"
+central = "shared_storage/balances"
+include = ["*.txt", "*.json"]
+exclude = ["*.tmp"]
+json_counters = ["balance"]
+{extra}
+peers = [
+  {{ name = "site1", path = "{}" }},
+  {{ name = "site2", path = "{}" }},
+]
+"#,
+            site1.display(),
+            site2.display()
+        ));
+        Sites { r, site1, site2 }
+    }
+
+    fn central(&self) -> PathBuf {
+        self.r.path("shared_storage/balances")
+    }
+
+    fn sync(&self) -> std::process::Output {
+        self.r.cmd().args(["files", "sync"]).output().unwrap()
+    }
+
+    fn sync_ok(&self) {
+        let out = self.sync();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+
+    fn sides(&self) -> [PathBuf; 3] {
+        [self.central(), self.site1.clone(), self.site2.clone()]
+    }
+
+    fn balance(dir: &Path, user: &str) -> i64 {
+        let text = std::fs::read_to_string(dir.join(format!("{user}.txt"))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        v["balance"].as_i64().unwrap()
+    }
+}
+
+fn write(path: &Path, text: &str) {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn two_sites_adding_coins_in_the_same_minute_add_up_everywhere() {
+    let s = Sites::new("");
+    write(
+        &s.site1.join("1-andy.txt"),
+        r#"{"user_id": "1-andy", "balance": 1280}"#,
+    );
+    s.sync_ok();
+    s.sync_ok();
+    for dir in s.sides() {
+        assert_eq!(Sites::balance(&dir, "1-andy"), 1280, "{}", dir.display());
+    }
+    // +20 on one site, -10 on the other, in the same minute.
+    write(
+        &s.site1.join("1-andy.txt"),
+        r#"{"user_id": "1-andy", "balance": 1300}"#,
+    );
+    write(
+        &s.site2.join("1-andy.txt"),
+        r#"{"user_id": "1-andy", "balance": 1270}"#,
+    );
+    s.sync_ok();
+    s.sync_ok();
+    for dir in s.sides() {
+        assert_eq!(Sites::balance(&dir, "1-andy"), 1290, "{}", dir.display());
+    }
+    // Key order and style are kept.
+    let text = std::fs::read_to_string(s.central().join("1-andy.txt")).unwrap();
+    assert!(
+        text.starts_with(r#"{"user_id":"1-andy","balance":1290}"#),
+        "{text}"
+    );
+    // The same change on both sides is two changes.
+    write(
+        &s.site1.join("1-andy.txt"),
+        r#"{"user_id":"1-andy","balance":1310}"#,
+    );
+    write(
+        &s.site2.join("1-andy.txt"),
+        r#"{"user_id":"1-andy","balance":1310}"#,
+    );
+    s.sync_ok();
+    s.sync_ok();
+    for dir in s.sides() {
+        assert_eq!(Sites::balance(&dir, "1-andy"), 1330, "{}", dir.display());
+    }
+    // Nothing changed: nothing written, nothing recorded.
+    let before = std::fs::metadata(s.central().join("1-andy.txt")).unwrap();
+    s.sync_ok();
+    let after = std::fs::metadata(s.central().join("1-andy.txt")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (before.ino(), before.mtime_nsec()),
+        (after.ino(), after.mtime_nsec())
+    );
+}
+
+#[test]
+fn changes_deletes_and_creations_propagate_and_a_losing_file_is_kept() {
+    let s = Sites::new("policy = \"newest-wins\"");
+    write(&s.site1.join("a/notes.txt"), "one\n");
+    write(&s.central().join("b.txt"), "bee\n");
+    std::fs::create_dir_all(s.central()).unwrap();
+    s.sync_ok();
+    s.sync_ok();
+    for dir in s.sides() {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("a/notes.txt")).unwrap(),
+            "one\n"
+        );
+        assert_eq!(std::fs::read_to_string(dir.join("b.txt")).unwrap(), "bee\n");
+    }
+    // A delete on one side is a delete everywhere.
+    std::fs::remove_file(s.site2.join("b.txt")).unwrap();
+    s.sync_ok();
+    s.sync_ok();
+    for dir in s.sides() {
+        assert!(!dir.join("b.txt").exists(), "{}", dir.display());
+    }
+    // Both sides change a text file: newest wins, the loser is kept and recorded.
+    write(&s.central().join("a/notes.txt"), "central's\n");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write(&s.site1.join("a/notes.txt"), "site1's\n");
+    let out =
+        s.r.cmd()
+            .args(["files", "sync", "--peer", "site1"])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("conflict in tree balances/site1 file a/notes.txt"));
+    assert_eq!(
+        std::fs::read_to_string(s.central().join("a/notes.txt")).unwrap(),
+        "site1's\n"
+    );
+    let out =
+        s.r.cmd()
+            .args(["db", "conflicts", "--json"])
+            .output()
+            .unwrap();
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "file")
+        .unwrap_or_else(|| panic!("{records}"));
+    assert_eq!(r["key"], "a/notes.txt");
+    let kept = r["result"]["lost_kept_at"].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(kept).unwrap(), "central's\n");
+    // status names the open conflict, and ack closes it.
+    let status = s.r.status_json();
+    assert!(
+        status["trees"][0]["conflicts"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    let id = r["id"].as_str().unwrap();
+    s.r.cmd()
+        .args(["db", "resolve", id, "--ack"])
+        .assert()
+        .success();
+}
+
+#[test]
+fn a_missing_peer_directory_is_an_error_and_nothing_is_removed() {
+    let s = Sites::new("");
+    for i in 0..12 {
+        write(&s.site1.join(format!("{i}.txt")), "{\"balance\": 1}");
+    }
+    s.sync_ok();
+    s.sync_ok();
+    std::fs::rename(&s.site2, s.r.tmp.path().join("unmounted")).unwrap();
+    let out = s.sync();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(err.contains("peer directory not found"), "{err}");
+    assert_eq!(std::fs::read_dir(s.central()).unwrap().count(), 12);
+    assert_eq!(std::fs::read_dir(&s.site1).unwrap().count(), 12);
+    // An empty directory in its place (the disk unmounted, its mount point left) is
+    // refused by the mass-delete guard; --force removes what the operator wants removed.
+    std::fs::create_dir_all(&s.site2).unwrap();
+    let out =
+        s.r.cmd()
+            .args(["files", "sync", "--peer", "site2"])
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("would remove 12 of the 12 files on the central side"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(s.central()).unwrap().count(), 12);
+    s.r.cmd()
+        .args(["files", "sync", "--peer", "site2", "--force"])
+        .assert()
+        .success();
+    assert_eq!(std::fs::read_dir(s.central()).unwrap().count(), 0);
+}
+
+#[test]
+fn symlinks_and_special_files_are_skipped_never_followed() {
+    let s = Sites::new("");
+    let secret = s.r.tmp.path().join("secret.txt");
+    write(&secret, "secret");
+    std::os::unix::fs::symlink(&secret, s.site1.join("link.txt")).unwrap();
+    let status = Command::new("mkfifo")
+        .arg(s.site1.join("pipe.txt"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    write(&s.site1.join("ok.txt"), "ok");
+    s.sync_ok();
+    assert!(s.central().join("ok.txt").exists());
+    assert!(!s.central().join("link.txt").exists());
+    assert!(!s.central().join("pipe.txt").exists());
+}
+
+#[test]
+fn one_way_pairs_write_their_target_only() {
+    let r = Root::new();
+    let master = r.tmp.path().join("master");
+    let mirror = r.tmp.path().join("mirror");
+    std::fs::create_dir_all(&master).unwrap();
+    std::fs::create_dir_all(&mirror).unwrap();
+    r.write_config(&format!(
+        r#"
+[[files.tree]]
+name = "archive"
+central = "shared_storage/archive"
+peers = [
+  {{ name = "master", path = "{}", direction = "pull" }},
+  {{ name = "mirror", path = "{}", direction = "push" }},
+]
+"#,
+        master.display(),
+        mirror.display()
+    ));
+    write(&master.join("song.mp3"), "la la");
+    write(&mirror.join("local.txt"), "mirror's own");
+    r.cmd().args(["files", "sync"]).assert().success();
+    assert_eq!(
+        std::fs::read_to_string(mirror.join("song.mp3")).unwrap(),
+        "la la"
+    );
+    // The mirror's own file never reaches the central copy or the master.
+    assert!(!r.path("shared_storage/archive/local.txt").exists());
+    assert!(!master.join("local.txt").exists());
+    // A change on the central copy never reaches the master.
+    write(&r.path("shared_storage/archive/extra.txt"), "x");
+    r.cmd().args(["files", "sync"]).assert().success();
+    assert!(!master.join("extra.txt").exists());
+    assert!(mirror.join("extra.txt").exists());
+}
+
+#[test]
+fn bad_tree_configuration_is_exit_2_naming_key_and_line() {
+    let r = Root::new();
+    let cases = [
+        (
+            "[[files.tree]]\nname = \"t\"\ncentral = \"c\"\nbogus = 1\npeers = []\n",
+            "bogus",
+        ),
+        (
+            "[[files.tree]]\nname = \"t\"\ncentral = \"c\"\npeers = [{ name = \"p\", path = \"/x\" }]\n\
+             [[files.tree]]\nname = \"t\"\ncentral = \"d\"\npeers = [{ name = \"p\", path = \"/y\" }]\n",
+            "duplicate tree",
+        ),
+        (
+            "[[files.tree]]\nname = \"t\"\ncentral = \"c\"\npeers = [{ name = \"p\", path = \"c/inside\" }]\n",
+            "overlaps",
+        ),
+    ];
+    for (text, needle) in cases {
+        r.write_config(text);
+        let out = r.cmd().args(["files", "status"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let err = stderr_of(&out);
+        assert!(err.contains(needle) && err.contains("line "), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
+
+/// Two PHP sites add coins to one user's balance file (each read-modify-write under the
+/// file's flock, as PHP must against its own concurrent requests) while `cron files` runs
+/// every few hundred milliseconds. Every increment either site wrote is in the final
+/// balance on every side.
+#[test]
+fn php_writers_under_cron_every_committed_increment_counts_once() {
+    if Command::new("php").arg("-v").output().is_err() {
+        panic!("php-cli is needed (apt-get install php-cli)");
+    }
+    let s = Sites::new("write = \"flock\"");
+    for dir in [&s.site1, &s.site2] {
+        write(
+            &dir.join("7-php.txt"),
+            "{\"user_id\":\"7-php\",\"balance\":1000}\n",
+        );
+    }
+    s.sync_ok();
+    s.sync_ok();
+    let php = |dir: &Path| {
+        Command::new("php")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/clients/add_balance.php"
+            ))
+            .arg(dir.join("7-php.txt"))
+            .arg("4")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let w1 = php(&s.site1);
+    let w2 = php(&s.site2);
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(5) {
+        let out = s.r.cmd().args(["cron", "files"]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+    let count = |c: std::process::Child| -> i64 {
+        let out = c.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let (a, b) = (count(w1), count(w2));
+    assert!(a > 50 && b > 50, "the writers ran: {a} {b}");
+    for _ in 0..3 {
+        s.sync_ok();
+    }
+    for dir in s.sides() {
+        assert_eq!(
+            Sites::balance(&dir, "7-php"),
+            1000 + a + b,
+            "{} (site1 wrote {a}, site2 {b})",
+            dir.display()
+        );
+    }
+}
+
+/// A sync with many balance files changed on both sides, stopped at each named point of
+/// its protocol (and then at random instants), then run to the end: the result is the
+/// uninterrupted one.
+#[test]
+fn a_sync_stopped_anywhere_completes_with_each_delta_once() {
+    let setup = || {
+        let s = Sites::new("");
+        for i in 0..40 {
+            write(
+                &s.site1.join(format!("{i}.txt")),
+                &format!("{{\"balance\": {i}}}\n"),
+            );
+        }
+        write(&s.site1.join("text.txt"), "base\n");
+        s.sync_ok();
+        s.sync_ok();
+        for i in 0..40 {
+            write(
+                &s.site1.join(format!("{i}.txt")),
+                &format!("{{\"balance\": {}}}\n", i + 5),
+            );
+            write(
+                &s.site2.join(format!("{i}.txt")),
+                &format!("{{\"balance\": {}}}\n", i + 7),
+            );
+        }
+        write(&s.central().join("text.txt"), "central\n");
+        write(&s.site1.join("text.txt"), "site1\n");
+        s
+    };
+    let check = |s: &Sites| {
+        for _ in 0..3 {
+            s.sync_ok();
+        }
+        for dir in s.sides() {
+            for i in 0..40 {
+                assert_eq!(
+                    Sites::balance(&dir, &i.to_string()),
+                    i + 12,
+                    "{} file {i}",
+                    dir.display()
+                );
+            }
+        }
+        let out =
+            s.r.cmd()
+                .args(["db", "conflicts", "--json"])
+                .output()
+                .unwrap();
+        let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let files: Vec<_> = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["key"] == "text.txt")
+            .collect();
+        assert_eq!(files.len(), 1, "recorded once: {records}");
+        for dir in s.sides() {
+            let partial: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+                .collect();
+            assert!(
+                partial.is_empty(),
+                "temporaries of killed runs are removed: {partial:?}"
+            );
+        }
+    };
+    for point in [
+        "files-after-decide",
+        "files-after-write",
+        "files-after-writes",
+        "files-after-conflicts-append",
+    ] {
+        let s = setup();
+        let out = Command::new(BIN)
+            .arg("--root")
+            .arg(&s.r.root)
+            .args(["files", "sync", "--peer", "site1"])
+            .env("CR0SYNC_FAULT", point)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            None,
+            "{point}: killed, {}",
+            stderr_of(&out)
+        );
+        check(&s);
+    }
+    let s = setup();
+    let killed = common::kill_at_later_and_later_moments(
+        &s.r.root,
+        &["files", "sync"],
+        std::time::Duration::from_millis(3),
+        200,
+        |_| {},
+    );
+    assert!(killed > 3, "the run was cut {killed} times");
+    check(&s);
+}
