@@ -40,7 +40,7 @@ impl Sites {
 name = "balances"
 central = "shared_storage/balances"
 include = ["*.txt", "*.json"]
-exclude = ["*.tmp"]
+exclude = ["*.tmp", "*.site-tmp"]
 json_counters = ["balance"]
 {extra}
 peers = [
@@ -79,7 +79,7 @@ peers = [
     }
 }
 
-fn write(path: &Path, text: &str) {
+fn write_file(path: &Path, text: &str) {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).unwrap();
     }
@@ -89,7 +89,7 @@ fn write(path: &Path, text: &str) {
 #[test]
 fn two_sites_adding_coins_in_the_same_minute_add_up_everywhere() {
     let s = Sites::new("");
-    write(
+    write_file(
         &s.site1.join("1-andy.txt"),
         r#"{"user_id": "1-andy", "balance": 1280}"#,
     );
@@ -99,11 +99,11 @@ fn two_sites_adding_coins_in_the_same_minute_add_up_everywhere() {
         assert_eq!(Sites::balance(&dir, "1-andy"), 1280, "{}", dir.display());
     }
     // +20 on one site, -10 on the other, in the same minute.
-    write(
+    write_file(
         &s.site1.join("1-andy.txt"),
         r#"{"user_id": "1-andy", "balance": 1300}"#,
     );
-    write(
+    write_file(
         &s.site2.join("1-andy.txt"),
         r#"{"user_id": "1-andy", "balance": 1270}"#,
     );
@@ -119,11 +119,11 @@ fn two_sites_adding_coins_in_the_same_minute_add_up_everywhere() {
         "{text}"
     );
     // The same change on both sides is two changes.
-    write(
+    write_file(
         &s.site1.join("1-andy.txt"),
         r#"{"user_id":"1-andy","balance":1310}"#,
     );
-    write(
+    write_file(
         &s.site2.join("1-andy.txt"),
         r#"{"user_id":"1-andy","balance":1310}"#,
     );
@@ -146,8 +146,8 @@ fn two_sites_adding_coins_in_the_same_minute_add_up_everywhere() {
 #[test]
 fn changes_deletes_and_creations_propagate_and_a_losing_file_is_kept() {
     let s = Sites::new("policy = \"newest-wins\"");
-    write(&s.site1.join("a/notes.txt"), "one\n");
-    write(&s.central().join("b.txt"), "bee\n");
+    write_file(&s.site1.join("a/notes.txt"), "one\n");
+    write_file(&s.central().join("b.txt"), "bee\n");
     std::fs::create_dir_all(s.central()).unwrap();
     s.sync_ok();
     s.sync_ok();
@@ -166,9 +166,9 @@ fn changes_deletes_and_creations_propagate_and_a_losing_file_is_kept() {
         assert!(!dir.join("b.txt").exists(), "{}", dir.display());
     }
     // Both sides change a text file: newest wins, the loser is kept and recorded.
-    write(&s.central().join("a/notes.txt"), "central's\n");
+    write_file(&s.central().join("a/notes.txt"), "central's\n");
     std::thread::sleep(std::time::Duration::from_millis(20));
-    write(&s.site1.join("a/notes.txt"), "site1's\n");
+    write_file(&s.site1.join("a/notes.txt"), "site1's\n");
     let out =
         s.r.cmd()
             .args(["files", "sync", "--peer", "site1"])
@@ -212,7 +212,7 @@ fn changes_deletes_and_creations_propagate_and_a_losing_file_is_kept() {
 fn a_missing_peer_directory_is_an_error_and_nothing_is_removed() {
     let s = Sites::new("");
     for i in 0..12 {
-        write(&s.site1.join(format!("{i}.txt")), "{\"balance\": 1}");
+        write_file(&s.site1.join(format!("{i}.txt")), "{\"balance\": 1}");
     }
     s.sync_ok();
     s.sync_ok();
@@ -249,14 +249,14 @@ fn a_missing_peer_directory_is_an_error_and_nothing_is_removed() {
 fn symlinks_and_special_files_are_skipped_never_followed() {
     let s = Sites::new("");
     let secret = s.r.tmp.path().join("secret.txt");
-    write(&secret, "secret");
+    write_file(&secret, "secret");
     std::os::unix::fs::symlink(&secret, s.site1.join("link.txt")).unwrap();
     let status = Command::new("mkfifo")
         .arg(s.site1.join("pipe.txt"))
         .status()
         .unwrap();
     assert!(status.success());
-    write(&s.site1.join("ok.txt"), "ok");
+    write_file(&s.site1.join("ok.txt"), "ok");
     s.sync_ok();
     assert!(s.central().join("ok.txt").exists());
     assert!(!s.central().join("link.txt").exists());
@@ -283,8 +283,8 @@ peers = [
         master.display(),
         mirror.display()
     ));
-    write(&master.join("song.mp3"), "la la");
-    write(&mirror.join("local.txt"), "mirror's own");
+    write_file(&master.join("song.mp3"), "la la");
+    write_file(&mirror.join("local.txt"), "mirror's own");
     r.cmd().args(["files", "sync"]).assert().success();
     assert_eq!(
         std::fs::read_to_string(mirror.join("song.mp3")).unwrap(),
@@ -294,7 +294,7 @@ peers = [
     assert!(!r.path("shared_storage/archive/local.txt").exists());
     assert!(!master.join("local.txt").exists());
     // A change on the central copy never reaches the master.
-    write(&r.path("shared_storage/archive/extra.txt"), "x");
+    write_file(&r.path("shared_storage/archive/extra.txt"), "x");
     r.cmd().args(["files", "sync"]).assert().success();
     assert!(!master.join("extra.txt").exists());
     assert!(mirror.join("extra.txt").exists());
@@ -328,18 +328,19 @@ fn bad_tree_configuration_is_exit_2_naming_key_and_line() {
     }
 }
 
-/// Two PHP sites add coins to one user's balance file (each read-modify-write under the
-/// file's flock, as PHP must against its own concurrent requests) while `cron files` runs
-/// every few hundred milliseconds. Every increment either site wrote is in the final
-/// balance on every side.
-#[test]
-fn php_writers_under_cron_every_committed_increment_counts_once() {
+/// Two PHP sites add coins to one user's balance file while `cron files` runs every few
+/// hundred milliseconds: every increment either site wrote is in the final balance on
+/// every side. `inplace`: the sites rewrite the file in place under its flock (PHP's
+/// usual `flock` + `ftruncate` + `fwrite`), served with `write = "flock"`. `rename`: the
+/// sites lock the file, then rename a new version over it, served with the default
+/// atomic writes.
+fn php_writers_under_cron(write: &str, php_mode: &str) {
     if Command::new("php").arg("-v").output().is_err() {
         panic!("php-cli is needed (apt-get install php-cli)");
     }
-    let s = Sites::new("write = \"flock\"");
+    let s = Sites::new(&format!("write = \"{write}\""));
     for dir in [&s.site1, &s.site2] {
-        write(
+        write_file(
             &dir.join("7-php.txt"),
             "{\"user_id\":\"7-php\",\"balance\":1000}\n",
         );
@@ -354,6 +355,7 @@ fn php_writers_under_cron_every_committed_increment_counts_once() {
             ))
             .arg(dir.join("7-php.txt"))
             .arg("4")
+            .arg(php_mode)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap()
@@ -372,7 +374,7 @@ fn php_writers_under_cron_every_committed_increment_counts_once() {
     };
     let (a, b) = (count(w1), count(w2));
     assert!(a > 50 && b > 50, "the writers ran: {a} {b}");
-    for _ in 0..3 {
+    for _ in 0..4 {
         s.sync_ok();
     }
     for dir in s.sides() {
@@ -385,6 +387,16 @@ fn php_writers_under_cron_every_committed_increment_counts_once() {
     }
 }
 
+#[test]
+fn php_writers_in_place_under_cron_every_increment_counts_once() {
+    php_writers_under_cron("flock", "inplace");
+}
+
+#[test]
+fn php_writers_renaming_under_cron_every_increment_counts_once() {
+    php_writers_under_cron("atomic", "rename");
+}
+
 /// A sync with many balance files changed on both sides, stopped at each named point of
 /// its protocol (and then at random instants), then run to the end: the result is the
 /// uninterrupted one.
@@ -393,26 +405,26 @@ fn a_sync_stopped_anywhere_completes_with_each_delta_once() {
     let setup = || {
         let s = Sites::new("");
         for i in 0..40 {
-            write(
+            write_file(
                 &s.site1.join(format!("{i}.txt")),
                 &format!("{{\"balance\": {i}}}\n"),
             );
         }
-        write(&s.site1.join("text.txt"), "base\n");
+        write_file(&s.site1.join("text.txt"), "base\n");
         s.sync_ok();
         s.sync_ok();
         for i in 0..40 {
-            write(
+            write_file(
                 &s.site1.join(format!("{i}.txt")),
                 &format!("{{\"balance\": {}}}\n", i + 5),
             );
-            write(
+            write_file(
                 &s.site2.join(format!("{i}.txt")),
                 &format!("{{\"balance\": {}}}\n", i + 7),
             );
         }
-        write(&s.central().join("text.txt"), "central\n");
-        write(&s.site1.join("text.txt"), "site1\n");
+        write_file(&s.central().join("text.txt"), "central\n");
+        write_file(&s.site1.join("text.txt"), "site1\n");
         s
     };
     let check = |s: &Sites| {
