@@ -386,7 +386,9 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
     // 7. Records and cleanup.
     flush_outbox(ctx, &store)?;
     store.collect_garbage()?;
-    report.files = std::fs::read_dir(&pair.central_root).map_or(0, |_| central_count(pair));
+    // As listed, with what this sync created and removed there.
+    let n = central.files.len() as u64 + report.central.created;
+    report.files = usize::try_from(n.saturating_sub(report.central.removed)).unwrap_or(usize::MAX);
     for line in &report.new_conflicts {
         log::warn!("{line}");
     }
@@ -405,11 +407,6 @@ fn wall_ns() -> i128 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
-}
-
-fn central_count(pair: &Pair) -> usize {
-    list::list(&pair.central_root, &pair.tree.include, &pair.tree.exclude)
-        .map_or(0, |l| l.files.len())
 }
 
 /// Each path's state on both sides. Files whose metadata matches the base are known from
@@ -685,6 +682,13 @@ fn complete_side(
     e: &mut JournalEntry,
     side: Side,
 ) -> Result<SideDone> {
+    // The common case: the side still holds what was decided on. The write itself checks
+    // that under the file's lock, so the file is not read first.
+    if e.side(side).writes()
+        && let Some(done) = put_result(pair, store, e, side)?
+    {
+        return Ok(done);
+    }
     let dir = pair.dir(side);
     for _ in 0..ATTEMPTS {
         let ch = e.side(side).clone();
@@ -696,42 +700,9 @@ fn complete_side(
             return Ok(SideDone::Yes(cur.stat.as_ref().map(Seen::from)));
         }
         if cur.sha256 == ch.pre {
-            let object;
-            let source_path;
-            let content = match &ch.res {
-                None => Content::Absent,
-                Some(h) => match store.object(h)? {
-                    Some(bytes) => {
-                        object = bytes;
-                        Content::Bytes(&object)
-                    }
-                    None => {
-                        let from = e.source.unwrap_or(side.other());
-                        source_path = pair.dir(from).path(&e.path);
-                        Content::File {
-                            path: &source_path,
-                            sha256: h,
-                        }
-                    }
-                },
-            };
-            let mode = cur
-                .stat
-                .map(|s| s.mode)
-                .or_else(|| {
-                    std::fs::metadata(pair.dir(side.other()).path(&e.path))
-                        .ok()
-                        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-                })
-                .unwrap_or(pair.ctx.perms.file_mode);
-            match dir.put(&e.path, ch.pre.as_deref(), content, mode)? {
-                Outcome::Done(stat) => {
-                    fault::point("files-after-write")?;
-                    return Ok(SideDone::Yes(stat.as_ref().map(Seen::from)));
-                }
-                Outcome::Busy => return Ok(SideDone::Later),
-                Outcome::SourceChanged => return Ok(SideDone::Abandon),
-                Outcome::Changed => continue,
+            match put_result(pair, store, e, side)? {
+                Some(done) => return Ok(done),
+                None => continue,
             }
         }
         // The site changed the file since the decision: merge its change into the result
@@ -739,6 +710,55 @@ fn complete_side(
         revise(pair, store, e, side, &cur)?;
     }
     Ok(SideDone::Later)
+}
+
+/// Writes a side's result if the side still holds its pre-image. `None`: it did not
+/// (changed meanwhile).
+fn put_result(
+    pair: &Pair,
+    store: &Store,
+    e: &JournalEntry,
+    side: Side,
+) -> Result<Option<SideDone>> {
+    let ch = e.side(side);
+    let object;
+    let source_path;
+    let content = match &ch.res {
+        None => Content::Absent,
+        Some(h) => match store.object(h)? {
+            Some(bytes) => {
+                object = bytes;
+                Content::Bytes(&object)
+            }
+            None => {
+                let from = e.source.unwrap_or(side.other());
+                source_path = pair.dir(from).path(&e.path);
+                Content::File {
+                    path: &source_path,
+                    sha256: h,
+                }
+            }
+        },
+    };
+    // A new file gets the mode of the file it copies (a replaced one keeps its own).
+    let mode = std::fs::metadata(pair.dir(side.other()).path(&e.path))
+        .ok()
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+        .unwrap_or(pair.ctx.perms.file_mode);
+    Ok(
+        match pair
+            .dir(side)
+            .put(&e.path, ch.pre.as_deref(), content, mode)?
+        {
+            Outcome::Done(stat) => {
+                fault::point("files-after-write")?;
+                Some(SideDone::Yes(stat.as_ref().map(Seen::from)))
+            }
+            Outcome::Busy => Some(SideDone::Later),
+            Outcome::SourceChanged => Some(SideDone::Abandon),
+            Outcome::Changed => None,
+        },
+    )
 }
 
 /// A side found holding neither its pre-image nor its result: the journal entry is
