@@ -201,11 +201,82 @@ fn changes_deletes_and_creations_propagate_and_a_losing_file_is_kept() {
         status["trees"][0]["conflicts"].as_u64().unwrap() >= 1,
         "{status}"
     );
+    // The operator keeps central's version after all: it goes back into the central file,
+    // and the next sync carries it to every side.
     let id = r["id"].as_str().unwrap();
     s.r.cmd()
-        .args(["db", "resolve", id, "--ack"])
+        .args(["db", "resolve", id, "--keep", "central"])
         .assert()
         .success();
+    s.sync_ok();
+    s.sync_ok();
+    for dir in s.sides() {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("a/notes.txt")).unwrap(),
+            "central's\n",
+            "{}",
+            dir.display()
+        );
+    }
+    let status = s.r.status_json();
+    assert_eq!(status["trees"][0]["conflicts"], 0, "{status}");
+}
+
+#[test]
+fn a_json_key_changed_two_ways_is_a_conflict_resolved_per_key() {
+    let s = Sites::new("policy = \"central-wins\"");
+    write_file(
+        &s.site1.join("p.json"),
+        "{\n  \"nick\": \"andy\",\n  \"mail\": \"a@x\",\n  \"balance\": 5\n}\n",
+    );
+    s.sync_ok();
+    s.sync_ok();
+    write_file(
+        &s.central().join("p.json"),
+        "{\n  \"nick\": \"andrew\",\n  \"mail\": \"a@x\",\n  \"balance\": 6\n}\n",
+    );
+    write_file(
+        &s.site1.join("p.json"),
+        "{\n  \"nick\": \"drew\",\n  \"mail\": \"b@x\",\n  \"balance\": 9\n}\n",
+    );
+    let out =
+        s.r.cmd()
+            .args(["files", "sync", "--peer", "site1"])
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let merged = "{\n  \"nick\": \"andrew\",\n  \"mail\": \"b@x\",\n  \"balance\": 10\n}\n";
+    for dir in [s.central(), s.site1.clone()] {
+        assert_eq!(std::fs::read_to_string(dir.join("p.json")).unwrap(), merged);
+    }
+    let out =
+        s.r.cmd()
+            .args(["db", "conflicts", "--json"])
+            .output()
+            .unwrap();
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &records.as_array().unwrap()[0];
+    assert_eq!(
+        (r["kind"].as_str(), r["table"].as_str()),
+        (Some("json"), Some("nick"))
+    );
+    assert_eq!(r["rows"]["peer"], "drew");
+    let id = r["id"].as_str().unwrap();
+    s.r.cmd()
+        .args(["db", "resolve", id, "--keep", "peer"])
+        .assert()
+        .success();
+    s.sync_ok();
+    s.sync_ok();
+    let want = "{\n  \"nick\": \"drew\",\n  \"mail\": \"b@x\",\n  \"balance\": 10\n}\n";
+    for dir in s.sides() {
+        assert_eq!(
+            std::fs::read_to_string(dir.join("p.json")).unwrap(),
+            want,
+            "{}",
+            dir.display()
+        );
+    }
 }
 
 #[test]

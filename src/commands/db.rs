@@ -132,13 +132,32 @@ impl ResolveCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
         let mut line = String::new();
-        let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
-            line = match &self.id {
-                Some(id) if !self.all => job::resolve(run, id, self.keep.as_deref())?,
-                _ => job::ack_all(run)?,
-            };
-            Ok(())
-        })?;
+        // A conflict of a file tree is resolved under the file-tree job's lock.
+        let file_conflict = match &self.id {
+            Some(id) if !self.all => crate::conflicts::open(&ctx)?.iter().any(|r| {
+                &r.id == id
+                    && matches!(
+                        r.kind,
+                        crate::conflicts::ConflictKind::File | crate::conflicts::ConflictKind::Json
+                    )
+            }),
+            _ => false,
+        };
+        let report = if file_conflict {
+            let id = self.id.clone().unwrap_or_default();
+            run_job(&ctx, Job::Files, Trigger::Manual, self.dry_run, |run| {
+                line = crate::files::job::resolve(run, &id, self.keep.as_deref())?;
+                Ok(())
+            })?
+        } else {
+            run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
+                line = match &self.id {
+                    Some(id) if !self.all => job::resolve(run, id, self.keep.as_deref())?,
+                    _ => job::ack_all(run)?,
+                };
+                Ok(())
+            })?
+        };
         println!("{line}");
         Ok(report.outcome)
     }

@@ -240,3 +240,174 @@ pub fn sync_table(reports: &[PairReport]) -> Table {
     }
     t
 }
+
+/// Closes file conflict `id`. With `side` (`central`, `peer` or `base`), that version (of
+/// the whole file, or of the JSON key) is first written into the central directory's file,
+/// from where the next sync carries it to every side; without, the policy's choice stands.
+pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String> {
+    let ctx = run.ctx;
+    let record = conflicts::open(ctx)?
+        .into_iter()
+        .find(|r| r.id == id)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "conflict {id} is not open (unknown, or already resolved). Try: cr0sync db \
+                 conflicts --all"
+            )
+        })?;
+    let close = |run: &JobRun, action: &str| -> Result<()> {
+        if !run.dry_run {
+            conflicts::close(
+                run.ctx,
+                &[conflicts::Closing {
+                    id: id.to_string(),
+                    time: run.now,
+                    action: action.to_string(),
+                }],
+            )?;
+        }
+        Ok(())
+    };
+    let Some(side) = side else {
+        close(run, "ack")?;
+        return Ok(format!("conflict {id} closed; no file changed"));
+    };
+    let tree = ctx
+        .config
+        .files
+        .tree
+        .iter()
+        .find(|t| *t.name.get_ref() == record.database)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "conflict {id} is in tree {:?}, which is no longer configured. Try: cr0sync db \
+                 resolve {id} --ack",
+                record.database
+            )
+        })?;
+    let rel = record.key.as_str().unwrap_or_default().to_string();
+    let central_root = ctx.resolve(tree.central.get_ref());
+    let dir = crate::files::write::Dir {
+        root: &central_root,
+        mode: tree.write,
+        perms: &ctx.perms,
+        busy: ctx.config.general.busy_timeout.0,
+    };
+    let lock = (tree.write == crate::config::WriteMode::Flock).then_some(dir.busy);
+    let cur = crate::files::write::read_current(&dir.path(&rel), tree.merge_max.0, lock)?;
+    let image = match side {
+        "central" => &record.rows.central,
+        "peer" => &record.rows.peer,
+        _ => &record.rows.base,
+    };
+    let wanted: Option<Vec<u8>> = match record.kind {
+        ConflictKind::Json => {
+            // The file as it is now, with the key set to the chosen value.
+            let bytes = cur.content.clone().ok_or_else(|| {
+                anyhow::anyhow!("{} is gone or too large to edit", dir.path(&rel).display())
+            })?;
+            let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                anyhow::anyhow!("{} is not JSON any more: {e}", dir.path(&rel).display())
+            })?;
+            let keys: Vec<&str> = record.table.split('/').collect();
+            set_key(&mut value, &keys, image.clone().filter(|v| !v.is_null()));
+            let style = crate::files::json::Style::of(std::str::from_utf8(&bytes).unwrap_or(""));
+            Some(style.render(&value))
+        }
+        _ => {
+            let sha = image
+                .as_ref()
+                .and_then(|v| v["sha256"].as_str())
+                .map(str::to_string);
+            match sha {
+                None => None,
+                Some(h) if Some(&h) == cur.sha256.as_ref() => {
+                    close(run, &format!("keep-{side}"))?;
+                    return Ok(format!(
+                        "conflict {id}: {} already holds the {side} version; closed",
+                        dir.path(&rel).display()
+                    ));
+                }
+                Some(h) => Some(kept_content(ctx, tree, &record, &h)?),
+            }
+        }
+    };
+    if run.dry_run {
+        return Ok(format!(
+            "conflict {id}: would write the {side} version into {}",
+            dir.path(&rel).display()
+        ));
+    }
+    let content = match &wanted {
+        Some(b) => crate::files::write::Content::Bytes(b),
+        None => crate::files::write::Content::Absent,
+    };
+    match dir.put(&rel, cur.sha256.as_deref(), content, ctx.perms.file_mode)? {
+        crate::files::write::Outcome::Done(_) => {}
+        _ => anyhow::bail!(
+            "{} changed while the conflict was being resolved; nothing was written. Try: the \
+             same command again",
+            dir.path(&rel).display()
+        ),
+    }
+    close(run, &format!("keep-{side}"))?;
+    Ok(format!(
+        "conflict {id}: the {side} version is in {}; the next files sync carries it to every side",
+        dir.path(&rel).display()
+    ))
+}
+
+/// The bytes of a version of a file conflict: the kept loser, or a content the tree's
+/// state still holds.
+fn kept_content(
+    ctx: &Context,
+    tree: &TreeConfig,
+    record: &crate::conflicts::ConflictRecord,
+    sha: &str,
+) -> Result<Vec<u8>> {
+    if let Some(kept) = record.result["lost_kept_at"].as_str()
+        && !kept.is_empty()
+        && let Ok(bytes) = std::fs::read(kept)
+        && crate::files::write::sha256(&bytes) == sha
+    {
+        return Ok(bytes);
+    }
+    let store = crate::files::store::Store::open(
+        &ctx.state.path(&names::files_state(tree.name.get_ref())),
+        ctx.config.general.busy_timeout.0,
+    )?;
+    store.object(sha)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "that version of {} is no longer kept (only the losing file and files up to \
+             merge_max are). Try: cr0sync db resolve {} --ack",
+            record.key,
+            record.id
+        )
+    })
+}
+
+/// Sets (or, with `None`, removes) the value at a `/` path of keys.
+fn set_key(value: &mut serde_json::Value, keys: &[&str], to: Option<serde_json::Value>) {
+    let Some((last, parents)) = keys.split_last() else {
+        return;
+    };
+    let mut at = value;
+    for k in parents {
+        let Some(obj) = at.as_object_mut() else {
+            return;
+        };
+        at = obj
+            .entry(k.to_string())
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+    }
+    if let Some(obj) = at.as_object_mut() {
+        match to {
+            Some(v) => {
+                obj.insert(last.to_string(), v);
+            }
+            None => {
+                obj.remove(*last);
+            }
+        }
+    }
+}
