@@ -10,7 +10,8 @@ Three parts, each side by side in one run, medians:
    same way to three copies of the tree pair: `cr0sync files sync` (a three-way merge
    with a journal) against `rsync -a --update` one way plus the other (two one-way
    copies; target <= 1x), and against `unison -batch` on its own pair with its archive
-   (target: faster).
+   (target: faster). Each tool starts with the page cache clean (`sync`), so none pays
+   for flushing what another wrote.
 3. A large file (default 2 GiB) pulled from a master: `cr0sync files sync` against `cp`
    of the same file, with peak RSS (targets <= 1.3x and under 64 MiB).
 
@@ -121,6 +122,9 @@ peers = [{{ name = "site", path = "{peer}" }}]
             order = ["cr0sync", "rsync", "unison"]
             rng.shuffle(order)
             for tool in order:
+                # Each tool starts with nothing dirty: an fsync would otherwise also flush
+                # what the tool before it wrote without syncing.
+                os.sync()
                 if tool == "cr0sync":
                     res[tool].append(run([binary, "--root", root, "files", "sync"]))
                 elif tool == "rsync":
@@ -163,8 +167,10 @@ peers = [{{ name = "master", path = "{master}", direction = "pull" }}]
                     f.write(chunk)
             os.utime(big, (time.time() - 3600, time.time() - 3600))
             copy = os.path.join(tmp, "copy.bin")
+            os.sync()
             t_cp, r_cp = run(["cp", big, copy])
             os.unlink(copy)
+            os.sync()
             t_sync, r_sync = run([binary, "--root", broot, "files", "sync"])
             got = os.path.join(broot, "shared_storage", "archive", "big.bin")
             if os.path.getsize(got) != os.path.getsize(big):

@@ -292,6 +292,7 @@ pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String>
         mode: tree.write,
         perms: &ctx.perms,
         busy: ctx.config.general.busy_timeout.0,
+        dirs: None,
     };
     let lock = (tree.write == crate::config::WriteMode::Flock).then_some(dir.busy);
     let cur = crate::files::write::read_current(&dir.path(&rel), tree.merge_max.0, lock)?;
@@ -378,8 +379,8 @@ fn kept_content(
     )?;
     store.object(sha)?.ok_or_else(|| {
         anyhow::anyhow!(
-            "that version of {} is no longer kept (only the losing file and files up to \
-             merge_max are). Try: cr0sync db resolve {} --ack",
+            "that version of {} is no longer kept (only the losing file and JSON files up \
+             to merge_max are). Try: cr0sync db resolve {} --ack",
             record.key,
             record.id
         )

@@ -88,10 +88,12 @@ pub fn decide(
         central: Change {
             pre: c.map(str::to_string),
             res: res.map(str::to_string),
+            unwritten: false,
         },
         peer: Change {
             pre: p.map(str::to_string),
             res: res.map(str::to_string),
+            unwritten: false,
         },
         source: None,
     };

@@ -31,6 +31,7 @@ CREATE TABLE IF NOT EXISTS objects(sha256 TEXT PRIMARY KEY, content BLOB NOT NUL
 CREATE TABLE IF NOT EXISTS journal(
   peer TEXT NOT NULL, path TEXT NOT NULL, base_after TEXT,
   c_pre TEXT, c_res TEXT, p_pre TEXT, p_res TEXT, source TEXT,
+  c_unwritten INTEGER NOT NULL DEFAULT 0, p_unwritten INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY(peer, path)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outbox(id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
 ";
@@ -109,6 +110,11 @@ impl Side {
 pub struct Change {
     pub pre: Option<String>,
     pub res: Option<String>,
+    /// Known not written: the file cannot hold the result because of a write of ours, so
+    /// a file found holding it got there by the site's own changes (a counter reaching the
+    /// same value), and is merged like any other change. Recorded for a write left for the
+    /// next run; cleared on record before such a side is written.
+    pub unwritten: bool,
 }
 
 impl Change {
@@ -225,8 +231,8 @@ impl Store {
 
     pub fn journal(&self, peer: &str) -> Result<Vec<JournalEntry>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT path, base_after, c_pre, c_res, p_pre, p_res, source FROM journal \
-             WHERE peer = ?1 ORDER BY path",
+            "SELECT path, base_after, c_pre, c_res, p_pre, p_res, source, c_unwritten, \
+             p_unwritten FROM journal WHERE peer = ?1 ORDER BY path",
         )?;
         let rows = stmt.query_map([peer], |r| {
             Ok(JournalEntry {
@@ -235,10 +241,12 @@ impl Store {
                 central: Change {
                     pre: r.get(2)?,
                     res: r.get(3)?,
+                    unwritten: r.get(7)?,
                 },
                 peer: Change {
                     pre: r.get(4)?,
                     res: r.get(5)?,
+                    unwritten: r.get(8)?,
                 },
                 source: r
                     .get::<_, Option<String>>(6)?
@@ -268,7 +276,8 @@ impl Store {
             }
             let mut j = tx.prepare_cached(
                 "INSERT OR REPLACE INTO journal(peer, path, base_after, c_pre, c_res, p_pre, \
-                 p_res, source) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 p_res, source, c_unwritten, p_unwritten) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?;
             for e in entries {
                 j.execute(params![
@@ -279,7 +288,9 @@ impl Store {
                     e.central.res,
                     e.peer.pre,
                     e.peer.res,
-                    e.source.map(Side::name)
+                    e.source.map(Side::name),
+                    e.central.unwritten,
+                    e.peer.unwritten
                 ])?;
             }
             let mut o =
@@ -317,8 +328,8 @@ impl Store {
         set_base(&tx, peer, done)?;
         {
             let mut j = tx.prepare_cached(
-                "UPDATE journal SET c_pre = ?3, c_res = ?4, p_pre = ?5, p_res = ?6 \
-                 WHERE peer = ?1 AND path = ?2",
+                "UPDATE journal SET c_pre = ?3, c_res = ?4, p_pre = ?5, p_res = ?6, \
+                 c_unwritten = ?7, p_unwritten = ?8 WHERE peer = ?1 AND path = ?2",
             )?;
             for e in progress {
                 j.execute(params![
@@ -327,7 +338,9 @@ impl Store {
                     e.central.pre,
                     e.central.res,
                     e.peer.pre,
-                    e.peer.res
+                    e.peer.res,
+                    e.central.unwritten,
+                    e.peer.unwritten
                 ])?;
             }
         }

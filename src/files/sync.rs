@@ -90,6 +90,8 @@ pub struct PairState {
 
 /// One pair in progress.
 struct Pair<'a> {
+    /// Directories written since they were last synced (see `complete`).
+    dirs: &'a std::sync::Mutex<BTreeSet<PathBuf>>,
     ctx: &'a Context,
     tree: &'a TreeConfig,
     name: &'a str,
@@ -111,6 +113,7 @@ impl<'a> Pair<'a> {
             mode: self.tree.write,
             perms: &self.ctx.perms,
             busy: self.ctx.config.general.busy_timeout.0,
+            dirs: Some(self.dirs),
         }
     }
 
@@ -134,7 +137,9 @@ pub fn sync_pair(
 ) -> Result<PairReport> {
     let name = tree.name.get_ref().as_str();
     let peer_name = peer.name.get_ref().as_str();
+    let dirs = std::sync::Mutex::new(BTreeSet::new());
     let pair = Pair {
+        dirs: &dirs,
         ctx,
         tree,
         name,
@@ -285,8 +290,12 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         if let Some(e) = plan.entry {
             // Pre-images and results of small files go to the store, so a later merge (a
             // site writing meanwhile, a stopped run) has them.
+            // Only JSON objects are ever merged: their contents are kept as later bases and
+            // pre-images; any other file is copied from its side when written.
             for k in [c, p] {
-                if let (Some(h), Some(bytes)) = (&k.sha256, &k.content) {
+                if let (Some(h), Some(bytes)) = (&k.sha256, &k.content)
+                    && json::object(bytes).is_some()
+                {
                     objects.insert(h.clone(), bytes.clone());
                 }
             }
@@ -304,6 +313,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
             for k in [c, p] {
                 if let (Some(h), Some(bytes)) = (&k.sha256, &k.content)
                     && Some(h) == to.as_ref()
+                    && json::object(bytes).is_some()
                 {
                     objects.insert(h.clone(), bytes.clone());
                 }
@@ -648,6 +658,30 @@ fn complete(
                 .map(move |s| (i, s))
         })
         .collect();
+    // Sides known not to hold a result of ours: every side of an entry decided in this run
+    // (nothing is written before this), and sides a stopped run recorded as left unwritten.
+    // A recorded flag is cleared on record before the side is written, so a stop after
+    // the write never has it taken for unwritten.
+    let fresh = !listed.is_empty();
+    let known_unwritten: BTreeSet<(usize, Side)> = jobs
+        .iter()
+        .filter(|(i, side)| fresh || entries[*i].side(*side).unwritten)
+        .copied()
+        .collect();
+    let mut entries = entries;
+    let recorded: Vec<usize> = jobs
+        .iter()
+        .filter(|(i, side)| entries[*i].side(*side).unwritten)
+        .map(|(i, _)| *i)
+        .collect();
+    if !recorded.is_empty() {
+        for i in &recorded {
+            entries[*i].central.unwritten = false;
+            entries[*i].peer.unwritten = false;
+        }
+        let cleared: Vec<JournalEntry> = recorded.iter().map(|i| entries[*i].clone()).collect();
+        store.decide(pair.peer, &cleared, &BTreeMap::new(), &[], &[])?;
+    }
     let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for (i, side) in &jobs {
         if let Some(h) = &entries[*i].side(*side).res
@@ -673,9 +707,10 @@ fn complete(
         for (i, side) in [Side::Central, Side::Peer].into_iter().enumerate() {
             let untouched = !e.side(side).writes();
             let tried = first.remove(&(n, side)).flatten();
+            let unwritten = known_unwritten.contains(&(n, side));
             let outcome = match tried {
                 Some(done) => done,
-                None => complete_side(pair, store, &mut e, side)?,
+                None => complete_side(pair, store, &mut e, side, unwritten)?,
             };
             match outcome {
                 SideDone::Yes(stat) => {
@@ -689,7 +724,13 @@ fn complete(
                     let c = e.side_mut(side);
                     c.pre = c.res.clone();
                 }
-                SideDone::Later => finished = false,
+                SideDone::Later => {
+                    // Not written in this run: a later run must not take a file that
+                    // reaches the result by the site's own changes for our write.
+                    finished = false;
+                    e.side_mut(side).unwritten = true;
+                    wrote = true;
+                }
                 SideDone::Abandon => {
                     // A copy whose source changed: nothing was written for this entry
                     // (only one side is ever written from a source); the old base stays,
@@ -717,6 +758,15 @@ fn complete(
             }),
         });
     }
+    // The renames and removals above are durable before the base records them.
+    let dirs = pair
+        .dirs
+        .lock()
+        .map(|mut d| std::mem::take(&mut *d))
+        .unwrap_or_default();
+    for dir in dirs {
+        fsutil::fsync_dir(&dir).with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
     store.settle(pair.peer, &done, &progress)?;
     Ok((done.len(), left))
 }
@@ -737,6 +787,7 @@ fn complete_side(
     store: &mut Store,
     e: &mut JournalEntry,
     side: Side,
+    unwritten: bool,
 ) -> Result<SideDone> {
     let dir = pair.dir(side);
     for _ in 0..ATTEMPTS {
@@ -745,10 +796,10 @@ fn complete_side(
             return Ok(SideDone::Yes(None));
         }
         let cur = write::read_current(&dir.path(&e.path), pair.merge_max, pair.read_lock())?;
-        if cur.sha256 == ch.res {
+        if cur.sha256 == ch.res && !unwritten {
             return Ok(SideDone::Yes(cur.stat.as_ref().map(Seen::from)));
         }
-        if cur.sha256 == ch.pre {
+        if cur.sha256 == ch.pre && cur.sha256 != ch.res {
             let object = match &ch.res {
                 Some(h) => store.object(h)?,
                 None => None,
@@ -860,6 +911,8 @@ fn revise(
     let c = e.side_mut(side);
     c.pre = cur.sha256.clone();
     c.res = new_res;
+    // Recorded as possibly written: a write follows at once.
+    c.unwritten = false;
     store.revise(pair.peer, e, &objects)
 }
 

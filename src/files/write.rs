@@ -139,9 +139,25 @@ pub struct Dir<'a> {
     pub mode: WriteMode,
     pub perms: &'a Perms,
     pub busy: Duration,
+    /// Directories whose entries changed, to be synced once by the caller before it
+    /// records the writes as done; `None`: each is synced at once.
+    pub dirs: Option<&'a std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
 
 impl Dir<'_> {
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        match self.dirs {
+            Some(set) => {
+                if let Ok(mut set) = set.lock() {
+                    set.insert(dir.to_path_buf());
+                    return Ok(());
+                }
+                fsutil::fsync_dir(dir)
+            }
+            None => fsutil::fsync_dir(dir),
+        }
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
@@ -193,7 +209,7 @@ impl Dir<'_> {
             Err(e) => return Err(e.into()),
         }
         drop(tmp);
-        fsutil::fsync_dir(target.parent().unwrap_or(self.root))?;
+        self.sync_dir(target.parent().unwrap_or(self.root))?;
         Ok(Outcome::Done(
             fs::metadata(target).ok().map(|m| Stat::of(&m)),
         ))
@@ -219,7 +235,7 @@ impl Dir<'_> {
         fs::rename(&tmp, target)?;
         tmp.disarm();
         let stat = fs::metadata(target).ok().map(|m| Stat::of(&m));
-        fsutil::fsync_dir(target.parent().unwrap_or(self.root))?;
+        self.sync_dir(target.parent().unwrap_or(self.root))?;
         drop(locked);
         Ok(Outcome::Done(stat))
     }
@@ -262,7 +278,7 @@ impl Dir<'_> {
             return Ok(Outcome::Changed);
         }
         fs::remove_file(target)?;
-        fsutil::fsync_dir(target.parent().unwrap_or(self.root))?;
+        self.sync_dir(target.parent().unwrap_or(self.root))?;
         Ok(Outcome::Done(None))
     }
 
