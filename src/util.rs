@@ -113,6 +113,38 @@ pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -
     out
 }
 
+/// Wall time per phase of a run, for the log (`snapshot 12 ms, diff 30 ms`).
+#[derive(Debug)]
+pub struct Phases {
+    last: std::time::Instant,
+    done: Vec<(&'static str, u128)>,
+}
+
+impl Phases {
+    pub fn start() -> Self {
+        Phases {
+            last: std::time::Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the phase `name` now.
+    pub fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.done.push((name, (now - self.last).as_millis()));
+        self.last = now;
+    }
+
+    pub fn text(&self) -> String {
+        let parts: Vec<String> = self
+            .done
+            .iter()
+            .map(|(n, ms)| format!("{n} {ms} ms"))
+            .collect();
+        parts.join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

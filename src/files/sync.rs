@@ -222,7 +222,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
     //    files last modified over a second before this instant (the racy-entry rule: a
     //    write in the same clock tick as the one we saw does not change the metadata).
     let seen_ns = wall_ns();
-    let mut phases = Phases::start();
+    let mut phases = crate::util::Phases::start();
     let (central, peer) = std::thread::scope(|s| {
         let c = s.spawn(|| {
             if pair.central_root.exists() {
@@ -914,34 +914,4 @@ fn revise(
     // Recorded as possibly written: a write follows at once.
     c.unwritten = false;
     store.revise(pair.peer, e, &objects)
-}
-
-/// Wall time per phase of a sync, for the log.
-struct Phases {
-    last: std::time::Instant,
-    done: Vec<(&'static str, u128)>,
-}
-
-impl Phases {
-    fn start() -> Self {
-        Phases {
-            last: std::time::Instant::now(),
-            done: Vec::new(),
-        }
-    }
-
-    fn mark(&mut self, name: &'static str) {
-        let now = std::time::Instant::now();
-        self.done.push((name, (now - self.last).as_millis()));
-        self.last = now;
-    }
-
-    fn text(&self) -> String {
-        let parts: Vec<String> = self
-            .done
-            .iter()
-            .map(|(n, ms)| format!("{n} {ms} ms"))
-            .collect();
-        parts.join(", ")
-    }
 }

@@ -179,7 +179,7 @@ pub(super) struct Pair<'a> {
     pub(super) base_path: PathBuf,
     pub(super) journal_name: String,
     pub(super) report: PairReport,
-    pub(super) phases: Phases,
+    pub(super) phases: crate::util::Phases,
 }
 
 /// The steps of the module doc, in order.
@@ -286,7 +286,7 @@ impl<'a> Pair<'a> {
                 peer: peer_name.into(),
                 ..PairReport::default()
             },
-            phases: Phases::start(),
+            phases: crate::util::Phases::start(),
         })
     }
 
@@ -306,7 +306,7 @@ impl<'a> Pair<'a> {
 
     /// Step 2: the peer copied with the online backup API into scratch space.
     fn snapshot(&mut self) -> Result<fsutil::Scratch> {
-        self.phases = Phases::start();
+        self.phases = crate::util::Phases::start();
         let scratch = backup::scratch_dir(self.ctx)?;
         let snap = fsutil::Scratch::new(
             scratch.join(format!("{}.{}.snapshot.db", self.name, self.peer_name)),
@@ -365,35 +365,5 @@ impl<'a> Pair<'a> {
                 report: self.report.clone(),
             },
         )
-    }
-}
-
-/// Wall time per phase of a sync, for the log.
-pub(super) struct Phases {
-    last: std::time::Instant,
-    done: Vec<(&'static str, u128)>,
-}
-
-impl Phases {
-    fn start() -> Self {
-        Phases {
-            last: std::time::Instant::now(),
-            done: Vec::new(),
-        }
-    }
-
-    pub(super) fn mark(&mut self, name: &'static str) {
-        let now = std::time::Instant::now();
-        self.done.push((name, (now - self.last).as_millis()));
-        self.last = now;
-    }
-
-    fn text(&self) -> String {
-        let parts: Vec<String> = self
-            .done
-            .iter()
-            .map(|(n, ms)| format!("{n} {ms} ms"))
-            .collect();
-        parts.join(", ")
     }
 }
