@@ -317,6 +317,48 @@ fn a_missing_peer_directory_is_an_error_and_nothing_is_removed() {
 }
 
 #[test]
+fn an_unreadable_directory_is_left_alone_and_a_status_problem() {
+    if !common::needs_root("an unreadable directory (run as an unprivileged user)") {
+        return;
+    }
+    let s = Sites::new("");
+    write_file(&s.site1.join("private/a.txt"), "{\"balance\": 1}");
+    write_file(&s.site1.join("b.txt"), "{\"balance\": 2}");
+    s.sync_ok();
+    s.sync_ok();
+    assert!(s.central().join("private/a.txt").exists());
+    // Everything belongs to the unprivileged user that runs the sync, except that it
+    // cannot read one directory.
+    common::open_up(s.r.tmp.path());
+    let chown = Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(s.r.tmp.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::fs::set_permissions(
+        s.site1.join("private"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o000),
+    )
+    .unwrap();
+    let out = common::cr0sync_unprivileged()
+        .arg("--root")
+        .arg(&s.r.root)
+        .args(["files", "sync", "--peer", "site1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // Nothing below it was taken for deleted.
+    assert!(s.central().join("private/a.txt").exists());
+    let status = s.r.status_json();
+    let problems = status["problems"].to_string();
+    assert!(
+        problems.contains("cannot read") && problems.contains("private"),
+        "{status}"
+    );
+}
+
+#[test]
 fn symlinks_and_special_files_are_skipped_never_followed() {
     let s = Sites::new("");
     let secret = s.r.tmp.path().join("secret.txt");

@@ -115,6 +115,8 @@ pub struct PairStatus {
     pub conflicts: usize,
     /// Writes the last sync left for the next run.
     pub deferred: usize,
+    /// Directories the last sync could not read (nothing below them is synced).
+    pub unreadable: Vec<String>,
     pub last_error: Option<String>,
 }
 
@@ -146,6 +148,10 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
                     })
                     .count(),
                 deferred: state.as_ref().map_or(0, |s| s.report.deferred),
+                unreadable: state
+                    .as_ref()
+                    .map(|s| s.report.unreadable.clone())
+                    .unwrap_or_default(),
                 last_error: record.as_ref().and_then(|r| {
                     r.tasks
                         .iter()
@@ -169,6 +175,14 @@ pub fn section(ctx: &Context) -> Result<Section> {
             paint("error", Tone::Bad)
         } else if p.last_sync.is_none() {
             paint("never synced", Tone::Warn)
+        } else if !p.unreadable.is_empty() {
+            for line in &p.unreadable {
+                problems.push(format!(
+                    "tree {}/{}: {line}. Try: give the user that runs cr0sync read access to it",
+                    p.tree, p.peer
+                ));
+            }
+            paint(&format!("{} unreadable", p.unreadable.len()), Tone::Warn)
         } else if p.deferred > 0 {
             problems.push(format!(
                 "tree {}/{}: {} write(s) left for the next run (the site changed or held \

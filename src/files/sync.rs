@@ -62,6 +62,9 @@ pub struct PairReport {
     pub recovered: usize,
     /// Paths skipped (symlinks, special files, names that are not UTF-8).
     pub skipped: Vec<String>,
+    /// Directories that could not be read, with why: nothing below them is synced.
+    #[serde(default)]
+    pub unreadable: Vec<String>,
     /// One line per new conflict, for `cron files` to print.
     #[serde(default, skip_serializing)]
     pub new_conflicts: Vec<String>,
@@ -254,11 +257,18 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         log::warn!("{}: {path} skipped: {why}", pair.label());
         report.skipped.push(path.clone());
     }
-    for (dir, why) in central.unreadable.iter().chain(&peer.unreadable) {
-        log::warn!(
-            "{}: cannot read {dir}: {why}; nothing below it is synced",
-            pair.label()
-        );
+    for (side, root, listing) in [
+        ("central", &pair.central_root, &central),
+        ("peer", &pair.peer_root, &peer),
+    ] {
+        for (dir, why) in &listing.unreadable {
+            let line = format!(
+                "cannot read {} ({side} side): {why}; nothing below it is synced",
+                root.join(dir).display()
+            );
+            log::warn!("{}: {line}", pair.label());
+            report.unreadable.push(line);
+        }
     }
     let base = store.base(pair.peer)?;
     phases.mark("list");
