@@ -119,6 +119,16 @@ pub struct Closing {
     pub action: String,
 }
 
+/// The id of one sync's decisions (`<time>-<pid>-<what>-<peer>`): unique per run and
+/// pair; conflict ids are it with `-<n>` appended.
+pub fn transaction_id(now: DateTime<Utc>, what: &str, peer: &str) -> String {
+    format!(
+        "{}-{}-{what}-{peer}",
+        now.format("%Y%m%dT%H%M%S%.6fZ"),
+        std::process::id()
+    )
+}
+
 /// Appends records and syncs the file.
 pub fn append(ctx: &Context, records: &[ConflictRecord]) -> Result<()> {
     append_lines(ctx, FILE, records)

@@ -1,5 +1,5 @@
 //! End-to-end tests of what is built of the security job: API session cleanup
-//! and event archiving (5.4), with real files, a real flock holder, real gzip.
+//! and event archiving, with real files, a real flock holder, real gzip.
 #![allow(clippy::unwrap_used)]
 
 mod common;

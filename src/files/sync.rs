@@ -353,13 +353,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
 
     phases.mark("plan");
     // 5. Losing contents, then the decisions, durably.
-    let txid = format!(
-        "{}-{}-{}-{}",
-        pair.now.format("%Y%m%dT%H%M%S%.6fZ"),
-        std::process::id(),
-        pair.name,
-        pair.peer
-    );
+    let txid = conflicts::transaction_id(pair.now, pair.name, pair.peer);
     let mut records = Vec::new();
     for (i, d) in decided.iter().enumerate() {
         let id = format!("{txid}-{i}");
@@ -394,25 +388,30 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
     fault::point("files-after-decide")?;
 
     phases.mark("journal");
-    // 6. The writes.
-    let listed: BTreeMap<(Side, String), Seen> = central
-        .files
-        .iter()
-        .map(|(p, s)| ((Side::Central, p.clone()), Seen::from(s)))
-        .chain(
-            peer.files
-                .iter()
-                .map(|(p, s)| ((Side::Peer, p.clone()), Seen::from(s))),
-        )
-        .collect();
-    let (_, left) = complete(pair, &mut store, entries, &listed)?;
-    report.deferred += left;
+    // 6. The writes (nothing to do in the usual minute: no entry).
+    let changed = !entries.is_empty() || !settled.is_empty() || report.recovered > 0;
+    if !entries.is_empty() {
+        let listed: BTreeMap<(Side, String), Seen> = central
+            .files
+            .iter()
+            .map(|(p, s)| ((Side::Central, p.clone()), Seen::from(s)))
+            .chain(
+                peer.files
+                    .iter()
+                    .map(|(p, s)| ((Side::Peer, p.clone()), Seen::from(s))),
+            )
+            .collect();
+        let (_, left) = complete(pair, &mut store, entries, &listed)?;
+        report.deferred += left;
+    }
     fault::point("files-after-writes")?;
 
     phases.mark("writes and base");
     // 7. Records and cleanup.
     flush_outbox(ctx, &store)?;
-    store.collect_garbage()?;
+    if changed {
+        store.collect_garbage()?;
+    }
     phases.mark("records and cleanup");
     log::info!("{}: {}", pair.label(), phases.text());
     // As listed, with what this sync created and removed there.

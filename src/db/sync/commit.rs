@@ -406,13 +406,7 @@ impl Pair<'_> {
         progress: Progress,
     ) -> Result<bool> {
         let works = &plan.works;
-        let txid = format!(
-            "{}-{}-{}-{}",
-            self.now.format("%Y%m%dT%H%M%S%.6fZ"),
-            std::process::id(),
-            self.name,
-            self.peer_name
-        );
+        let txid = crate::conflicts::transaction_id(self.now, self.name, self.peer_name);
         let records: Vec<ConflictRecord> = works
             .iter()
             .flat_map(|w| &w.conflicts)
