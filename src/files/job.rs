@@ -306,7 +306,7 @@ pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String>
         mode: tree.write,
         perms: &ctx.perms,
         busy: ctx.config.general.busy_timeout.0,
-        dirs: None,
+        batch: false,
     };
     let lock = (tree.write == crate::config::WriteMode::Flock).then_some(dir.busy);
     let cur = crate::files::write::read_current(&dir.path(&rel), tree.merge_max.0, lock)?;
@@ -357,7 +357,12 @@ pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String>
         Some(b) => crate::files::write::Content::Bytes(b),
         None => crate::files::write::Content::Absent,
     };
-    match dir.put(&rel, cur.sha256.as_deref(), content, ctx.perms.file_mode)? {
+    match dir.put(
+        &rel,
+        cur.sha256.as_deref().map(crate::files::write::Expect::hash),
+        content,
+        ctx.perms.file_mode,
+    )? {
         crate::files::write::Outcome::Done(_) => {}
         _ => anyhow::bail!(
             "{} changed while the conflict was being resolved; nothing was written. Try: the \

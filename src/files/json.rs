@@ -199,6 +199,14 @@ pub fn object(bytes: &[u8]) -> Option<Map<String, Value>> {
     }
 }
 
+/// Whether `bytes` may be a JSON object (first and last non-blank bytes are braces),
+/// without parsing it: decides which contents are kept for later merges, where keeping
+/// one that is not is harmless ([`object`] decides when merging).
+pub fn looks_like_object(bytes: &[u8]) -> bool {
+    let t = bytes.trim_ascii();
+    t.first() == Some(&b'{') && t.last() == Some(&b'}')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,65 +76,79 @@ pub fn list(root: &Path, include: &[String], exclude: &[String]) -> Result<Listi
         Err(e) => anyhow::bail!("{}: {}", root.display(), io_text(&e)),
     }
     let mut out = Listing::default();
-    let walk = walkdir::WalkDir::new(root).follow_links(false).min_depth(1);
-    for entry in walk {
-        let entry = match entry {
-            Ok(e) => e,
+    // Directory by directory, each entry's metadata taken relative to its open directory
+    // (no path walk per file).
+    let mut dirs = vec![String::new()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(root.join(&dir)) {
+            Ok(r) => r,
             Err(e) => {
-                let rel = e
-                    .path()
-                    .and_then(|p| p.strip_prefix(root).ok())
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let why = e.io_error().map_or_else(|| e.to_string(), io_text);
-                out.unreadable.push((rel, why));
+                out.unreadable.push((dir, io_text(&e)));
                 continue;
             }
         };
-        let ft = entry.file_type();
-        if ft.is_dir() {
-            continue;
-        }
-        let Ok(rel) = entry.path().strip_prefix(root) else {
-            continue;
-        };
-        let Some(rel) = rel.to_str().map(str::to_string) else {
-            out.skipped.push((
-                rel.to_string_lossy().into_owned(),
-                "the name is not UTF-8".into(),
-            ));
-            continue;
-        };
-        let name = rel.rsplit('/').next().unwrap_or(&rel);
-        if fsutil::is_temp_name(name) {
-            if fsutil::is_stale_temp(name) {
-                out.stale_temps.push(rel);
-            }
-            continue;
-        }
-        if !include.iter().any(|p| path_match(p, &rel))
-            || exclude.iter().any(|p| path_match(p, &rel))
-        {
-            continue;
-        }
-        if !ft.is_file() {
-            let what = if ft.is_symlink() {
-                "a symlink (never followed)"
-            } else {
-                "a special file"
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    out.unreadable.push((dir.clone(), io_text(&e)));
+                    break;
+                }
             };
-            out.skipped.push((rel, what.into()));
-            continue;
-        }
-        match entry.metadata() {
-            Ok(m) => {
-                out.files.insert(rel, Stat::of(&m));
+            let name = entry.file_name();
+            let rel = |name: &str| {
+                if dir.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{dir}/{name}")
+                }
+            };
+            let Some(name) = name.to_str() else {
+                out.skipped
+                    .push((rel(&name.to_string_lossy()), "the name is not UTF-8".into()));
+                continue;
+            };
+            let rel = rel(name);
+            let ft = match entry.file_type() {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    out.unreadable.push((rel, io_text(&e)));
+                    continue;
+                }
+            };
+            if ft.is_dir() {
+                dirs.push(rel);
+                continue;
             }
-            // Gone between the directory read and the stat: as if not listed.
-            Err(e)
-                if e.io_error()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) => {}
-            Err(e) => out.unreadable.push((rel, e.to_string())),
+            if fsutil::is_temp_name(name) {
+                if fsutil::is_stale_temp(name) {
+                    out.stale_temps.push(rel);
+                }
+                continue;
+            }
+            if !include.iter().any(|p| path_match(p, &rel))
+                || exclude.iter().any(|p| path_match(p, &rel))
+            {
+                continue;
+            }
+            if !ft.is_file() {
+                let what = if ft.is_symlink() {
+                    "a symlink (never followed)"
+                } else {
+                    "a special file"
+                };
+                out.skipped.push((rel, what.into()));
+                continue;
+            }
+            match entry.metadata() {
+                Ok(m) => {
+                    out.files.insert(rel, Stat::of(&m));
+                }
+                // Gone between the directory read and the stat: as if not listed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => out.unreadable.push((rel, io_text(&e))),
+            }
         }
     }
     Ok(out)

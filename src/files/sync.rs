@@ -34,7 +34,7 @@ use crate::files::json::{self, Prefer};
 use crate::files::list::{self, Listing};
 use crate::files::plan::{self, Counts, Known, Rules};
 use crate::files::store::{BaseEntry, JournalEntry, Seen, Settled, Side, Store};
-use crate::files::write::{self, Content, Current, Dir, Outcome};
+use crate::files::write::{self, Content, Current, Dir, Outcome, Prepared};
 use crate::fsutil;
 use crate::ops::fault;
 use crate::ops::state::names;
@@ -93,8 +93,6 @@ pub struct PairState {
 
 /// One pair in progress.
 struct Pair<'a> {
-    /// Directories written since they were last synced (see `complete`).
-    dirs: &'a std::sync::Mutex<BTreeSet<PathBuf>>,
     ctx: &'a Context,
     tree: &'a TreeConfig,
     name: &'a str,
@@ -116,7 +114,7 @@ impl<'a> Pair<'a> {
             mode: self.tree.write,
             perms: &self.ctx.perms,
             busy: self.ctx.config.general.busy_timeout.0,
-            dirs: Some(self.dirs),
+            batch: true,
         }
     }
 
@@ -140,9 +138,7 @@ pub fn sync_pair(
 ) -> Result<PairReport> {
     let name = tree.name.get_ref().as_str();
     let peer_name = peer.name.get_ref().as_str();
-    let dirs = std::sync::Mutex::new(BTreeSet::new());
     let pair = Pair {
-        dirs: &dirs,
         ctx,
         tree,
         name,
@@ -204,7 +200,14 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
             if pending.is_empty() || !other.peer_root.is_dir() {
                 continue;
             }
-            let (done, _) = complete(&other, &mut store, pending, &BTreeMap::new())?;
+            let (done, _) = complete(
+                &other,
+                &mut store,
+                pending,
+                &BTreeMap::new(),
+                &Trusted::new(),
+                BTreeMap::new(),
+            )?;
             if other.peer == pair.peer {
                 report.recovered = done;
             }
@@ -272,7 +275,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
     }
     let base = store.base(pair.peer)?;
     phases.mark("list");
-    let (known, racy) = known_sides(pair, &central, &peer, &base, &pending)?;
+    let (known, racy, trusted) = known_sides(pair, &central, &peer, &base, &pending)?;
     phases.mark("read changed");
 
     // 4. The plan.
@@ -282,9 +285,13 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
     let mut settled = Vec::new();
     for (path, (c, p)) in &known {
         let b = base.get(path);
+        // The base's content is read only for a path changed on both sides (a merge).
+        let bh = b.map(|b| b.sha256.as_str());
+        let (ch, ph) = (c.sha256.as_deref(), p.sha256.as_deref());
+        let merges = ch != bh && ph != bh && (ch != ph || !pair.rules.counters.is_empty());
         let b_bytes = match b {
-            Some(b) => store.object(&b.sha256)?,
-            None => None,
+            Some(b) if merges => store.object(&b.sha256)?,
+            _ => None,
         };
         let plan = plan::decide(
             path,
@@ -304,7 +311,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
             // pre-images; any other file is copied from its side when written.
             for k in [c, p] {
                 if let (Some(h), Some(bytes)) = (&k.sha256, &k.content)
-                    && json::object(bytes).is_some()
+                    && json::looks_like_object(bytes)
                 {
                     objects.insert(h.clone(), bytes.clone());
                 }
@@ -323,7 +330,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
             for k in [c, p] {
                 if let (Some(h), Some(bytes)) = (&k.sha256, &k.content)
                     && Some(h) == to.as_ref()
-                    && json::object(bytes).is_some()
+                    && json::looks_like_object(bytes)
                 {
                     objects.insert(h.clone(), bytes.clone());
                 }
@@ -401,7 +408,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
                     .map(|(p, s)| ((Side::Peer, p.clone()), Seen::from(s))),
             )
             .collect();
-        let (_, left) = complete(pair, &mut store, entries, &listed)?;
+        let (_, left) = complete(pair, &mut store, entries, &listed, &trusted, objects)?;
         report.deferred += left;
     }
     fault::point("files-after-writes")?;
@@ -442,19 +449,24 @@ fn wall_ns() -> i128 {
 /// Each path's state on both sides.
 type Sides = BTreeMap<String, (Known, Known)>;
 
+/// Sides known from the base (not read), with the metadata that vouches for their
+/// content: a write checks that metadata under the lock instead of reading the file.
+type Trusted = BTreeMap<(Side, String), Seen>;
+
 fn known_sides(
     pair: &Pair,
     central: &Listing,
     peer: &Listing,
     base: &BTreeMap<String, BaseEntry>,
     pending: &BTreeSet<String>,
-) -> Result<(Sides, BTreeSet<String>)> {
+) -> Result<(Sides, BTreeSet<String>, Trusted)> {
     // Paths whose metadata matched the base but were too recent to trust: read again, and
     // if unchanged, recorded again with this run's time so the next run trusts them.
     let mut racy = BTreeSet::new();
     let mut paths: BTreeSet<&String> = central.files.keys().chain(peer.files.keys()).collect();
     paths.extend(base.keys());
     let mut to_read: Vec<(String, Side)> = Vec::new();
+    let mut trusted = Trusted::new();
     let mut out: BTreeMap<String, (Known, Known)> = BTreeMap::new();
     for path in paths {
         if pending.contains(path) || central.hidden(path) || peer.hidden(path) {
@@ -479,7 +491,9 @@ fn known_sides(
                 mtime_ns: stat.mtime_ns,
                 mode: stat.mode,
             };
-            if !fresh {
+            if fresh {
+                trusted.insert((side, path.clone()), Seen::from(stat));
+            } else {
                 if seen.is_some_and(|s| s.matches(stat)) {
                     racy.insert(path.clone());
                 }
@@ -525,7 +539,8 @@ fn known_sides(
                     || b.peer != peer.files.get(path).map(Seen::from)
             })
     });
-    Ok((out, racy))
+    trusted.retain(|(_, path), _| out.contains_key(path));
+    Ok((out, racy, trusted))
 }
 
 /// Refuses a plan that removes more than `max_delete` of a side's files (10 files or more).
@@ -647,6 +662,8 @@ fn complete(
     store: &mut Store,
     entries: Vec<JournalEntry>,
     listed: &BTreeMap<(Side, String), Seen>,
+    trusted: &Trusted,
+    objects: BTreeMap<String, Vec<u8>>,
 ) -> Result<(usize, usize)> {
     let mut done = Vec::new();
     let mut progress = Vec::new();
@@ -691,7 +708,8 @@ fn complete(
         let cleared: Vec<JournalEntry> = recorded.iter().map(|i| entries[*i].clone()).collect();
         store.decide(pair.peer, &cleared, &BTreeMap::new(), &[], &[])?;
     }
-    let mut contents: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // The results' contents: those the caller has in memory, the others from the store.
+    let mut contents = objects;
     for (i, side) in &jobs {
         if let Some(h) = &entries[*i].side(*side).res
             && !contents.contains_key(h)
@@ -700,14 +718,39 @@ fn complete(
             contents.insert(h.clone(), bytes);
         }
     }
+    let any_write = !jobs.is_empty();
+    // In an `atomic` tree every new content goes to a temporary file first, and one sync
+    // of each filesystem makes them all durable before any is renamed into place (instead
+    // of an fsync per file). `None`: the source of a copy changed meanwhile.
+    let mut prepared: BTreeMap<(usize, Side), Option<Prepared>> = BTreeMap::new();
+    if pair.tree.write == WriteMode::Atomic {
+        for &(i, side) in &jobs {
+            let e = &entries[i];
+            if e.side(side).res.is_none() {
+                continue;
+            }
+            let object = e.side(side).res.as_ref().and_then(|h| contents.get(h));
+            let p = with_result(pair, e, side, object.map(Vec::as_slice), |content, mode| {
+                pair.dir(side).prepare(&e.path, content, mode)
+            })?;
+            prepared.insert((i, side), p);
+        }
+        if !prepared.is_empty() {
+            fsutil::sync_filesystems(&[&pair.central_root, &pair.peer_root])
+                .context("cannot sync the written files")?;
+        }
+    }
     let mut first: BTreeMap<(usize, Side), Option<SideDone>> = BTreeMap::new();
     for (i, side) in jobs {
         let e = &entries[i];
         let object = e.side(side).res.as_ref().and_then(|h| contents.get(h));
-        first.insert(
-            (i, side),
-            put_result(pair, e, side, object.map(Vec::as_slice))?,
-        );
+        let seen = trusted.get(&(side, e.path.clone())).copied();
+        let outcome = match prepared.remove(&(i, side)) {
+            Some(None) => Some(SideDone::Abandon),
+            Some(Some(p)) => put_result(pair, e, side, seen, None, Some(p))?,
+            None => put_result(pair, e, side, seen, object.map(Vec::as_slice), None)?,
+        };
+        first.insert((i, side), outcome);
     }
     'entries: for (n, mut e) in entries.into_iter().enumerate() {
         let mut stats = [None, None];
@@ -767,14 +810,10 @@ fn complete(
             }),
         });
     }
-    // The renames and removals above are durable before the base records them.
-    let dirs = pair
-        .dirs
-        .lock()
-        .map(|mut d| std::mem::take(&mut *d))
-        .unwrap_or_default();
-    for dir in dirs {
-        fsutil::fsync_dir(&dir).with_context(|| format!("cannot sync {}", dir.display()))?;
+    // The renames, removals and rewrites above are durable before the base records them.
+    if any_write {
+        fsutil::sync_filesystems(&[&pair.central_root, &pair.peer_root])
+            .context("cannot sync the written files")?;
     }
     store.settle(pair.peer, &done, &progress)?;
     Ok((done.len(), left))
@@ -813,7 +852,7 @@ fn complete_side(
                 Some(h) => store.object(h)?,
                 None => None,
             };
-            match put_result(pair, e, side, object.as_deref())? {
+            match put_result(pair, e, side, None, object.as_deref(), None)? {
                 Some(done) => return Ok(done),
                 None => continue,
             }
@@ -825,14 +864,49 @@ fn complete_side(
     Ok(SideDone::Later)
 }
 
-/// Writes a side's result if the side still holds its pre-image. `None`: it did not
-/// (changed meanwhile).
+/// Writes a side's result if the side still holds its pre-image (vouched for by `seen`
+/// when given), from `prepared` when given. `None`: it did not (changed meanwhile).
 fn put_result(
     pair: &Pair,
     e: &JournalEntry,
     side: Side,
+    seen: Option<Seen>,
     object: Option<&[u8]>,
+    prepared: Option<Prepared>,
 ) -> Result<Option<SideDone>> {
+    let dir = pair.dir(side);
+    let pre = e
+        .side(side)
+        .pre
+        .as_deref()
+        .map(|sha256| write::Expect { sha256, seen });
+    let outcome = match prepared {
+        Some(p) => dir.place(&e.path, pre, p)?,
+        None => with_result(pair, e, side, object, |content, mode| {
+            dir.put(&e.path, pre, content, mode)
+        })?,
+    };
+    Ok(match outcome {
+        Outcome::Done(stat) => {
+            fault::point("files-after-write")?;
+            Some(SideDone::Yes(stat.as_ref().map(Seen::from)))
+        }
+        Outcome::Busy => Some(SideDone::Later),
+        Outcome::SourceChanged => Some(SideDone::Abandon),
+        Outcome::Changed => None,
+    })
+}
+
+/// Calls `f` with what a side's write puts in place: its result's bytes (`object`) or a
+/// copy of the source side's file, and the mode a created file gets (the mode of the file
+/// it copies; a replaced one keeps its own).
+fn with_result<T>(
+    pair: &Pair,
+    e: &JournalEntry,
+    side: Side,
+    object: Option<&[u8]>,
+    f: impl FnOnce(Content, u32) -> Result<T>,
+) -> Result<T> {
     let ch = e.side(side);
     let source_path;
     let content = match &ch.res {
@@ -849,25 +923,11 @@ fn put_result(
             }
         },
     };
-    // A new file gets the mode of the file it copies (a replaced one keeps its own).
     let mode = std::fs::metadata(pair.dir(side.other()).path(&e.path))
         .ok()
         .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
         .unwrap_or(pair.ctx.perms.file_mode);
-    Ok(
-        match pair
-            .dir(side)
-            .put(&e.path, ch.pre.as_deref(), content, mode)?
-        {
-            Outcome::Done(stat) => {
-                fault::point("files-after-write")?;
-                Some(SideDone::Yes(stat.as_ref().map(Seen::from)))
-            }
-            Outcome::Busy => Some(SideDone::Later),
-            Outcome::SourceChanged => Some(SideDone::Abandon),
-            Outcome::Changed => None,
-        },
-    )
+    f(content, mode)
 }
 
 /// A side found holding neither its pre-image nor its result: the journal entry is

@@ -14,6 +14,12 @@
 //!   waiting site process is about to write. Creations and removals are as `atomic`.
 //! - Contents stream through a fixed buffer and are hashed as they are copied: memory does
 //!   not grow with file size, and a source that changed while it was copied is noticed.
+//! - Durable before visible: a temporary file is synced before it is renamed into place,
+//!   either by its own `fsync` ([`Dir::put`]) or, for a batch, by one sync of each
+//!   filesystem after every temporary of the batch is written ([`Dir::prepare`], then
+//!   [`fsutil::sync_filesystems`], then [`Dir::place`]). In a batch [`Dir`], renames,
+//!   removals and in-place rewrites are not synced one by one: the caller syncs the
+//!   filesystems once before it records them as done.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -26,6 +32,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::WriteMode;
 use crate::files::list::Stat;
+use crate::files::store::Seen;
 use crate::fsutil::{self, Perms};
 use crate::util::hex;
 
@@ -76,7 +83,7 @@ pub fn read_current(path: &Path, keep_max: u64, lock: Option<Duration>) -> Resul
     if !meta.is_file() {
         anyhow::bail!("{} is not a regular file", path.display());
     }
-    let (sha, content) = hash_reader(&mut file, meta.len() <= keep_max)
+    let (sha, content) = hash_reader(&mut file, meta.len(), meta.len() <= keep_max)
         .with_context(|| format!("cannot read {}", path.display()))?;
     Ok(Current {
         stat: Some(Stat::of(&meta)),
@@ -85,11 +92,16 @@ pub fn read_current(path: &Path, keep_max: u64, lock: Option<Duration>) -> Resul
     })
 }
 
-/// The SHA-256 of everything `r` yields, and the bytes when `keep` is set.
-pub fn hash_reader(r: &mut impl Read, keep: bool) -> std::io::Result<(String, Option<Vec<u8>>)> {
+/// The SHA-256 of everything `r` yields, and the bytes when `keep` is set. `size`: what
+/// the reader is expected to yield (it sizes the buffer; any length is read whole).
+pub fn hash_reader(
+    r: &mut impl Read,
+    size: u64,
+    keep: bool,
+) -> std::io::Result<(String, Option<Vec<u8>>)> {
     let mut h = Sha256::new();
-    let mut kept = keep.then(Vec::new);
-    let mut buf = vec![0u8; BUF];
+    let mut kept = keep.then(|| Vec::with_capacity(usize::try_from(size).unwrap_or(0)));
+    let mut buf = buffer(size);
     loop {
         let n = r.read(&mut buf)?;
         if n == 0 {
@@ -101,6 +113,14 @@ pub fn hash_reader(r: &mut impl Read, keep: bool) -> std::io::Result<(String, Op
         }
     }
     Ok((hex(&h.finalize()), kept))
+}
+
+/// A copy buffer for a file of `size` bytes: the file and one more byte (to see its end in
+/// one read), at least 8 KiB and at most [`BUF`]. A small file does not pay for zeroing
+/// and mapping a large buffer.
+fn buffer(size: u64) -> Vec<u8> {
+    let n = usize::try_from(size.saturating_add(1)).unwrap_or(BUF);
+    vec![0u8; n.clamp(8 << 10, BUF)]
 }
 
 pub fn sha256(bytes: &[u8]) -> String {
@@ -132,6 +152,23 @@ pub enum Outcome {
     Busy,
 }
 
+/// What a target must still hold for a write to go ahead.
+#[derive(Debug, Clone, Copy)]
+pub struct Expect<'a> {
+    pub sha256: &'a str,
+    /// Metadata known to go with that content (recorded by an earlier sync and trusted
+    /// under the racy-entry rule): a target that still has it, checked under the lock, is
+    /// not read again. `None`: the target is hashed.
+    pub seen: Option<Seen>,
+}
+
+impl<'a> Expect<'a> {
+    /// A target checked by its hash.
+    pub fn hash(sha256: &'a str) -> Self {
+        Expect { sha256, seen: None }
+    }
+}
+
 /// One side's tree and how it is written.
 #[derive(Debug, Clone, Copy)]
 pub struct Dir<'a> {
@@ -139,35 +176,36 @@ pub struct Dir<'a> {
     pub mode: WriteMode,
     pub perms: &'a Perms,
     pub busy: Duration,
-    /// Directories whose entries changed, to be synced once by the caller before it
-    /// records the writes as done; `None`: each is synced at once.
-    pub dirs: Option<&'a std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
+    /// The caller syncs this side's filesystem once before it records the writes as done
+    /// (see the module doc); otherwise each change is synced at once.
+    pub batch: bool,
+}
+
+/// Content written ahead to a temporary file beside its target ([`Dir::prepare`]); the
+/// file is removed if it is dropped before [`Dir::place`] puts it in place.
+#[derive(Debug)]
+pub struct Prepared {
+    tmp: fsutil::Scratch,
 }
 
 impl Dir<'_> {
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        match self.dirs {
-            Some(set) => {
-                if let Ok(mut set) = set.lock() {
-                    set.insert(dir.to_path_buf());
-                    return Ok(());
-                }
-                fsutil::fsync_dir(dir)
-            }
-            None => fsutil::fsync_dir(dir),
+        if self.batch {
+            return Ok(());
         }
+        fsutil::fsync_dir(dir)
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
     }
 
-    /// Makes `rel` hold `content` if it still holds `expect` (a hash; `None`: no file).
+    /// Makes `rel` hold `content` if it still holds `expect` (`None`: no file).
     /// `mode` is used for a file that is created.
     pub fn put(
         &self,
         rel: &str,
-        expect: Option<&str>,
+        expect: Option<Expect>,
         content: Content,
         mode: u32,
     ) -> Result<Outcome> {
@@ -175,28 +213,68 @@ impl Dir<'_> {
         let ctx = || format!("cannot write {}", target.display());
         match (expect, content) {
             (None, Content::Absent) => Ok(Outcome::Done(None)),
-            (None, content) => self.create(&target, content, mode).with_context(ctx),
             (Some(expect), Content::Absent) => self.remove(&target, expect).with_context(ctx),
-            (Some(expect), content) => match self.mode {
-                WriteMode::Atomic => self.replace(&target, expect, content).with_context(ctx),
-                WriteMode::Flock => self.rewrite(&target, expect, content).with_context(ctx),
-            },
+            (Some(expect), content) if self.mode == WriteMode::Flock => {
+                self.rewrite(&target, expect, content).with_context(ctx)
+            }
+            (expect, content) => {
+                if expect.is_none() && fs::symlink_metadata(&target).is_ok() {
+                    return Ok(Outcome::Changed);
+                }
+                match self
+                    .fill_temp(&target, content, mode, true)
+                    .with_context(ctx)?
+                {
+                    Some(prepared) => self.place(rel, expect, prepared),
+                    None => Ok(Outcome::SourceChanged),
+                }
+            }
         }
     }
 
-    /// A new file, linked into place only if the name is still free.
-    fn create(&self, target: &Path, content: Content, mode: u32) -> Result<Outcome> {
+    /// Writes `content` to a temporary file beside `rel`, not synced (the caller syncs
+    /// the filesystem for the whole batch before [`Dir::place`]). `None`: the source of a
+    /// copy no longer hashes to what was expected. Only for content [`Dir::place`] can
+    /// take: a creation or a replacement in an `atomic` tree.
+    pub fn prepare(&self, rel: &str, content: Content, mode: u32) -> Result<Option<Prepared>> {
+        let target = self.path(rel);
+        self.fill_temp(&target, content, mode, false)
+            .with_context(|| format!("cannot write {}", target.display()))
+    }
+
+    fn fill_temp(
+        &self,
+        target: &Path,
+        content: Content,
+        mode: u32,
+        sync: bool,
+    ) -> Result<Option<Prepared>> {
         if let Some(dir) = target.parent()
             && !dir.exists()
         {
             fsutil::ensure_dir(dir, self.perms)?;
         }
+        let tmp = fsutil::temp_beside(target);
+        Ok(fill(&tmp, content, mode, sync)?.then_some(Prepared { tmp }))
+    }
+
+    /// Puts a prepared (and synced) content in place at `rel` if it still holds `expect`
+    /// (a hash; `None`: no file).
+    pub fn place(&self, rel: &str, expect: Option<Expect>, prepared: Prepared) -> Result<Outcome> {
+        let target = self.path(rel);
+        let ctx = || format!("cannot write {}", target.display());
+        match expect {
+            None => self.create(&target, prepared.tmp).with_context(ctx),
+            Some(expect) => self
+                .replace(&target, expect, prepared.tmp)
+                .with_context(ctx),
+        }
+    }
+
+    /// A new file, linked into place only if the name is still free.
+    fn create(&self, target: &Path, tmp: fsutil::Scratch) -> Result<Outcome> {
         if fs::symlink_metadata(target).is_ok() {
             return Ok(Outcome::Changed);
-        }
-        let tmp = fsutil::temp_beside(target);
-        if !fill(&tmp, content, mode)? {
-            return Ok(Outcome::SourceChanged);
         }
         if let Some(dir) = target.parent()
             && let Ok(m) = fs::metadata(dir)
@@ -215,16 +293,13 @@ impl Dir<'_> {
         ))
     }
 
-    /// Temporary file, then a rename over the target while holding its lock, if it still
-    /// holds `expect`.
-    fn replace(&self, target: &Path, expect: &str, content: Content) -> Result<Outcome> {
+    /// The temporary file renamed over the target while holding its lock, if it still
+    /// holds `expect`; it gets the target's mode and owner first.
+    fn replace(&self, target: &Path, expect: Expect, tmp: fsutil::Scratch) -> Result<Outcome> {
         let Ok(meta) = fs::metadata(target) else {
             return Ok(Outcome::Changed);
         };
-        let tmp = fsutil::temp_beside(target);
-        if !fill(&tmp, content, meta.mode() & 0o7777)? {
-            return Ok(Outcome::SourceChanged);
-        }
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
         apply_owner(&tmp, meta.uid(), meta.gid());
         let Some(mut locked) = self.lock(target, false)? else {
             return Ok(Outcome::Busy);
@@ -241,7 +316,7 @@ impl Dir<'_> {
     }
 
     /// In place under the file's own lock, if it still holds `expect`.
-    fn rewrite(&self, target: &Path, expect: &str, content: Content) -> Result<Outcome> {
+    fn rewrite(&self, target: &Path, expect: Expect, content: Content) -> Result<Outcome> {
         let Some(mut file) = self.lock(target, true)? else {
             return Ok(Outcome::Busy);
         };
@@ -251,7 +326,9 @@ impl Dir<'_> {
         let bytes: Vec<u8> = match content {
             Content::Bytes(b) => b.to_vec(),
             Content::File { path, sha256 } => {
-                let (sha, bytes) = hash_reader(&mut File::open(path)?, true)?;
+                let mut src = File::open(path)?;
+                let size = src.metadata()?.len();
+                let (sha, bytes) = hash_reader(&mut src, size, true)?;
                 if sha != sha256 {
                     return Ok(Outcome::SourceChanged);
                 }
@@ -262,12 +339,14 @@ impl Dir<'_> {
         file.set_len(0)?;
         file.seek(SeekFrom::Start(0))?;
         file.write_all(&bytes)?;
-        file.sync_all()?;
+        if !self.batch {
+            file.sync_all()?;
+        }
         Ok(Outcome::Done(Some(Stat::of(&file.metadata()?))))
     }
 
     /// Removes the target while holding its lock, if it still holds `expect`.
-    fn remove(&self, target: &Path, expect: &str) -> Result<Outcome> {
+    fn remove(&self, target: &Path, expect: Expect) -> Result<Outcome> {
         if fs::symlink_metadata(target).is_err() {
             return Ok(Outcome::Changed);
         }
@@ -301,7 +380,7 @@ impl Dir<'_> {
 }
 
 /// Whether the locked file is still the one at `path` and holds `expect`.
-fn holds(file: &mut File, path: &Path, expect: &str) -> Result<bool> {
+fn holds(file: &mut File, path: &Path, expect: Expect) -> Result<bool> {
     let (Ok(open), Ok(now)) = (file.metadata(), fs::metadata(path)) else {
         return Ok(false);
     };
@@ -309,14 +388,17 @@ fn holds(file: &mut File, path: &Path, expect: &str) -> Result<bool> {
         // Replaced while we waited for the lock.
         return Ok(false);
     }
+    if expect.seen.is_some_and(|s| s.matches(&Stat::of(&open))) {
+        return Ok(true);
+    }
     file.seek(SeekFrom::Start(0))?;
-    let (sha, _) = hash_reader(file, false)?;
-    Ok(sha == expect)
+    let (sha, _) = hash_reader(file, open.len(), false)?;
+    Ok(sha == expect.sha256)
 }
 
-/// Writes `content` into the new file `tmp` with `mode`, synced. `false`: the source of a
-/// copy no longer hashes to what was expected.
-fn fill(tmp: &Path, content: Content, mode: u32) -> Result<bool> {
+/// Writes `content` into the new file `tmp` with `mode`, synced if `sync`. `false`: the
+/// source of a copy no longer hashes to what was expected.
+fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
     let mut out = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -327,7 +409,7 @@ fn fill(tmp: &Path, content: Content, mode: u32) -> Result<bool> {
         Content::File { path, sha256 } => {
             let mut src = File::open(path)?;
             let mut h = Sha256::new();
-            let mut buf = vec![0u8; BUF];
+            let mut buf = buffer(src.metadata()?.len());
             loop {
                 let n = src.read(&mut buf)?;
                 if n == 0 {
@@ -342,7 +424,9 @@ fn fill(tmp: &Path, content: Content, mode: u32) -> Result<bool> {
         }
         Content::Absent => {}
     }
-    out.sync_all()?;
+    if sync {
+        out.sync_all()?;
+    }
     // The umask may have narrowed the mode given at creation.
     fs::set_permissions(tmp, fs::Permissions::from_mode(mode))?;
     Ok(true)
