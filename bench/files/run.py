@@ -7,10 +7,11 @@ Three parts, each side by side in one run, medians:
    synced. `cr0sync cron files` against `find -printf` of both trees (the listing any
    tool needs). Target <= 2x.
 2. 1% of the files changed on each side (disjoint), a fresh set each round, applied the
-   same way to three copies of the tree pair: `cr0sync files sync` (a three-way merge
+   same way to four copies of the tree pair: `cr0sync files sync` (a three-way merge
    with a journal) against `rsync -a --update` one way plus the other (two one-way
-   copies; target <= 1x), and against `unison -batch` on its own pair with its archive
-   (target: faster). Each tool starts with the page cache clean (`sync`), so none pays
+   copies; target <= 1x), against `unison -batch` on its own pair with its archive
+   (target: faster), and, for a like-for-like durability, against the same rsync with
+   `--fsync` (each file synced, as cr0sync syncs what it writes). Each tool starts with the page cache clean (`sync`), so none pays
    for flushing what another wrote.
 3. A large file (default 2 GiB) pulled from a master: `cr0sync files sync` against `cp`
    of the same file, with peak RSS (targets <= 1.3x and under 64 MiB).
@@ -86,8 +87,9 @@ peers = [{{ name = "site", path = "{peer}" }}]
 """)
         ra, rb = os.path.join(tmp, "rsync-a"), os.path.join(tmp, "rsync-b")
         ua, ub = os.path.join(tmp, "unison-a"), os.path.join(tmp, "unison-b")
-        print(f"building {args.files:,} files (1-64 KiB) in four tree pairs ...", flush=True)
-        make_tree([central, peer, ra, rb, ua, ub], args.files, rng)
+        fa, fb = os.path.join(tmp, "rsync-fsync-a"), os.path.join(tmp, "rsync-fsync-b")
+        print(f"building {args.files:,} files (1-64 KiB) in five tree pairs ...", flush=True)
+        make_tree([central, peer, ra, rb, ua, ub, fa, fb], args.files, rng)
         env = dict(os.environ, UNISON=os.path.join(tmp, "unison-archive"))
         unison = ["unison", ua, ub, "-batch", "-auto", "-times", "-silent"]
         subprocess.run(unison, env=env, check=True, stdout=subprocess.DEVNULL,
@@ -113,13 +115,13 @@ peers = [{{ name = "site", path = "{peer}" }}]
         every = sorted(os.path.relpath(os.path.join(dp, f), peer)
                        for dp, _, fs in os.walk(peer) for f in fs)
         k = max(args.files // 100, 1)
-        res = {"cr0sync": [], "rsync": [], "unison": []}
+        res = {"cr0sync": [], "rsync": [], "unison": [], "rsync-fsync": []}
         for i in range(args.rounds):
             picked = rng.sample(every, 2 * k)
             left, right = picked[:k], picked[k:]
-            change([central, ra, ua], left, f"central-{i}", rng)
-            change([peer, rb, ub], right, f"peer-{i}", rng)
-            order = ["cr0sync", "rsync", "unison"]
+            change([central, ra, ua, fa], left, f"central-{i}", rng)
+            change([peer, rb, ub, fb], right, f"peer-{i}", rng)
+            order = ["cr0sync", "rsync", "unison", "rsync-fsync"]
             rng.shuffle(order)
             for tool in order:
                 # Each tool starts with nothing dirty: an fsync would otherwise also flush
@@ -132,12 +134,18 @@ peers = [{{ name = "site", path = "{peer}" }}]
                     subprocess.run(["rsync", "-a", "--update", ra + "/", rb + "/"], check=True)
                     subprocess.run(["rsync", "-a", "--update", rb + "/", ra + "/"], check=True)
                     res[tool].append((time.perf_counter() - start, float("nan")))
+                elif tool == "rsync-fsync":
+                    # The same, with each file synced as cr0sync syncs what it writes.
+                    start = time.perf_counter()
+                    subprocess.run(["rsync", "-a", "--fsync", "--update", fa + "/", fb + "/"], check=True)
+                    subprocess.run(["rsync", "-a", "--fsync", "--update", fb + "/", fa + "/"], check=True)
+                    res[tool].append((time.perf_counter() - start, float("nan")))
                 else:
                     start = time.perf_counter()
                     subprocess.run(unison, env=env, check=True, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
                     res[tool].append((time.perf_counter() - start, float("nan")))
-            for a, b in ((central, peer), (ra, rb), (ua, ub)):
+            for a, b in ((central, peer), (ra, rb), (ua, ub), (fa, fb)):
                 diff = subprocess.run(["diff", "-r", a, b], capture_output=True)
                 if diff.returncode != 0:
                     sys.exit(f"round {i}: {a} and {b} differ after the sync")
@@ -147,7 +155,9 @@ peers = [{{ name = "site", path = "{peer}" }}]
               f"(peak RSS {rss:.0f} MiB), rsync -a both ways {med['rsync'] * 1000:.0f} ms, "
               f"unison -batch {med['unison'] * 1000:.0f} ms; "
               f"ratio to rsync {med['cr0sync'] / med['rsync']:.2f} (target <= 1), "
-              f"to unison {med['cr0sync'] / med['unison']:.2f} (target < 1)")
+              f"to unison {med['cr0sync'] / med['unison']:.2f} (target < 1); "
+              f"rsync -a --fsync both ways {med['rsync-fsync'] * 1000:.0f} ms, "
+              f"ratio {med['cr0sync'] / med['rsync-fsync']:.2f}")
 
         # 3. A large file pulled from a master.
         if args.big_mib > 0:

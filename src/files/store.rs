@@ -9,10 +9,13 @@
 //!   side the content it held when the write was decided (`pre`) and what it is to hold
 //!   (`res`), and the base once both sides hold their result. Written before any file is
 //!   touched; an entry leaves the journal in the same transaction that sets its base.
+//! - Contents are dropped when the last reference to them goes: each transaction that
+//!   changes the base or the journal of some paths releases, at its end, the contents
+//!   those paths referred to before and nothing refers to now.
 //! - `outbox`: conflict records decided with the journal, appended to
 //!   `state/conflicts.jsonl` afterwards (once: records whose id is there are skipped).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
@@ -33,6 +36,7 @@ CREATE TABLE IF NOT EXISTS journal(
   c_pre TEXT, c_res TEXT, p_pre TEXT, p_res TEXT, source TEXT,
   c_unwritten INTEGER NOT NULL DEFAULT 0, p_unwritten INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY(peer, path)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS base_sha256 ON base(sha256);
 CREATE TABLE IF NOT EXISTS outbox(id TEXT PRIMARY KEY, record TEXT NOT NULL) WITHOUT ROWID;
 ";
 
@@ -69,7 +73,7 @@ pub struct BaseEntry {
     pub sha256: String,
     pub central: Option<Seen>,
     pub peer: Option<Seen>,
-    /// When the metadata was taken: a file modified within a second before is read again
+    /// When the metadata was taken: a file modified just before is read again
     /// (its mtime may not show a later change).
     pub seen_ns: i128,
 }
@@ -273,6 +277,11 @@ impl Store {
         settled: &[Settled],
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
+        let paths = entries
+            .iter()
+            .map(|e| e.path.as_str())
+            .chain(settled.iter().map(|s| s.path.as_str()));
+        let released = references(&tx, peer, paths)?;
         {
             let mut put = tx
                 .prepare_cached("INSERT OR IGNORE INTO objects(sha256, content) VALUES (?1, ?2)")?;
@@ -305,6 +314,7 @@ impl Store {
             }
             set_base(&tx, peer, settled)?;
         }
+        release(&tx, released)?;
         tx.commit()?;
         Ok(())
     }
@@ -330,6 +340,11 @@ impl Store {
         progress: &[JournalEntry],
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
+        let paths = done
+            .iter()
+            .map(|s| s.path.as_str())
+            .chain(progress.iter().map(|e| e.path.as_str()));
+        let released = references(&tx, peer, paths)?;
         set_base(&tx, peer, done)?;
         {
             let mut j = tx.prepare_cached(
@@ -355,20 +370,26 @@ impl Store {
                 del.execute(params![peer, s.path])?;
             }
         }
+        release(&tx, released)?;
         tx.commit()?;
         Ok(())
     }
 
     /// Drops a journal entry without touching the base (nothing of it was written).
-    pub fn abandon(&self, peer: &str, path: &str) -> Result<()> {
-        self.conn.execute(
+    pub fn abandon(&mut self, peer: &str, path: &str) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let released = references(&tx, peer, [path])?;
+        tx.execute(
             "DELETE FROM journal WHERE peer = ?1 AND path = ?2",
             params![peer, path],
         )?;
+        release(&tx, released)?;
+        tx.commit()?;
         Ok(())
     }
 
-    /// Drops contents that no base or journal entry refers to.
+    /// Drops every content that no base or journal entry refers to (a whole scan; the
+    /// transactions above release contents as they go).
     pub fn collect_garbage(&self) -> Result<usize> {
         Ok(self.conn.execute(
             // The hashes come from the index on `sha256`, not from a scan of the table,
@@ -427,6 +448,60 @@ fn migrate_objects(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The contents the base and the journal of `paths` refer to now.
+fn references<'p>(
+    tx: &Connection,
+    peer: &str,
+    paths: impl IntoIterator<Item = &'p str>,
+) -> Result<BTreeSet<String>> {
+    let mut base = tx.prepare_cached("SELECT sha256 FROM base WHERE peer = ?1 AND path = ?2")?;
+    let mut journal = tx.prepare_cached(
+        "SELECT c_pre, c_res, p_pre, p_res FROM journal WHERE peer = ?1 AND path = ?2",
+    )?;
+    let mut out = BTreeSet::new();
+    for path in paths {
+        if let Some(h) = base
+            .query_row(params![peer, path], |r| r.get::<_, String>(0))
+            .optional()?
+        {
+            out.insert(h);
+        }
+        let hashes = journal
+            .query_row(params![peer, path], |r| {
+                let h = |i: usize| r.get::<_, Option<String>>(i);
+                Ok([h(0)?, h(1)?, h(2)?, h(3)?])
+            })
+            .optional()?;
+        out.extend(hashes.into_iter().flatten().flatten());
+    }
+    Ok(out)
+}
+
+/// Drops those of `hashes` that no base or journal entry refers to any more.
+fn release(tx: &Connection, mut hashes: BTreeSet<String>) -> Result<()> {
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    // The journal is small (the writes in flight): one pass over it.
+    let mut journal = tx.prepare_cached("SELECT c_pre, c_res, p_pre, p_res FROM journal")?;
+    let mut rows = journal.query([])?;
+    while let Some(r) = rows.next()? {
+        for i in 0..4 {
+            if let Some(h) = r.get::<_, Option<String>>(i)? {
+                hashes.remove(&h);
+            }
+        }
+    }
+    let mut del = tx.prepare_cached(
+        "DELETE FROM objects WHERE sha256 = ?1 \
+         AND NOT EXISTS (SELECT 1 FROM base WHERE sha256 = ?1)",
+    )?;
+    for h in hashes {
+        del.execute([h])?;
+    }
+    Ok(())
+}
+
 fn set_base(tx: &Connection, peer: &str, settled: &[Settled]) -> Result<()> {
     let mut put = tx.prepare_cached(
         "INSERT OR REPLACE INTO base(peer, path, sha256, c_size, c_mtime, c_ctime, c_ino, \
@@ -476,6 +551,100 @@ fn set_base(tx: &Connection, peer: &str, settled: &[Settled]) -> Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn entry(path: &str, pre: &str, res: &str) -> JournalEntry {
+        let change = |pre: &str| Change {
+            pre: Some(pre.into()),
+            res: Some(res.into()),
+            unwritten: false,
+        };
+        JournalEntry {
+            path: path.into(),
+            base_after: Some(res.into()),
+            central: change(pre),
+            peer: change(res),
+            source: None,
+        }
+    }
+
+    fn settled(path: &str, sha: &str) -> Settled {
+        Settled {
+            path: path.into(),
+            entry: Some(BaseEntry {
+                sha256: sha.into(),
+                central: None,
+                peer: None,
+                seen_ns: 0,
+            }),
+        }
+    }
+
+    fn hashes(store: &Store) -> Vec<String> {
+        let mut stmt = store
+            .conn
+            .prepare("SELECT sha256 FROM objects ORDER BY sha256")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_content_goes_when_nothing_refers_to_it_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store =
+            Store::open(&dir.path().join("t.db"), std::time::Duration::from_secs(1)).unwrap();
+        let objects = |names: &[&str]| -> BTreeMap<String, Vec<u8>> {
+            names
+                .iter()
+                .map(|n| (n.to_string(), b"{}".to_vec()))
+                .collect()
+        };
+        // Two peers agree on content "a" for one path; one of them also on "s".
+        store
+            .decide(
+                "p1",
+                &[],
+                &objects(&["a", "s"]),
+                &[],
+                &[settled("f", "a"), settled("g", "s")],
+            )
+            .unwrap();
+        store
+            .decide("p2", &[], &BTreeMap::new(), &[], &[settled("f", "a")])
+            .unwrap();
+        // p1 decides "a" -> "b": both stay while the journal refers to them.
+        store
+            .decide("p1", &[entry("f", "a", "b")], &objects(&["b"]), &[], &[])
+            .unwrap();
+        assert_eq!(hashes(&store), ["a", "b", "s"]);
+        // Done: p1's base moves to "b"; "a" stays, p2's base still refers to it.
+        store.settle("p1", &[settled("f", "b")], &[]).unwrap();
+        assert_eq!(hashes(&store), ["a", "b", "s"]);
+        // p2 moves too: "a" goes.
+        store
+            .decide("p2", &[], &BTreeMap::new(), &[], &[settled("f", "b")])
+            .unwrap();
+        assert_eq!(hashes(&store), ["b", "s"]);
+        // A path leaving the base releases its content; an abandoned entry its own.
+        store
+            .decide("p1", &[entry("g", "s", "t")], &objects(&["t"]), &[], &[])
+            .unwrap();
+        store.abandon("p1", "g").unwrap();
+        assert_eq!(hashes(&store), ["b", "s"]);
+        store
+            .settle(
+                "p1",
+                &[Settled {
+                    path: "g".into(),
+                    entry: None,
+                }],
+                &[],
+            )
+            .unwrap();
+        assert_eq!(hashes(&store), ["b"]);
+    }
 
     #[test]
     fn an_objects_table_of_an_earlier_version_is_moved_with_its_contents() {

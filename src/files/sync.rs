@@ -3,7 +3,7 @@
 //!    the central one is created the first time).
 //! 2. Writes a stopped run decided are completed first, from the journal (`store`).
 //! 3. Both sides are listed (stat only); a file whose metadata matches the base (and was
-//!    not modified within a second of being seen) is not read; the others are hashed, and
+//!    not modified just before it was seen, see `racy_margin`) is not read; the others are hashed, and
 //!    read when small enough to merge.
 //! 4. Each path is decided (`plan`); the mass-delete guard checks the whole plan.
 //! 5. Losing contents of conflicts are kept under `state/`; then the journal, the merge
@@ -225,7 +225,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         .collect();
 
     // 3. Both listings, then what changed. Metadata recorded now is trusted later only for
-    //    files last modified over a second before this instant (the racy-entry rule: a
+    //    files last modified well before this instant (`racy_margin`, the racy-entry rule: a
     //    write in the same clock tick as the one we saw does not change the metadata).
     let seen_ns = wall_ns();
     let mut phases = crate::util::Phases::start();
@@ -396,7 +396,6 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
 
     phases.mark("journal");
     // 6. The writes (nothing to do in the usual minute: no entry).
-    let changed = !entries.is_empty() || !settled.is_empty() || report.recovered > 0;
     if !entries.is_empty() {
         let listed: BTreeMap<(Side, String), Seen> = central
             .files
@@ -416,7 +415,9 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
     phases.mark("writes and base");
     // 7. Records and cleanup.
     flush_outbox(ctx, &store)?;
-    if changed {
+    if report.recovered > 0 {
+        // Contents are released as the base and journal move; a stopped run is the one
+        // time to look at the whole store.
         store.collect_garbage()?;
     }
     phases.mark("records and cleanup");
@@ -435,6 +436,19 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         },
     )?;
     Ok(report)
+}
+
+/// How long before the instant its metadata was taken a file must have been modified for
+/// that metadata to vouch for its content: a later write within the same timestamp tick
+/// would not change it. Timestamps with sub-second parts (ext4, XFS, Btrfs: ticks of a
+/// few milliseconds) get 100 ms; whole seconds (a filesystem that keeps no more, or a
+/// file touched to a whole second) get 2 s.
+fn racy_margin(stat: &list::Stat) -> i128 {
+    if stat.mtime_ns % 1_000_000_000 == 0 {
+        2_000_000_000
+    } else {
+        100_000_000
+    }
 }
 
 /// The wall clock in nanoseconds (not the test clock: it is compared with file times).
@@ -483,7 +497,8 @@ fn known_sides(
                 Side::Peer => b.peer,
             });
             let fresh = b.is_some_and(|b| {
-                seen.is_some_and(|s| s.matches(stat)) && stat.mtime_ns < b.seen_ns - 1_000_000_000
+                seen.is_some_and(|s| s.matches(stat))
+                    && stat.mtime_ns < b.seen_ns - racy_margin(stat)
             });
             let k = Known {
                 sha256: fresh.then(|| b.map(|b| b.sha256.clone())).flatten(),
