@@ -95,6 +95,7 @@ pub enum Command {
     Security(SecurityCmd),
     SyncFromBot(SyncFromBotCmd),
     Demo(DemoCmd),
+    Serve(crate::commands::serve::ServeCmd),
     Completions(CompletionsCmd),
     Man(ManCmd),
 }
@@ -112,6 +113,7 @@ impl Cli {
             Command::Security(cmd) => cmd.run(&self.global),
             Command::SyncFromBot(cmd) => cmd.run(&self.global),
             Command::Demo(cmd) => cmd.run(&self.global),
+            Command::Serve(cmd) => cmd.run(),
             Command::Completions(cmd) => cmd.run(),
             Command::Man(cmd) => cmd.run(),
         }

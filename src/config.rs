@@ -31,6 +31,31 @@ pub struct Config {
     pub logs: LogsSection,
     pub security: SecuritySection,
     pub files: FilesSection,
+    pub remote: RemoteConfig,
+}
+
+/// `[remote]`: how peers on other hosts (`ssh://` paths) are reached.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteConfig {
+    /// The command that reaches a host; `[-p port] [user@]host <remote_bin> serve` is added.
+    pub ssh: Vec<String>,
+    /// cr0sync on the remote hosts (on their PATH, or a full path).
+    pub remote_bin: String,
+    /// How many hosts are served at once.
+    pub parallel: u32,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            ssh: ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+                .map(String::from)
+                .to_vec(),
+            remote_bin: "cr0sync".into(),
+            parallel: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -517,6 +542,16 @@ impl Config {
                     format!("key `peers`: database {name:?} has no peers"),
                 ));
             }
+            for peer in &db.peers {
+                if peer.path.get_ref().to_string_lossy().starts_with("ssh://") {
+                    return Err(at(
+                        peer.path.span(),
+                        "key `path`: database peers on other hosts (ssh://) are not supported \
+                         by this version; file-tree peers are. Try: a local path"
+                            .into(),
+                    ));
+                }
+            }
             for (parent, refs) in &db.rekey_refs {
                 if let Some(bad) = refs.iter().find(|r| {
                     r.split_once('.')
@@ -600,6 +635,14 @@ impl Config {
                 return Err(at(
                     stream.name.span(),
                     format!("key `name`: duplicate stream {name:?}"),
+                ));
+            }
+            if stream.from.to_string_lossy().starts_with("ssh://") {
+                return Err(at(
+                    stream.name.span(),
+                    "key `from`: log sources on other hosts (ssh://) are not supported by this \
+                     version; file-tree peers are. Try: a local path"
+                        .into(),
                 ));
             }
         }

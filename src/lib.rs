@@ -2,8 +2,8 @@
 //! bots and their website consistent through one central store. See README.md.
 //!
 //! Architecture (ARCHITECTURE.md has the picture): `cli` and `commands` parse and
-//! dispatch; `jobs` is the registry of jobs with the runner and `status`; `db`, `logs` and
-//! `security` are the jobs; `context`, `config`, `layout`, `fsutil`, `util`, `output`,
+//! dispatch; `jobs` is the registry of jobs with the runner and `status`; `db`, `logs`,
+//! `files` and `security` are the jobs; `remote` reaches peers on other hosts over ssh; `context`, `config`, `layout`, `fsutil`, `util`, `output`,
 //! `error` and `ops` (locks, state, task runs, schedule, logging, fault points) are the
 //! foundation, which knows no job.
 
@@ -23,5 +23,6 @@ pub(crate) mod layout;
 pub(crate) mod logs;
 pub(crate) mod ops;
 pub(crate) mod output;
+pub(crate) mod remote;
 pub(crate) mod security;
 pub(crate) mod util;

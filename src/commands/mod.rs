@@ -9,4 +9,5 @@ pub mod init;
 pub mod logs;
 pub mod run;
 pub mod security;
+pub mod serve;
 pub mod status;

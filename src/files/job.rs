@@ -75,10 +75,12 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
         force,
     };
     let mut reports = Vec::new();
+    // One connection per host for the whole run, shared by its pairs.
+    let hosts = crate::remote::client::Hosts::new(&ctx.config.remote);
     for (tree, peer) in pairs(ctx, sel)? {
         let now = run.now;
         run.task(&task_name(tree, peer), |run| {
-            let report = sync::sync_pair(ctx, tree, peer, opts, now)?;
+            let report = sync::sync_pair(ctx, tree, peer, opts, now, &hosts)?;
             run.gauge(
                 "cr0sync_files_changed",
                 (report.central.total() + report.peer_side.total()) as f64,
@@ -89,6 +91,12 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
             reports.push(report);
             Ok(done)
         });
+    }
+    for (host, error) in hosts.reachability() {
+        match error {
+            None => log::info!("host {host}: reachable"),
+            Some(e) => log::warn!("host {host}: not reachable in this run: {e}"),
+        }
     }
     Ok(reports)
 }

@@ -8,6 +8,7 @@
 //! - `store`: the tree's state (base, contents, journal, conflict outbox) in one SQLite
 //!   database under `state/files/`.
 //! - `write`: optimistic, atomic (or in-place under `flock`) writes of one file.
+//! - `side`: one side's directory, local or on another host (over `remote`).
 //! - `sync`: one pair, step by step, with its crash-safety argument.
 //! - `job`: pair selection, `cron files`, the status section.
 
@@ -15,6 +16,7 @@ pub mod job;
 pub mod json;
 pub mod list;
 pub mod plan;
+pub mod side;
 pub mod store;
 pub mod sync;
 pub mod write;

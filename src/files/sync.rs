@@ -33,11 +33,13 @@ use crate::context::Context;
 use crate::files::json::{self, Prefer};
 use crate::files::list::{self, Listing};
 use crate::files::plan::{self, Counts, Known, Rules};
+use crate::files::side::{Source, Staged, Tree};
 use crate::files::store::{BaseEntry, JournalEntry, Seen, Settled, Side, Store};
-use crate::files::write::{self, Content, Current, Dir, Outcome, Prepared};
+use crate::files::write::{self, Current, Dir, Outcome};
 use crate::fsutil;
 use crate::ops::fault;
 use crate::ops::state::names;
+use crate::remote::client::{Hosts, Shared, Spec};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -93,20 +95,32 @@ pub struct PairState {
 
 /// One pair in progress.
 struct Pair<'a> {
+    hosts: &'a Hosts,
     ctx: &'a Context,
     tree: &'a TreeConfig,
     name: &'a str,
     peer: &'a str,
     central_root: PathBuf,
+    /// The peer's local directory; unused when `peer_remote` is set.
     peer_root: PathBuf,
+    /// A peer on another host: its connection and its path there.
+    peer_remote: Option<(Shared, String)>,
     rules: Rules<'a>,
     merge_max: u64,
     now: DateTime<Utc>,
 }
 
 impl<'a> Pair<'a> {
-    fn dir(&self, side: Side) -> Dir<'_> {
-        Dir {
+    fn dir(&self, side: Side) -> Tree<'_> {
+        if let (Side::Peer, Some((conn, root))) = (side, &self.peer_remote) {
+            return Tree::Remote {
+                conn,
+                root,
+                flock: self.tree.write == WriteMode::Flock,
+                batch: true,
+            };
+        }
+        Tree::Local(Dir {
             root: match side {
                 Side::Central => &self.central_root,
                 Side::Peer => &self.peer_root,
@@ -115,7 +129,13 @@ impl<'a> Pair<'a> {
             perms: &self.ctx.perms,
             busy: self.ctx.config.general.busy_timeout.0,
             batch: true,
-        }
+        })
+    }
+
+    /// Makes what was written on both sides durable.
+    fn sync_sides(&self) -> Result<()> {
+        self.dir(Side::Central).sync()?;
+        self.dir(Side::Peer).sync()
     }
 
     /// How long a read waits for the site's lock (`write = "flock"` trees only).
@@ -128,6 +148,23 @@ impl<'a> Pair<'a> {
     }
 }
 
+/// Where a peer is: a local directory, or a connection and a path on another host.
+fn peer_location(
+    ctx: &Context,
+    hosts: &Hosts,
+    peer: &crate::config::PeerConfig,
+) -> Result<(PathBuf, Option<(Shared, String)>)> {
+    let path = peer.path.get_ref();
+    match Spec::parse(&path.to_string_lossy()) {
+        None => Ok((ctx.resolve(path), None)),
+        Some(spec) => {
+            let spec = spec?;
+            let conn = hosts.get(&spec)?;
+            Ok((path.clone(), Some((conn, spec.path))))
+        }
+    }
+}
+
 /// Syncs one pair of a tree.
 pub fn sync_pair(
     ctx: &Context,
@@ -135,16 +172,21 @@ pub fn sync_pair(
     peer: &crate::config::PeerConfig,
     opts: Options,
     now: DateTime<Utc>,
+    hosts: &Hosts,
 ) -> Result<PairReport> {
     let name = tree.name.get_ref().as_str();
     let peer_name = peer.name.get_ref().as_str();
+    let (peer_root, peer_remote) =
+        peer_location(ctx, hosts, peer).with_context(|| format!("{name}/{peer_name}"))?;
     let pair = Pair {
         ctx,
+        hosts,
         tree,
         name,
         peer: peer_name,
         central_root: ctx.resolve(tree.central.get_ref()),
-        peer_root: ctx.resolve(peer.path.get_ref()),
+        peer_root,
+        peer_remote,
         rules: Rules {
             policy: ctx.config.tree_policy(tree),
             direction: peer.direction,
@@ -164,12 +206,12 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         ..PairReport::default()
     };
     // 1. Both directories.
-    if !pair.peer_root.is_dir() {
+    if !pair.dir(Side::Peer).is_dir()? {
         anyhow::bail!(
             "peer directory not found: {} (never created, to protect the central copy from \
              an unmounted disk). Try: fix the peer's path in the configuration, or mount the \
              disk",
-            pair.peer_root.display()
+            pair.dir(Side::Peer).label("")
         );
     }
     if !pair.central_root.exists() && !opts.dry_run {
@@ -186,9 +228,18 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
     //    a file whose write is still pending: its completion would count that change).
     if !opts.dry_run {
         for peer in &pair.tree.peers {
+            let (peer_root, peer_remote) = match peer_location(ctx, pair.hosts, peer) {
+                Ok(l) => l,
+                Err(e) => {
+                    // That pair's own sync reports it; its pending writes wait for it.
+                    log::warn!("{}/{}: {e:#}", pair.name, peer.name.get_ref());
+                    continue;
+                }
+            };
             let other = Pair {
                 peer: peer.name.get_ref(),
-                peer_root: ctx.resolve(peer.path.get_ref()),
+                peer_root,
+                peer_remote,
                 central_root: pair.central_root.clone(),
                 rules: Rules {
                     direction: peer.direction,
@@ -197,7 +248,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
                 ..*pair
             };
             let pending = store.journal(other.peer)?;
-            if pending.is_empty() || !other.peer_root.is_dir() {
+            if pending.is_empty() || !other.dir(Side::Peer).is_dir()? {
                 continue;
             }
             let (done, _) = complete(
@@ -237,7 +288,9 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
                 Ok(Listing::default())
             }
         });
-        let p = list::list(&pair.peer_root, &pair.tree.include, &pair.tree.exclude);
+        let p = pair
+            .dir(Side::Peer)
+            .list(&pair.tree.include, &pair.tree.exclude);
         (c.join(), p)
     });
     let central = central.map_err(|_| anyhow::anyhow!("the listing stopped unexpectedly"))??;
@@ -260,14 +313,12 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         log::warn!("{}: {path} skipped: {why}", pair.label());
         report.skipped.push(path.clone());
     }
-    for (side, root, listing) in [
-        ("central", &pair.central_root, &central),
-        ("peer", &pair.peer_root, &peer),
-    ] {
+    for (side, listing) in [(Side::Central, &central), (Side::Peer, &peer)] {
         for (dir, why) in &listing.unreadable {
             let line = format!(
-                "cannot read {} ({side} side): {why}; nothing below it is synced",
-                root.join(dir).display()
+                "cannot read {} ({} side): {why}; nothing below it is synced",
+                pair.dir(side).label(dir),
+                side.name()
             );
             log::warn!("{}: {line}", pair.label());
             report.unreadable.push(line);
@@ -522,11 +573,8 @@ fn known_sides(
         out.insert(path.clone(), pair_known);
     }
     let read = crate::util::parallel_map(&to_read, |(path, side)| {
-        write::read_current(
-            &pair.dir(*side).path(path),
-            pair.merge_max,
-            pair.read_lock(),
-        )
+        pair.dir(*side)
+            .read_current(path, pair.merge_max, pair.read_lock())
     });
     for ((path, side), r) in to_read.iter().zip(read) {
         let r = r.ok_or_else(|| anyhow::anyhow!("a reader stopped unexpectedly"))??;
@@ -613,15 +661,15 @@ fn keep_lost(
         // The losing side had deleted the file: nothing to keep.
         return Ok(String::new());
     }
-    let src = pair.dir(loser).path(path);
+    let src = pair.dir(loser);
     pair.ctx
         .state
         .replace_with(&name, |tmp| {
             match k.and_then(|k| k.content.as_ref()) {
                 Some(bytes) => std::fs::write(tmp, bytes)?,
-                None => {
-                    std::fs::copy(&src, tmp)?;
-                }
+                None => src
+                    .copy_to_local(path, tmp)
+                    .map_err(std::io::Error::other)?,
             }
             Ok(())
         })
@@ -737,7 +785,7 @@ fn complete(
     // In an `atomic` tree every new content goes to a temporary file first, and one sync
     // of each filesystem makes them all durable before any is renamed into place (instead
     // of an fsync per file). `None`: the source of a copy changed meanwhile.
-    let mut prepared: BTreeMap<(usize, Side), Option<Prepared>> = BTreeMap::new();
+    let mut prepared: BTreeMap<(usize, Side), Option<Staged>> = BTreeMap::new();
     if pair.tree.write == WriteMode::Atomic {
         for &(i, side) in &jobs {
             let e = &entries[i];
@@ -751,8 +799,7 @@ fn complete(
             prepared.insert((i, side), p);
         }
         if !prepared.is_empty() {
-            fsutil::sync_filesystems(&[&pair.central_root, &pair.peer_root])
-                .context("cannot sync the written files")?;
+            pair.sync_sides()?;
         }
     }
     let mut first: BTreeMap<(usize, Side), Option<SideDone>> = BTreeMap::new();
@@ -827,8 +874,7 @@ fn complete(
     }
     // The renames, removals and rewrites above are durable before the base records them.
     if any_write {
-        fsutil::sync_filesystems(&[&pair.central_root, &pair.peer_root])
-            .context("cannot sync the written files")?;
+        pair.sync_sides()?;
     }
     store.settle(pair.peer, &done, &progress)?;
     Ok((done.len(), left))
@@ -858,7 +904,7 @@ fn complete_side(
         if !ch.writes() {
             return Ok(SideDone::Yes(None));
         }
-        let cur = write::read_current(&dir.path(&e.path), pair.merge_max, pair.read_lock())?;
+        let cur = dir.read_current(&e.path, pair.merge_max, pair.read_lock())?;
         if cur.sha256 == ch.res && !unwritten {
             return Ok(SideDone::Yes(cur.stat.as_ref().map(Seen::from)));
         }
@@ -887,7 +933,7 @@ fn put_result(
     side: Side,
     seen: Option<Seen>,
     object: Option<&[u8]>,
-    prepared: Option<Prepared>,
+    prepared: Option<Staged>,
 ) -> Result<Option<SideDone>> {
     let dir = pair.dir(side);
     let pre = e
@@ -920,28 +966,24 @@ fn with_result<T>(
     e: &JournalEntry,
     side: Side,
     object: Option<&[u8]>,
-    f: impl FnOnce(Content, u32) -> Result<T>,
+    f: impl FnOnce(Source, u32) -> Result<T>,
 ) -> Result<T> {
     let ch = e.side(side);
-    let source_path;
     let content = match &ch.res {
-        None => Content::Absent,
+        None => Source::Absent,
         Some(h) => match object {
-            Some(bytes) => Content::Bytes(bytes),
-            None => {
-                let from = e.source.unwrap_or(side.other());
-                source_path = pair.dir(from).path(&e.path);
-                Content::File {
-                    path: &source_path,
-                    sha256: h,
-                }
-            }
+            Some(bytes) => Source::Bytes(bytes),
+            None => Source::Copy {
+                from: pair.dir(e.source.unwrap_or(side.other())),
+                rel: &e.path,
+                sha256: h,
+            },
         },
     };
-    let mode = std::fs::metadata(pair.dir(side.other()).path(&e.path))
-        .ok()
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
-        .unwrap_or(pair.ctx.perms.file_mode);
+    let mode = pair
+        .dir(side.other())
+        .stat(&e.path)
+        .map_or(pair.ctx.perms.file_mode, |s| s.mode);
     f(content, mode)
 }
 

@@ -95,7 +95,7 @@ pub fn read_current(path: &Path, keep_max: u64, lock: Option<Duration>) -> Resul
 /// The SHA-256 of everything `r` yields, and the bytes when `keep` is set. `size`: what
 /// the reader is expected to yield (it sizes the buffer; any length is read whole).
 pub fn hash_reader(
-    r: &mut impl Read,
+    r: &mut (impl Read + ?Sized),
     size: u64,
     keep: bool,
 ) -> std::io::Result<(String, Option<Vec<u8>>)> {
@@ -128,12 +128,19 @@ pub fn sha256(bytes: &[u8]) -> String {
 }
 
 /// The content a write puts in place.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub enum Content<'a> {
     Bytes(&'a [u8]),
     /// Copied from another side's file, which must still hash to `sha256`.
     File {
         path: &'a Path,
+        sha256: &'a str,
+    },
+    /// Copied from a reader (a file on another host) of about `size` bytes, which must
+    /// hash to `sha256`.
+    Stream {
+        src: &'a std::cell::RefCell<dyn Read + 'a>,
+        size: u64,
         sha256: &'a str,
     },
     Absent,
@@ -186,6 +193,13 @@ pub struct Dir<'a> {
 #[derive(Debug)]
 pub struct Prepared {
     tmp: fsutil::Scratch,
+}
+
+impl Prepared {
+    /// A temporary file already written (and synced, if it must be) by the caller.
+    pub fn from_scratch(tmp: fsutil::Scratch) -> Prepared {
+        Prepared { tmp }
+    }
 }
 
 impl Dir<'_> {
@@ -334,6 +348,14 @@ impl Dir<'_> {
                 }
                 bytes.unwrap_or_default()
             }
+            Content::Stream { src, size, sha256 } => {
+                let mut src = src.borrow_mut();
+                let (sha, bytes) = hash_reader(&mut *src, size, true)?;
+                if sha != sha256 {
+                    return Ok(Outcome::SourceChanged);
+                }
+                bytes.unwrap_or_default()
+            }
             Content::Absent => return Ok(Outcome::Done(None)),
         };
         file.set_len(0)?;
@@ -408,17 +430,13 @@ fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
         Content::Bytes(b) => out.write_all(b)?,
         Content::File { path, sha256 } => {
             let mut src = File::open(path)?;
-            let mut h = Sha256::new();
-            let mut buf = buffer(src.metadata()?.len());
-            loop {
-                let n = src.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-                out.write_all(&buf[..n])?;
+            let size = src.metadata()?.len();
+            if !copy_hashed(&mut src, size, &mut out, sha256)? {
+                return Ok(false);
             }
-            if hex(&h.finalize()) != sha256 {
+        }
+        Content::Stream { src, size, sha256 } => {
+            if !copy_hashed(&mut *src.borrow_mut(), size, &mut out, sha256)? {
                 return Ok(false);
             }
         }
@@ -430,6 +448,21 @@ fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
     // The umask may have narrowed the mode given at creation.
     fs::set_permissions(tmp, fs::Permissions::from_mode(mode))?;
     Ok(true)
+}
+
+/// Copies `src` into `out` through a buffer; whether what was copied hashes to `sha256`.
+fn copy_hashed(src: &mut dyn Read, size: u64, out: &mut File, sha256: &str) -> Result<bool> {
+    let mut h = Sha256::new();
+    let mut buf = buffer(size);
+    loop {
+        let n = src.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        out.write_all(&buf[..n])?;
+    }
+    Ok(hex(&h.finalize()) == sha256)
 }
 
 /// As root, gives `path` the owner of the file it replaces (or of its directory).

@@ -1,0 +1,365 @@
+//! The local end: a connection to `cr0sync serve` on another host through the system's
+//! `ssh`, and the registry that opens one connection per host per job run.
+//!
+//! Invariants:
+//! - One line per failure, naming the host and what to do: unreachable, login refused,
+//!   cr0sync missing there, another protocol version, connection lost. A host that failed
+//!   once in a run fails at once for its other pairs (same line), and other hosts go on.
+//! - The remote's stderr goes to the local job log, line by line, prefixed with the host.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, BufWriter};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+
+use crate::config::RemoteConfig;
+use crate::remote::proto::{self, PROTOCOL, Request, Response};
+
+/// A peer path on another host: `ssh://[user@]host[:port]/absolute/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub user: Option<String>,
+    pub host: String,
+    pub port: Option<u16>,
+    /// The absolute path on that host.
+    pub path: String,
+}
+
+impl Spec {
+    /// `None`: not an `ssh://` path (a local one). `Some(Err)`: a malformed one.
+    pub fn parse(s: &str) -> Option<Result<Spec>> {
+        let rest = s.strip_prefix("ssh://")?;
+        Some(Self::parse_rest(s, rest))
+    }
+
+    fn parse_rest(s: &str, rest: &str) -> Result<Spec> {
+        let Some(slash) = rest.find('/') else {
+            bail!("{s}: an ssh:// path needs an absolute path after the host");
+        };
+        let (authority, path) = rest.split_at(slash);
+        let (user, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u.to_string()), h),
+            None => (None, authority),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                Some(
+                    p.parse::<u16>()
+                        .map_err(|_| anyhow!("{s}: the port {p:?} is not a number"))?,
+                ),
+            ),
+            None => (hostport, None),
+        };
+        if host.is_empty() {
+            bail!("{s}: the host is missing");
+        }
+        Ok(Spec {
+            user,
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        })
+    }
+
+    /// The host as people write it (`user@host:port`), which also keys its connection.
+    pub fn host_label(&self) -> String {
+        let mut s = String::new();
+        if let Some(u) = &self.user {
+            s.push_str(u);
+            s.push('@');
+        }
+        s.push_str(&self.host);
+        if let Some(p) = self.port {
+            s.push_str(&format!(":{p}"));
+        }
+        s
+    }
+}
+
+/// A live connection to one host.
+pub struct Conn {
+    host: String,
+    child: Child,
+    input: BufWriter<ChildStdin>,
+    output: BufReader<ChildStdout>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    lost: bool,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("host", &self.host).finish()
+    }
+}
+
+impl Conn {
+    /// Runs `ssh ... host remote_bin serve` and exchanges versions.
+    pub fn open(cfg: &RemoteConfig, spec: &Spec) -> Result<Conn> {
+        let host = spec.host_label();
+        let Some((prog, args)) = cfg.ssh.split_first() else {
+            bail!("[remote] ssh is empty; it needs at least the ssh program");
+        };
+        let mut cmd = Command::new(prog);
+        cmd.args(args);
+        if let Some(p) = spec.port {
+            cmd.arg("-p").arg(p.to_string());
+        }
+        match &spec.user {
+            Some(u) => cmd.arg(format!("{u}@{}", spec.host)),
+            None => cmd.arg(&spec.host),
+        };
+        cmd.arg(&cfg.remote_bin).arg("serve");
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {prog} to reach {host}. Try: install openssh-client, or set [remote] ssh"))?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            bail!("cannot talk to {prog}");
+        };
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let label = host.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                log::info!("{label}: {line}");
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+        let mut conn = Conn {
+            host,
+            child,
+            input: BufWriter::with_capacity(1 << 16, stdin),
+            output: BufReader::with_capacity(1 << 16, stdout),
+            stderr: lines,
+            lost: false,
+        };
+        let hello = Request::Hello {
+            protocol: PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        match conn.call(&hello, &[]) {
+            Ok((
+                Response::Hello {
+                    protocol: PROTOCOL, ..
+                },
+                _,
+            )) => Ok(conn),
+            Ok((Response::Hello { protocol, version }, _)) => bail!(
+                "{} runs cr0sync {version} (protocol {protocol}); this is cr0sync {} \
+                 (protocol {PROTOCOL}). Try: install the same version on both hosts",
+                conn.host,
+                env!("CARGO_PKG_VERSION")
+            ),
+            Ok(_) => bail!("{}: cr0sync serve answered out of turn", conn.host),
+            Err(e) => Err(conn.explain(e, cfg)),
+        }
+    }
+
+    /// The host as configured (`user@host:port`).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Sends one request and waits for its answer. An error frame is an error naming the
+    /// host; a lost connection is too, and every later call fails at once.
+    pub fn call(&mut self, req: &Request, body: &[u8]) -> Result<(Response, Vec<u8>)> {
+        if self.lost {
+            bail!(
+                "the connection to {} was lost earlier in this run",
+                self.host
+            );
+        }
+        let sent = proto::write_frame(&mut self.input, req, body);
+        let got = sent.and_then(|()| proto::read_frame::<_, Response>(&mut self.output));
+        match got {
+            Ok(Some((Response::Error { message }, _))) => bail!("{}: {message}", self.host),
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => {
+                self.lost = true;
+                Err(self.lost_line())
+            }
+            Err(e) => {
+                self.lost = true;
+                Err(e.context(self.lost_line()))
+            }
+        }
+    }
+
+    fn lost_line(&mut self) -> anyhow::Error {
+        // Give ssh a moment to exit and say why.
+        for _ in 0..20 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let last = self
+            .stderr
+            .lock()
+            .ok()
+            .and_then(|l| l.last().cloned())
+            .unwrap_or_default();
+        let why = if last.is_empty() {
+            String::new()
+        } else {
+            format!(" ({last})")
+        };
+        anyhow!(
+            "the connection to {} was lost{why}; what was not finished is completed by the \
+             next run. Try: cr0sync status, and check the host and its disk",
+            self.host
+        )
+    }
+
+    /// The line for a connection that failed before the versions were exchanged.
+    fn explain(&mut self, e: anyhow::Error, cfg: &RemoteConfig) -> anyhow::Error {
+        let _ = self.child.wait();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let text = self
+            .stderr
+            .lock()
+            .map(|l| l.join(" / "))
+            .unwrap_or_default();
+        let code = self.child.try_wait().ok().flatten().and_then(|s| s.code());
+        let host = &self.host;
+        let try_ssh = match host.rsplit_once(':') {
+            Some((h, port)) => format!("ssh -p {port} {h} true"),
+            None => format!("ssh {host} true"),
+        };
+        let lower = text.to_ascii_lowercase();
+        if lower.contains("permission denied") || lower.contains("too many authentication") {
+            anyhow!(
+                "{host} refused the login ({text}). Try: install this user's ssh key on {host} \
+                 (README: peers on other hosts), and check `{try_ssh}` works without a \
+                 password"
+            )
+        } else if code == Some(127) || lower.contains("not found") || lower.contains("no such file")
+        {
+            anyhow!(
+                "cr0sync is not installed on {host} (remote_bin = {:?}: {text}). Try: install \
+                 it there, or set [remote] remote_bin to its full path",
+                cfg.remote_bin
+            )
+        } else if lower.contains("refused")
+            || lower.contains("timed out")
+            || lower.contains("could not resolve")
+            || lower.contains("no route")
+            || lower.contains("unreachable")
+        {
+            anyhow!("cannot reach {host} ({text}). Try: check the host is up and `{try_ssh}` works")
+        } else {
+            anyhow!(
+                "cannot start cr0sync serve on {host}: {e:#}{}. Try: `ssh {host} {} serve` by \
+                 hand to see why",
+                if text.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({text})")
+                },
+                cfg.remote_bin
+            )
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.lost {
+            let _ = proto::write_frame(&mut self.input, &Request::Bye, &[]);
+            let _ = proto::read_frame::<_, Response>(&mut self.output);
+        }
+        // Closing our end ends ssh; do not wait on a hung one for long.
+        for _ in 0..40 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A connection shared by every pair on its host.
+pub type Shared = Arc<Mutex<Conn>>;
+
+/// The connections of one job run, opened on first use, one per host. A host that
+/// failed keeps its error line for the rest of the run.
+#[derive(Debug)]
+pub struct Hosts {
+    cfg: RemoteConfig,
+    conns: Mutex<HashMap<String, Result<Shared, String>>>,
+}
+
+impl Hosts {
+    pub fn new(cfg: &RemoteConfig) -> Hosts {
+        Hosts {
+            cfg: cfg.clone(),
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The connection to `spec`'s host.
+    pub fn get(&self, spec: &Spec) -> Result<Shared> {
+        let key = spec.host_label();
+        let mut conns = self
+            .conns
+            .lock()
+            .map_err(|_| anyhow!("the connection registry is unusable"))?;
+        let entry = conns
+            .entry(key)
+            .or_insert_with(|| match Conn::open(&self.cfg, spec) {
+                Ok(c) => Ok(Arc::new(Mutex::new(c))),
+                Err(e) => Err(format!("{e:#}")),
+            });
+        entry.clone().map_err(|e| anyhow!(e))
+    }
+
+    /// Each host used in this run, and the error line of those that could not be reached.
+    pub fn reachability(&self) -> Vec<(String, Option<String>)> {
+        self.conns
+            .lock()
+            .map(|c| {
+                let mut v: Vec<_> = c
+                    .iter()
+                    .map(|(h, r)| (h.clone(), r.as_ref().err().cloned()))
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ssh_paths_parse_and_local_ones_are_not_remote() {
+        let s = Spec::parse("ssh://cr0@bot1.example.org:2222/home/cr0/data")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.user.as_deref(), Some("cr0"));
+        assert_eq!(s.host, "bot1.example.org");
+        assert_eq!(s.port, Some(2222));
+        assert_eq!(s.path, "/home/cr0/data");
+        assert_eq!(s.host_label(), "cr0@bot1.example.org:2222");
+        let s = Spec::parse("ssh://host/x").unwrap().unwrap();
+        assert_eq!((s.user, s.port, s.path.as_str()), (None, None, "/x"));
+        assert!(Spec::parse("/var/data").is_none());
+        assert!(Spec::parse("ssh://host").unwrap().is_err());
+        assert!(Spec::parse("ssh://host:abc/x").unwrap().is_err());
+        assert!(Spec::parse("ssh:///x").unwrap().is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! Peers on other hosts, against a real OpenSSH server (Debian's openssh-server) that the
+//! tests start on 127.0.0.1 with throwaway host and user keys and a throwaway user:
+//! never the machine's own sshd, keys or ~/.ssh.
+//!
+//! The laws under test: a tree synced with a peer behind `ssh://` ends as it would with a
+//! local peer (every counter delta once); a confined key reads nothing outside its
+//! directories; every connection failure is one line naming the host and what to do.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use common::{BIN, Root, stderr_of};
+
+/// A throwaway user, an sshd on a free port of 127.0.0.1 that lets it in with a
+/// throwaway key, and a copy of cr0sync it can run. All removed when dropped.
+struct Sshd {
+    dir: tempfile::TempDir,
+    user: String,
+    port: u16,
+    child: Child,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", stderr_of(&out));
+}
+
+impl Sshd {
+    /// `None` (with a note) where the test cannot run: not root, or no sshd installed
+    /// (`.ci/run` installs it, so CI always runs these tests).
+    fn start(authorized_options: &str) -> Option<Sshd> {
+        if !common::needs_root("creating a throwaway user for sshd") {
+            return None;
+        }
+        assert!(
+            Path::new("/usr/sbin/sshd").exists(),
+            "/usr/sbin/sshd is missing: apt-get install openssh-server (.ci/run does)"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("cr0sync-sshd")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let user = format!("cr0s{}x{n}", std::process::id() % 100_000);
+        // `-p '*'`: no password, but not a locked account (sshd without PAM refuses those).
+        run(Command::new("useradd").args([
+            "-M",
+            "-N",
+            "-p",
+            "*",
+            "-d",
+            &d.display().to_string(),
+            "-s",
+            "/bin/sh",
+            &user,
+        ]));
+        // A copy of the binary the user can run; host and user keys.
+        let bin = d.join("cr0sync");
+        std::fs::copy(BIN, &bin).unwrap();
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join("host_key")));
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join("user_key")));
+        let pubkey = std::fs::read_to_string(d.join("user_key.pub")).unwrap();
+        let options = authorized_options.replace("BIN", &bin.display().to_string());
+        std::fs::write(d.join("authorized_keys"), format!("{options}{pubkey}")).unwrap();
+        let port = free_port();
+        std::fs::write(
+            d.join("sshd_config"),
+            format!(
+                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {hk}\nAuthorizedKeysFile {ak}\n\
+                 PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+                 StrictModes no\nPidFile none\nAllowUsers {user}\nLogLevel ERROR\n",
+                hk = d.join("host_key").display(),
+                ak = d.join("authorized_keys").display(),
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config"))
+            .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let sshd = Sshd {
+            dir,
+            user,
+            port,
+            child,
+        };
+        // Ready when the port answers.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(sshd);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "sshd did not start: {}",
+            std::fs::read_to_string(sshd.dir.path().join("sshd.log")).unwrap_or_default()
+        );
+    }
+
+    /// A directory the remote user owns.
+    fn user_dir(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        run(Command::new("chown").arg("-R").arg(&self.user).arg(&p));
+        p
+    }
+
+    fn url(&self, path: &Path) -> String {
+        format!(
+            "ssh://{}@127.0.0.1:{}{}",
+            self.user,
+            self.port,
+            path.display()
+        )
+    }
+
+    /// The `[remote]` section that reaches this sshd with the throwaway key only.
+    fn remote_section(&self) -> String {
+        format!(
+            "[remote]\nssh = [\"ssh\", \"-F\", \"/dev/null\", \"-i\", \"{}\", \"-o\", \"BatchMode=yes\", \
+             \"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", \
+             \"-o\", \"LogLevel=ERROR\", \"-o\", \"ConnectTimeout=5\"]\nremote_bin = \"{}\"\n",
+            self.dir.path().join("user_key").display(),
+            self.dir.path().join("cr0sync").display()
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("pkill").args(["-u", &self.user]).output();
+        let _ = Command::new("userdel").arg(&self.user).output();
+    }
+}
+
+fn tree_config(sshd: &Sshd, peer: &str, extra: &str) -> String {
+    format!(
+        "{}\n[[files.tree]]\nname = \"balances\"\ncentral = \"shared_storage/balances\"\n\
+         json_counters = [\"balance\"]\n{extra}\npeers = [{{ name = \"site\", path = \"{peer}\" }}]\n",
+        sshd.remote_section()
+    )
+}
+
+fn balance(path: &Path) -> i64 {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    v["balance"].as_i64().unwrap()
+}
+
+#[test]
+fn a_tree_with_a_peer_behind_ssh_merges_like_a_local_one() {
+    let Some(sshd) = Sshd::start("") else { return };
+    let peer = sshd.user_dir("site");
+    let r = Root::new();
+    r.write_config(&tree_config(&sshd, &sshd.url(&peer), ""));
+    let central = r.path("shared_storage/balances");
+    std::fs::create_dir_all(&central).unwrap();
+    std::fs::write(
+        central.join("1-andy.txt"),
+        "{\"user_id\": \"1-andy\", \"balance\": 1280}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        peer.join("2-bob.txt"),
+        "{\"user_id\": \"2-bob\", \"balance\": 5}\n",
+    )
+    .unwrap();
+    // A large file (more than one frame) from the peer, and one from the central side.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(peer.join("archive.bin"), &big).unwrap();
+    std::fs::write(central.join("upload.bin"), &big[..2_500_000]).unwrap();
+    run(Command::new("chown").arg("-R").arg(&sshd.user).arg(&peer));
+
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    for name in ["1-andy.txt", "2-bob.txt", "archive.bin", "upload.bin"] {
+        assert_eq!(
+            std::fs::read(central.join(name)).unwrap(),
+            std::fs::read(peer.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    // Files written on the remote host belong to its user, not to root.
+    let owner =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(peer.join("1-andy.txt")).unwrap());
+    let user_uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&peer).unwrap());
+    assert_eq!(owner, user_uid);
+
+    // Both sides add coins in the same minute: every delta counts once, everywhere.
+    std::fs::write(
+        central.join("1-andy.txt"),
+        "{\"user_id\": \"1-andy\", \"balance\": 1300}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        peer.join("1-andy.txt"),
+        "{\"user_id\": \"1-andy\", \"balance\": 1270}\n",
+    )
+    .unwrap();
+    std::fs::remove_file(central.join("upload.bin")).unwrap();
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(balance(&central.join("1-andy.txt")), 1290);
+    assert_eq!(balance(&peer.join("1-andy.txt")), 1290);
+    assert!(
+        !peer.join("upload.bin").exists(),
+        "a delete reaches the remote side"
+    );
+
+    // Nothing changed: nothing written, still equal.
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("+0 ~0 -0"), "{text}");
+}
+
+#[test]
+fn a_confined_key_reads_nothing_outside_its_directories() {
+    let Some(sshd) = Sshd::start("command=\"BIN serve --allow ALLOWED\",restrict ") else {
+        return;
+    };
+    // The key's command is fixed before the directory exists: write it now.
+    let allowed = sshd.user_dir("site");
+    let ak = sshd.dir.path().join("authorized_keys");
+    let text = std::fs::read_to_string(&ak)
+        .unwrap()
+        .replace("ALLOWED", &allowed.display().to_string());
+    std::fs::write(&ak, text).unwrap();
+    std::fs::write(allowed.join("1-andy.txt"), "{\"balance\": 1}\n").unwrap();
+
+    // Inside: works.
+    let r = Root::new();
+    r.write_config(&tree_config(&sshd, &sshd.url(&allowed), ""));
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(r.path("shared_storage/balances/1-andy.txt").exists());
+
+    // /etc through the protocol: refused, nothing of it arrives.
+    let r2 = Root::new();
+    r2.write_config(&tree_config(
+        &sshd,
+        &sshd.url(Path::new("/etc")),
+        "include = [\"passwd\"]",
+    ));
+    let out = r2.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("refused") && err.contains("outside"), "{err}");
+    assert!(!r2.path("shared_storage/balances/passwd").exists());
+    // A symlink inside the allowed directory pointing out is refused too.
+    std::os::unix::fs::symlink("/etc", allowed.join("etc")).unwrap();
+    let r3 = Root::new();
+    r3.write_config(&tree_config(
+        &sshd,
+        &sshd.url(&allowed.join("etc")),
+        "include = [\"passwd\"]",
+    ));
+    let out = r3.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("outside"), "{}", stderr_of(&out));
+    assert!(!r3.path("shared_storage/balances/passwd").exists());
+}
+
+#[test]
+fn connection_failures_are_one_line_naming_the_host() {
+    let Some(sshd) = Sshd::start("") else { return };
+    let peer = sshd.user_dir("site");
+    type Change<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let cases: [(&str, Change, &str); 3] = [
+        (
+            "unreachable",
+            Box::new(|c: &str| {
+                c.replace(&format!(":{}/", sshd.port), &format!(":{}/", free_port()))
+            }),
+            "cannot reach",
+        ),
+        (
+            "login refused",
+            Box::new(|c: &str| c.replace("user_key", "no_such_key")),
+            "refused the login",
+        ),
+        (
+            "cr0sync missing",
+            Box::new(|c: &str| c.replace("remote_bin = \"", "remote_bin = \"/nonexistent")),
+            "not installed",
+        ),
+    ];
+    for (what, change, needle) in cases {
+        let r = Root::new();
+        r.write_config(&change(&tree_config(&sshd, &sshd.url(&peer), "")));
+        let out = r.cmd().args(["files", "sync"]).output().unwrap();
+        assert!(!out.status.success(), "{what}");
+        let err = stderr_of(&out);
+        assert!(err.contains(needle), "{what}: {err}");
+        assert!(
+            err.contains("127.0.0.1"),
+            "{what}: the host is named: {err}"
+        );
+    }
+}
