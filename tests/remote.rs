@@ -5,7 +5,12 @@
 //! The laws under test: a tree synced with a peer behind `ssh://` ends as it would with a
 //! local peer (every counter delta once); a confined key reads nothing outside its
 //! directories; every connection failure is one line naming the host and what to do.
-#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
 
 mod common;
 
@@ -319,4 +324,206 @@ fn connection_failures_are_one_line_naming_the_host() {
             "{what}: the host is named: {err}"
         );
     }
+}
+
+/// A root with one tree whose only peer is behind ssh, 40 balance files synced, then
+/// changed on both sides (+5 central, +7 remote) and a text file changed both ways.
+fn changed_both_ways(sshd: &Sshd) -> (Root, PathBuf) {
+    let peer = sshd.user_dir(&format!("site{}", free_port()));
+    let r = Root::new();
+    r.write_config(&tree_config(sshd, &sshd.url(&peer), ""));
+    let central = r.path("shared_storage/balances");
+    std::fs::create_dir_all(&central).unwrap();
+    for i in 0..40 {
+        std::fs::write(
+            peer.join(format!("{i}.txt")),
+            format!("{{\"balance\": {i}}}\n"),
+        )
+        .unwrap();
+    }
+    std::fs::write(peer.join("text.txt"), "base\n").unwrap();
+    run(Command::new("chown").arg("-R").arg(&sshd.user).arg(&peer));
+    for _ in 0..2 {
+        let out = r.cmd().args(["files", "sync"]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    for i in 0..40 {
+        std::fs::write(
+            central.join(format!("{i}.txt")),
+            format!("{{\"balance\": {}}}\n", i + 5),
+        )
+        .unwrap();
+        std::fs::write(
+            peer.join(format!("{i}.txt")),
+            format!("{{\"balance\": {}}}\n", i + 7),
+        )
+        .unwrap();
+    }
+    std::fs::write(central.join("text.txt"), "central\n").unwrap();
+    std::fs::write(peer.join("text.txt"), "site\n").unwrap();
+    (r, peer)
+}
+
+/// After any stop: three more syncs give every delta once on both sides, one conflict
+/// record for the text file, and no temporary file on either side.
+fn completes_exactly(r: &Root, peer: &Path) {
+    for _ in 0..3 {
+        let out = r.cmd().args(["files", "sync"]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    for dir in [r.path("shared_storage/balances"), peer.to_path_buf()] {
+        for i in 0..40 {
+            assert_eq!(
+                balance(&dir.join(format!("{i}.txt"))),
+                i + 12,
+                "{} file {i}",
+                dir.display()
+            );
+        }
+        let partial: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(partial.is_empty(), "temporaries are removed: {partial:?}");
+    }
+    let out = r
+        .cmd()
+        .args(["db", "conflicts", "--json"])
+        .output()
+        .unwrap();
+    let records: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text: Vec<_> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["key"] == "text.txt")
+        .collect();
+    assert_eq!(text.len(), 1, "recorded once: {records}");
+}
+
+#[test]
+fn a_sync_with_a_remote_peer_stopped_anywhere_completes_with_each_delta_once() {
+    let Some(sshd) = Sshd::start("") else { return };
+    for point in [
+        "files-after-decide",
+        "files-after-write",
+        "files-after-writes",
+        "files-after-conflicts-append",
+    ] {
+        let (r, peer) = changed_both_ways(&sshd);
+        let out = Command::new(BIN)
+            .arg("--root")
+            .arg(&r.root)
+            .args(["files", "sync"])
+            .env("CR0SYNC_FAULT", point)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            None,
+            "{point}: killed, {}",
+            stderr_of(&out)
+        );
+        completes_exactly(&r, &peer);
+    }
+    let (r, peer) = changed_both_ways(&sshd);
+    let killed = common::kill_at_later_and_later_moments(
+        &r.root,
+        &["files", "sync"],
+        std::time::Duration::from_millis(5),
+        200,
+        |_| {},
+    );
+    assert!(killed > 3, "the run was cut {killed} times");
+    completes_exactly(&r, &peer);
+}
+
+#[test]
+fn a_connection_killed_mid_copy_is_one_line_and_the_next_run_completes() {
+    let Some(sshd) = Sshd::start("") else { return };
+    let peer = sshd.user_dir("site");
+    let r = Root::new();
+    r.write_config(&tree_config(&sshd, &sshd.url(&peer), ""));
+    let central = r.path("shared_storage/balances");
+    std::fs::create_dir_all(&central).unwrap();
+    // Incompressible, so it takes many frames.
+    let mut big = vec![0u8; 64 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for b in &mut big {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = (x >> 24) as u8;
+    }
+    std::fs::write(central.join("archive.bin"), &big).unwrap();
+    let child = Command::new(BIN)
+        .arg("--root")
+        .arg(&r.root)
+        .args(["files", "sync"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the copy to be under way on the remote side, then cut the connection.
+    let started = std::time::Instant::now();
+    loop {
+        let temp = std::fs::read_dir(&peer)
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().contains(".tmp."));
+        if temp {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 30, "the copy never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    run(Command::new("pkill").args(["-f", &format!("ssh .*-p {} ", sshd.port)]));
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(err.contains("127.0.0.1") && err.contains("lost"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        !peer.join("archive.bin").exists(),
+        "no partial file under the real name"
+    );
+    // Status names the pair's failure until a run succeeds.
+    let status = r.status_json();
+    let text = status.to_string();
+    assert!(text.contains("lost"), "{text}");
+
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(std::fs::read(peer.join("archive.bin")).unwrap(), big);
+    let temps: Vec<_> = std::fs::read_dir(&peer)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+        .collect();
+    assert!(temps.is_empty(), "{temps:?}");
+}
+
+#[test]
+fn status_names_a_host_that_was_not_reachable() {
+    let Some(sshd) = Sshd::start("") else { return };
+    let peer = sshd.user_dir("site");
+    let r = Root::new();
+    let config = tree_config(&sshd, &sshd.url(&peer), "");
+    r.write_config(&config);
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(r.status_json()["trees"][0]["host_reachable"], true);
+
+    let dead = free_port();
+    r.write_config(&config.replace(&format!(":{}/", sshd.port), &format!(":{dead}/")));
+    let out = r.cmd().args(["cron", "files"]).output().unwrap();
+    assert!(!out.status.success());
+    let status = r.status_json();
+    assert_eq!(status["trees"][0]["host_reachable"], false, "{status}");
+    let out = r.cmd().arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("127.0.0.1:{dead} was not reachable")),
+        "{text}"
+    );
 }

@@ -98,6 +98,9 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
             Some(e) => log::warn!("host {host}: not reachable in this run: {e}"),
         }
     }
+    if !run.dry_run {
+        crate::remote::client::record_hosts(&ctx.state, &hosts, run.now)?;
+    }
     Ok(reports)
 }
 
@@ -126,11 +129,15 @@ pub struct PairStatus {
     /// Directories the last sync could not read (nothing below them is synced).
     pub unreadable: Vec<String>,
     pub last_error: Option<String>,
+    /// A peer on another host: that host, and whether the last run reached it.
+    pub host: Option<String>,
+    pub host_reachable: Option<bool>,
 }
 
 pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
     let record: Option<RunRecord> = ctx.state.load(&names::run_record(JOB))?;
     let open = conflicts::open(ctx)?;
+    let hosts = crate::remote::client::load_hosts(&ctx.state)?;
     let mut out = Vec::new();
     for tree in &ctx.config.files.tree {
         let name = tree.name.get_ref();
@@ -138,11 +145,25 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
             let peer_name = peer.name.get_ref();
             let state: Option<PairState> = ctx.state.load(&names::files_pair(name, peer_name))?;
             let task = task_name(tree, peer);
+            let raw = peer.path.get_ref().to_string_lossy().into_owned();
+            let host = crate::remote::client::Spec::parse(&raw)
+                .and_then(Result::ok)
+                .map(|s| s.host_label());
+            let path = if host.is_some() {
+                raw
+            } else {
+                ctx.resolve(peer.path.get_ref()).display().to_string()
+            };
             out.push(PairStatus {
+                host_reachable: host
+                    .as_ref()
+                    .and_then(|h| hosts.get(h))
+                    .map(|h| h.reachable),
+                host,
                 tree: name.clone(),
                 peer: peer_name.clone(),
                 direction: format!("{:?}", peer.direction).to_lowercase(),
-                path: ctx.resolve(peer.path.get_ref()).display().to_string(),
+                path,
                 last_sync: state
                     .as_ref()
                     .map(|s| crate::ops::clock::rfc3339(s.last_sync)),
@@ -210,6 +231,18 @@ pub fn section(ctx: &Context) -> Result<Section> {
             p.conflicts.to_string(),
             state,
         ]);
+    }
+    // Hosts still configured (a host no longer used keeps its entry but is not a problem).
+    let configured: std::collections::BTreeSet<&String> =
+        pairs.iter().filter_map(|p| p.host.as_ref()).collect();
+    for (host, h) in crate::remote::client::load_hosts(&ctx.state)? {
+        if !h.reachable && configured.contains(&host) {
+            problems.push(format!(
+                "host {host} was not reachable at the last run ({}): {}",
+                crate::ops::clock::rfc3339(h.last_run),
+                h.error.unwrap_or_default()
+            ));
+        }
     }
     let open: usize = pairs.iter().map(|p| p.conflicts).sum();
     if open > 0 {

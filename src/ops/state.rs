@@ -99,6 +99,9 @@ pub mod names {
         format!("files/{tree}/lost/{id}")
     }
 
+    /// Each remote host a job used: whether it was reachable at its last run.
+    pub const REMOTE_HOSTS: &str = "remote/hosts.json";
+
     /// The copy of the sessions file a cleanup rewrites from, kept until the rewrite is
     /// installed.
     pub const SESSIONS_COPY: &str = "sessions/api_sessions.json.copy";

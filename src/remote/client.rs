@@ -289,6 +289,49 @@ impl Drop for Conn {
     }
 }
 
+/// What `state/remote/hosts.json` keeps per host: its last run and how it went.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HostState {
+    pub last_run: chrono::DateTime<chrono::Utc>,
+    pub reachable: bool,
+    pub error: Option<String>,
+}
+
+/// Records the hosts this run used (others keep their entries).
+pub fn record_hosts(
+    state: &crate::ops::state::StateStore,
+    hosts: &Hosts,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<()> {
+    let used = hosts.reachability();
+    if used.is_empty() {
+        return Ok(());
+    }
+    let name = crate::ops::state::names::REMOTE_HOSTS;
+    let mut all: std::collections::BTreeMap<String, HostState> =
+        state.load(name)?.unwrap_or_default();
+    for (host, error) in used {
+        all.insert(
+            host,
+            HostState {
+                last_run: now,
+                reachable: error.is_none(),
+                error,
+            },
+        );
+    }
+    state.save(name, &all)
+}
+
+/// The hosts as the last runs left them.
+pub fn load_hosts(
+    state: &crate::ops::state::StateStore,
+) -> Result<std::collections::BTreeMap<String, HostState>> {
+    Ok(state
+        .load(crate::ops::state::names::REMOTE_HOSTS)?
+        .unwrap_or_default())
+}
+
 /// A connection shared by every pair on its host.
 pub type Shared = Arc<Mutex<Conn>>;
 
