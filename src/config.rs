@@ -542,16 +542,7 @@ impl Config {
                     format!("key `peers`: database {name:?} has no peers"),
                 ));
             }
-            for peer in &db.peers {
-                if peer.path.get_ref().to_string_lossy().starts_with("ssh://") {
-                    return Err(at(
-                        peer.path.span(),
-                        "key `path`: database peers on other hosts (ssh://) are not supported \
-                         by this version; file-tree peers are. Try: a local path"
-                            .into(),
-                    ));
-                }
-            }
+
             for (parent, refs) in &db.rekey_refs {
                 if let Some(bad) = refs.iter().find(|r| {
                     r.split_once('.')
@@ -641,7 +632,7 @@ impl Config {
                 return Err(at(
                     stream.name.span(),
                     "key `from`: log sources on other hosts (ssh://) are not supported by this \
-                     version; file-tree peers are. Try: a local path"
+                     version; database and file-tree peers are. Try: a local path"
                         .into(),
                 ));
             }

@@ -82,6 +82,22 @@ pub fn pairs<'a>(ctx: &'a Context, sel: &Selection) -> Result<Vec<(&'a DbConfig,
     Ok(out)
 }
 
+fn is_remote(peer: &PeerConfig) -> bool {
+    peer.path.get_ref().to_string_lossy().starts_with("ssh://")
+}
+
+/// Commands that write a peer's file directly do not reach peers on other hosts yet.
+fn refuse_remote(peer: &PeerConfig, what: &str) -> Result<()> {
+    if is_remote(peer) {
+        anyhow::bail!(
+            "{what} does not reach peers on other hosts yet ({}). Try: run it on that host \
+             with a local configuration, or use a backup under backups/",
+            peer.path.get_ref().display()
+        );
+    }
+    Ok(())
+}
+
 pub fn task_name(db: &DbConfig, peer: &PeerConfig) -> String {
     format!("sync {}/{}", db.name.get_ref(), peer.name.get_ref())
 }
@@ -94,10 +110,12 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
         force,
     };
     let mut reports = Vec::new();
+    // One connection per host for the whole run, shared by its pairs.
+    let hosts = crate::remote::client::Hosts::new(&ctx.config.remote);
     for (db, peer) in pairs(ctx, sel)? {
         let now = run.now;
         run.task(&task_name(db, peer), |run| {
-            let report = sync::sync_pair(ctx, db, peer, opts, now)?;
+            let report = sync::sync_pair(ctx, db, peer, opts, now, &hosts)?;
             let (c, p, k) = report.changes();
             run.gauge("cr0sync_db_rows_changed", (c + p) as f64);
             run.gauge("cr0sync_db_conflicts_recorded", k as f64);
@@ -105,6 +123,9 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
             reports.push(report);
             Ok(done)
         });
+    }
+    if !run.dry_run {
+        crate::remote::client::record_hosts(&ctx.state, &hosts, run.now)?;
     }
     Ok(reports)
 }
@@ -229,6 +250,7 @@ pub fn sync_from_peer(run: &mut JobRun, db: &DbConfig, peer: &PeerConfig) -> Res
     let ctx = run.ctx;
     let name = db.name.get_ref().as_str();
     let peer_name = peer.name.get_ref().as_str();
+    refuse_remote(peer, "sync-from-bot")?;
     let peer_path = ctx.resolve(peer.path.get_ref());
     let central = ctx.layout.central_db(name);
     let busy = ctx.config.general.busy_timeout.0;
@@ -315,6 +337,7 @@ pub fn restore(run: &mut JobRun, db: &DbConfig, file: &Path, to: &str) -> Result
                     "--to {to}: database `{name}` has no such peer (use central or a peer name)"
                 ))
             })?;
+        refuse_remote(peer, "db restore --to")?;
         (ctx.resolve(peer.path.get_ref()), vec![to])
     };
     if to != "central" && !dest.exists() {
@@ -388,7 +411,11 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
                 database: name.clone(),
                 peer: peer_name.clone(),
                 direction: format!("{:?}", peer.direction).to_lowercase(),
-                path: ctx.resolve(peer.path.get_ref()).display().to_string(),
+                path: if is_remote(peer) {
+                    peer.path.get_ref().display().to_string()
+                } else {
+                    ctx.resolve(peer.path.get_ref()).display().to_string()
+                },
                 last_sync: state
                     .as_ref()
                     .map(|s| crate::ops::clock::rfc3339(s.last_sync)),

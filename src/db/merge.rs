@@ -24,7 +24,7 @@ use crate::conflicts::{ConflictRecord, Images};
 use crate::db::value::{Key, Row, counter_merge};
 
 /// What the merge needs to know about a table whose schema agrees on all sides.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct TableSpec {
     pub name: String,
     pub columns: Vec<String>,
@@ -55,7 +55,7 @@ pub struct Rules {
 
 /// One change to one side. `old` is what the snapshot saw: the apply step writes only if
 /// the row still holds it (optimistic writes).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub enum Change {
     /// Keyed insert (`old: None`) or update.
     Upsert {

@@ -21,6 +21,7 @@ pub mod job;
 pub mod journal;
 pub mod merge;
 pub mod migrate;
+pub mod pages;
 pub mod rekey;
 pub mod snapshot;
 pub mod sync;

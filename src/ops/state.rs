@@ -99,6 +99,12 @@ pub mod names {
         format!("files/{tree}/lost/{id}")
     }
 
+    /// The copy of a database peer on another host, kept since its last sync (only the
+    /// pages that differ from it travel).
+    pub fn remote_db_copy(db: &str, peer: &str) -> String {
+        format!("remote/db/{db}/{peer}.db")
+    }
+
     /// Each remote host a job used: whether it was reachable at its last run.
     pub const REMOTE_HOSTS: &str = "remote/hosts.json";
 

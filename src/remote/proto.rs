@@ -35,7 +35,7 @@ pub const PROTOCOL: u32 = 1;
 /// The largest body sent in one frame.
 pub const CHUNK: usize = 1 << 20;
 const MAX_HEADER: u32 = 64 << 20;
-const MAX_BODY: u32 = 4 << 20;
+const MAX_BODY: u32 = 256 << 20;
 
 /// What the client asks. Paths are absolute paths on the serving host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -111,6 +111,39 @@ pub enum Request {
     /// Makes everything written under these paths durable (`syncfs`).
     SyncFs {
         paths: Vec<String>,
+    },
+    /// A database's and its `-wal`'s metadata (the fast path: one round trip).
+    DbStat {
+        path: String,
+    },
+    /// A consistent copy of a database (online backup API) kept by the server for this
+    /// connection; answered with its size, page size, SHA-256 and page hashes (the body).
+    DbSnapshot {
+        path: String,
+    },
+    /// Pages of a kept copy (the body: each `page_size` bytes, in the order asked).
+    DbPages {
+        token: u64,
+        pages: Vec<u64>,
+    },
+    /// Drops a kept copy.
+    DbRelease {
+        token: u64,
+    },
+    /// Writes a peer's change set (the body: a JSON `PeerWriteSet`) in one transaction on
+    /// the live database, with the journal's marker; answered with the rows left alone.
+    DbApply {
+        path: String,
+    },
+    /// Drops cr0sync's marker table from the live database.
+    DbDropMarker {
+        path: String,
+    },
+    /// Adds a column (a migration made elsewhere) to the live database.
+    DbAddColumn {
+        path: String,
+        table: String,
+        decl: String,
     },
     Bye,
 }
@@ -216,6 +249,18 @@ pub enum Response {
     Token {
         token: u64,
     },
+    DbStat {
+        db: Option<crate::db::sync::FileStat>,
+        wal: Option<crate::db::sync::FileStat>,
+    },
+    DbSnapshot {
+        token: u64,
+        size: u64,
+        page_size: u32,
+        sha256: String,
+    },
+    /// Per table, the keys the peer's own writer changed meanwhile (JSON, in the body).
+    DbApplied,
     Outcome {
         outcome: OutcomeW,
     },

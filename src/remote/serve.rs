@@ -22,6 +22,9 @@ use anyhow::{Context as _, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::config::WriteMode;
+use crate::db::pages;
+use crate::db::snapshot;
+use crate::db::sync::{FileStat, PeerWriteSet, write_peer_tables};
 use crate::files::list;
 use crate::files::write::{self, Content, Dir, Expect, Prepared};
 use crate::fsutil::{self, Perms};
@@ -45,6 +48,8 @@ pub struct Server {
     next: u64,
     incoming: HashMap<u64, Incoming>,
     sealed: HashMap<u64, Prepared>,
+    /// Database snapshots kept for this connection: the file and its page size.
+    snapshots: HashMap<u64, (fsutil::Scratch, u32)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -72,6 +77,7 @@ impl Server {
             next: 1,
             incoming: HashMap::new(),
             sealed: HashMap::new(),
+            snapshots: HashMap::new(),
         })
     }
 
@@ -271,6 +277,71 @@ impl Server {
                     },
                     none(),
                 )
+            }
+            Request::DbStat { path } => {
+                let p = self.path(&path)?;
+                let db = FileStat::of(&p);
+                let wal = FileStat::of(&crate::util::with_suffix(&p, "-wal"));
+                (Response::DbStat { db, wal }, none())
+            }
+            Request::DbSnapshot { path } => {
+                let p = self.path(&path)?;
+                let token = self.next;
+                self.next += 1;
+                let tmp = fsutil::Scratch::new(
+                    std::env::temp_dir()
+                        .join(format!("cr0sync-serve-{}-{token}.db", std::process::id())),
+                );
+                snapshot::snapshot_to(&p, &tmp, BUSY)?;
+                let page_size = pages::page_size_of(&tmp)?;
+                let (hashes, sha256) = pages::hashes(&tmp, page_size)?;
+                let size = std::fs::metadata(&*tmp)?.len();
+                self.snapshots.insert(token, (tmp, page_size));
+                (
+                    Response::DbSnapshot {
+                        token,
+                        size,
+                        page_size,
+                        sha256,
+                    },
+                    hashes,
+                )
+            }
+            Request::DbPages { token, pages } => {
+                let (tmp, page_size) = self.snapshots.get(&token).context("no such snapshot")?;
+                let ps = u64::from(*page_size);
+                let mut f = File::open(&**tmp)?;
+                let mut out = vec![0u8; pages.len() * *page_size as usize];
+                for (i, page) in pages.iter().enumerate() {
+                    f.seek(SeekFrom::Start(page * ps))?;
+                    f.read_exact(&mut out[i * *page_size as usize..(i + 1) * *page_size as usize])?;
+                }
+                (Response::Bytes, out)
+            }
+            Request::DbRelease { token } => {
+                self.snapshots.remove(&token);
+                (Response::Ok, none())
+            }
+            Request::DbApply { path } => {
+                let p = self.path(&path)?;
+                let set: PeerWriteSet =
+                    serde_json::from_slice(&body).context("a peer's change set is damaged")?;
+                let left = write_peer_tables(&p, BUSY, &set).with_context(|| {
+                    format!("cannot write {}; nothing was written", p.display())
+                })?;
+                let left: Vec<Vec<_>> = left.into_iter().map(|k| k.into_iter().collect()).collect();
+                (Response::DbApplied, serde_json::to_vec(&left)?)
+            }
+            Request::DbDropMarker { path } => {
+                let p = self.path(&path)?;
+                crate::db::journal::drop_marker(&p, BUSY);
+                (Response::Ok, none())
+            }
+            Request::DbAddColumn { path, table, decl } => {
+                let p = self.path(&path)?;
+                let live = crate::db::apply::open_for_merge(&p, BUSY)?;
+                crate::db::migrate::add_column(&live, "main", &table, &decl)?;
+                (Response::Ok, none())
             }
             Request::SyncFs { paths } => {
                 let paths = paths

@@ -264,50 +264,90 @@ pub(super) fn raise_sequences(conn: &Connection, sequences: &[(String, i64, bool
     Ok(())
 }
 
+/// Everything a peer's transaction writes, in a form that travels to another host (where
+/// `cr0sync serve` runs [`write_peer_tables`] on the peer's live file).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PeerWriteSet {
+    /// Per merged table: its spec, the rows moved to fresh keys (written first, all or
+    /// none) and the changes.
+    pub tables: Vec<(merge::TableSpec, Vec<Change>, Vec<Change>)>,
+    pub txid: String,
+    pub fts: Vec<(String, String)>,
+    pub sequences: Vec<(String, i64, bool)>,
+}
+
+impl PeerWriteSet {
+    fn of(works: &[Work], side: &PeerWrite) -> PeerWriteSet {
+        PeerWriteSet {
+            tables: works
+                .iter()
+                .zip(side.to_peer)
+                .map(|(w, c)| (w.spec.clone(), w.peer_edits.clone(), c.clone()))
+                .collect(),
+            txid: side.txid.to_string(),
+            fts: side.fts.to_vec(),
+            sequences: side.sequences.to_vec(),
+        }
+    }
+}
+
 /// Writes the peer's changes and the journal's marker in one immediate transaction on
-/// the live file. Returns, per table, the rows left alone because the peer's own writer
-/// changed them after the snapshot.
+/// the live file (here, or through `cr0sync serve` on the peer's host). Returns, per
+/// table, the rows left alone because the peer's own writer changed them after the
+/// snapshot.
 pub(super) fn write_peer_side(
     path: &Path,
+    remote: Option<&super::RemotePeer>,
     busy: std::time::Duration,
     works: &[Work],
     side: &PeerWrite,
 ) -> Result<Vec<BTreeSet<Key>>> {
-    let (to_peer, txid, fts) = (side.to_peer, side.txid, side.fts);
+    let set = PeerWriteSet::of(works, side);
+    match remote {
+        Some(r) => r.apply(&set),
+        None => write_peer_tables(path, busy, &set),
+    }
+}
+
+/// See [`write_peer_side`].
+pub(crate) fn write_peer_tables(
+    path: &Path,
+    busy: std::time::Duration,
+    set: &PeerWriteSet,
+) -> Result<Vec<BTreeSet<Key>>> {
     let mut conn = open_for_merge(path, busy)?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::new();
     let mut marker = journal::Marker {
-        txid: txid.to_string(),
+        txid: set.txid.clone(),
         ..Default::default()
     };
-    for w in works.iter().filter(|w| !w.peer_edits.is_empty()) {
-        let skipped = apply(&tx, "main", &w.spec, &w.peer_edits)?.skipped;
+    for (spec, edits, _) in set.tables.iter().filter(|(_, e, _)| !e.is_empty()) {
+        let skipped = apply(&tx, "main", spec, edits)?.skipped;
         if let Some(key) = skipped.first() {
             anyhow::bail!(
                 "table {}: row {} changed while its key was being moved to a fresh one; \
                  the next run tries again",
-                w.spec.name,
+                spec.name,
                 serde_json::to_string(key).unwrap_or_default()
             );
         }
     }
-    for (w, changes) in works.iter().zip(to_peer) {
-        let skipped = apply(&tx, "main", &w.spec, changes)?.skipped;
+    for (spec, _, changes) in &set.tables {
+        let skipped = apply(&tx, "main", spec, changes)?.skipped;
         if !skipped.is_empty() {
             marker
                 .left_alone
-                .insert(w.spec.name.clone(), skipped.iter().cloned().collect());
+                .insert(spec.name.clone(), skipped.iter().cloned().collect());
         }
         out.push(skipped);
     }
-    rebuild_indexes(&tx, "main", fts, |t| {
-        works
+    rebuild_indexes(&tx, "main", &set.fts, |t| {
+        set.tables
             .iter()
-            .zip(to_peer)
-            .any(|(w, c)| w.spec.name == t && !(c.is_empty() && w.peer_edits.is_empty()))
+            .any(|(s, e, c)| s.name == t && !(c.is_empty() && e.is_empty()))
     })?;
-    raise_sequences(&tx, side.sequences)?;
+    raise_sequences(&tx, &set.sequences)?;
     journal::mark_peer(&tx, &marker)?;
     tx.commit()?;
     Ok(out)
@@ -516,7 +556,15 @@ impl Pair<'_> {
         fault::point("after-journal")?;
         let before = base_before(tx, works, side.to_peer)?;
         let (peer, settled) = std::thread::scope(|s| {
-            let peer = s.spawn(|| write_peer_side(&self.peer_path, self.busy, works, side));
+            let peer = s.spawn(|| {
+                write_peer_side(
+                    &self.peer_path,
+                    self.remote.as_ref(),
+                    self.busy,
+                    works,
+                    side,
+                )
+            });
             let settled = settle_bases(tx, works, self.rules.direction, refused);
             (peer.join(), settled)
         });
@@ -525,7 +573,9 @@ impl Pair<'_> {
             .with_context(|| {
                 format!(
                     "{label}: cannot write peer {}; nothing was written",
-                    self.peer_path.display()
+                    self.remote
+                        .as_ref()
+                        .map_or_else(|| self.peer_path.display().to_string(), |r| r.label())
                 )
             })?;
         settled.with_context(|| self.base_write())?;

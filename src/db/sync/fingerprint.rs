@@ -19,7 +19,7 @@ pub struct FileStat {
 }
 
 impl FileStat {
-    pub(super) fn of(path: &Path) -> Option<FileStat> {
+    pub(crate) fn of(path: &Path) -> Option<FileStat> {
         let m = std::fs::metadata(path).ok()?;
         Some(FileStat {
             dev: m.dev(),
@@ -44,7 +44,7 @@ pub struct Fingerprint {
     pub racy: bool,
 }
 
-pub(super) fn wal(path: &Path) -> PathBuf {
+pub(crate) fn wal(path: &Path) -> PathBuf {
     crate::util::with_suffix(path, "-wal")
 }
 
@@ -85,15 +85,15 @@ pub(super) struct Look {
 impl Look {
     pub(super) fn now(
         db: &DbConfig,
-        peer: &PeerConfig,
+        peer_cfg: &PeerConfig,
         rules: Rules,
         central_path: &Path,
-        peer_path: &Path,
+        peer: (Option<FileStat>, Option<FileStat>),
     ) -> Look {
         Look {
-            digest: config_digest(db, peer, rules),
+            digest: config_digest(db, peer_cfg, rules),
             seen_at: std::time::SystemTime::now(),
-            peer: (FileStat::of(peer_path), FileStat::of(&wal(peer_path))),
+            peer,
             central: (FileStat::of(central_path), FileStat::of(&wal(central_path))),
         }
     }

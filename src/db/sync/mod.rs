@@ -47,10 +47,14 @@ mod constraints;
 mod diff;
 mod fingerprint;
 mod plan;
+mod remote;
 mod settle;
 
+pub(crate) use commit::{PeerWriteSet, write_peer_tables};
+pub(crate) use fingerprint::FileStat;
 use fingerprint::{Fingerprint, Look};
 use plan::{Plan, guard};
+use remote::RemotePeer;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
@@ -143,8 +147,9 @@ pub fn sync_pair(
     peer: &PeerConfig,
     opts: Options,
     now: DateTime<Utc>,
+    hosts: &crate::remote::client::Hosts,
 ) -> Result<PairReport> {
-    sync_pair_inner(ctx, db, peer, opts, now).map_err(|e| {
+    sync_pair_inner(ctx, db, peer, opts, now, hosts).map_err(|e| {
         let pair = format!("{}/{}", db.name.get_ref(), peer.name.get_ref());
         let e = if e.to_string().starts_with(&pair) {
             e
@@ -178,6 +183,8 @@ pub(super) struct Pair<'a> {
     pub(super) peer_path: PathBuf,
     pub(super) base_path: PathBuf,
     pub(super) journal_name: String,
+    /// A peer on another host (then `peer_path` is the copy of it kept in `state/`).
+    pub(super) remote: Option<RemotePeer>,
     pub(super) report: PairReport,
     pub(super) phases: crate::util::Phases,
 }
@@ -189,11 +196,19 @@ fn sync_pair_inner(
     peer: &PeerConfig,
     opts: Options,
     now: DateTime<Utc>,
+    hosts: &crate::remote::client::Hosts,
 ) -> Result<PairReport> {
-    let mut pair = Pair::new(ctx, db, peer, opts, now)?;
+    let mut pair = Pair::new(ctx, db, peer, opts, now, hosts)?;
 
-    // 1. Fast path.
-    let look = Look::now(db, peer, pair.rules, &pair.central_path, &pair.peer_path);
+    // 1. Fast path (for a peer on another host, one round trip).
+    let peer_stat = match &pair.remote {
+        Some(r) => r.stat()?,
+        None => (
+            FileStat::of(&pair.peer_path),
+            FileStat::of(&fingerprint::wal(&pair.peer_path)),
+        ),
+    };
+    let look = Look::now(db, peer, pair.rules, &pair.central_path, peer_stat);
     if pair.unchanged(&look)? {
         pair.report.unchanged = true;
         return Ok(pair.report);
@@ -238,7 +253,10 @@ fn sync_pair_inner(
     progress.stage(format!("{}: backups and writes", pair.label()));
     let wrote_peer = pair.write(&conn, &plan, progress)?;
     if wrote_peer || stale_marker {
-        journal::drop_marker(&pair.peer_path, pair.busy);
+        match &pair.remote {
+            Some(r) => r.drop_marker(),
+            None => journal::drop_marker(&pair.peer_path, pair.busy),
+        }
     }
     log::info!("{}: {}", pair.label(), pair.phases.text());
 
@@ -254,15 +272,39 @@ impl<'a> Pair<'a> {
         peer: &'a PeerConfig,
         opts: Options,
         now: DateTime<Utc>,
+        hosts: &crate::remote::client::Hosts,
     ) -> Result<Self> {
         let name = db.name.get_ref().as_str();
         let peer_name = peer.name.get_ref().as_str();
-        let peer_path = ctx.resolve(peer.path.get_ref());
-        if !peer_path.exists() {
+        let raw = peer.path.get_ref().to_string_lossy().into_owned();
+        let remote = match crate::remote::client::Spec::parse(&raw) {
+            None => None,
+            Some(spec) => {
+                let spec = spec.with_context(|| format!("{name}/{peer_name}"))?;
+                let conn = hosts
+                    .get(&spec)
+                    .with_context(|| format!("{name}/{peer_name}"))?;
+                Some(RemotePeer {
+                    conn,
+                    host: spec.host_label(),
+                    path: spec.path,
+                })
+            }
+        };
+        let peer_path = match &remote {
+            Some(_) => ctx
+                .state
+                .path(&crate::ops::state::names::remote_db_copy(name, peer_name)),
+            None => ctx.resolve(peer.path.get_ref()),
+        };
+        let missing = match &remote {
+            Some(r) => r.stat()?.0.is_none().then(|| r.label()),
+            None => (!peer_path.exists()).then(|| peer_path.display().to_string()),
+        };
+        if let Some(missing) = missing {
             anyhow::bail!(
-                "{name}/{peer_name}: peer database not found: {} (never created). Try: fix \
-                 the peer's path in the configuration, or restore the file",
-                peer_path.display()
+                "{name}/{peer_name}: peer database not found: {missing} (never created). Try: \
+                 fix the peer's path in the configuration, or restore the file"
             );
         }
         Ok(Pair {
@@ -281,6 +323,7 @@ impl<'a> Pair<'a> {
             peer_path,
             base_path: ctx.state.path(&base::name(name, peer_name)),
             journal_name: journal::name(name, peer_name),
+            remote,
             report: PairReport {
                 database: name.into(),
                 peer: peer_name.into(),
@@ -311,6 +354,13 @@ impl<'a> Pair<'a> {
         let snap = fsutil::Scratch::new(
             scratch.join(format!("{}.{}.snapshot.db", self.name, self.peer_name)),
         );
+        if let Some(r) = &self.remote {
+            // The kept copy of the peer becomes its snapshot, page by page.
+            if let Some(dir) = self.peer_path.parent() {
+                fsutil::ensure_dir(dir, &self.ctx.perms)?;
+            }
+            r.fetch(&self.peer_path).with_context(|| self.label())?;
+        }
         snapshot::snapshot_to(&self.peer_path, &snap, self.busy).with_context(|| self.label())?;
         Ok(snap)
     }

@@ -433,6 +433,7 @@ pub(super) fn add_migrated_columns(
     conn: &Connection,
     db: &DbConfig,
     peer_path: &Path,
+    remote: Option<&super::RemotePeer>,
     now: DateTime<Utc>,
     report: &mut PairReport,
 ) -> Result<()> {
@@ -452,11 +453,23 @@ pub(super) fn add_migrated_columns(
         if let Some(cols) = migrate::added_columns(p, c) {
             // The central copy has them: the peer (live, then its snapshot) gets them.
             maybe_backup(ctx, name, &peer_name, conn, "p", now, report)?;
-            let live = open_for_merge(peer_path, ctx.config.general.busy_timeout.0)?;
+            let live = match remote {
+                Some(_) => None,
+                None => Some(open_for_merge(
+                    peer_path,
+                    ctx.config.general.busy_timeout.0,
+                )?),
+            };
             for (col, _) in cols {
                 let decl = migrate::declaration(conn, "main", table, col)?;
-                migrate::add_column(&live, "main", table, &decl)
-                    .with_context(|| format!("{name}/{peer_name}: peer {}", peer_path.display()))?;
+                match (&live, remote) {
+                    (Some(live), _) => migrate::add_column(live, "main", table, &decl)
+                        .with_context(|| {
+                            format!("{name}/{peer_name}: peer {}", peer_path.display())
+                        })?,
+                    (None, Some(r)) => r.add_column(table, &decl)?,
+                    (None, None) => {}
+                }
                 migrate::add_column(conn, "p", table, &decl)?;
                 log::warn!(
                     "{name}/{peer_name} table {table}: column {col} (added by a migration \
@@ -510,7 +523,16 @@ impl Pair<'_> {
         let (ctx, db, rules) = (self.ctx, self.db, self.rules);
         let (name, peer_name) = (self.name, self.peer_name);
         if !self.opts.dry_run {
-            add_migrated_columns(ctx, conn, db, &self.peer_path, self.now, &mut self.report)?;
+            let remote = self.remote.as_ref();
+            add_migrated_columns(
+                ctx,
+                conn,
+                db,
+                &self.peer_path,
+                remote,
+                self.now,
+                &mut self.report,
+            )?;
         }
         let plans = plan_tables(conn, db, &mut self.report)?;
         let fts = plan_virtual_tables(conn, db, &mut self.report)?;
