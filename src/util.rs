@@ -89,9 +89,19 @@ pub fn workers() -> usize {
 /// `f` of every item, on up to [`workers`] threads, in the items' order. An item whose
 /// worker panicked has `None` (the panic hook of the binary ends the process first).
 pub fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<Option<R>> {
+    parallel_map_n(items, workers(), f)
+}
+
+/// As [`parallel_map`], on `n` threads (for work that waits rather than computes, such
+/// as opening connections).
+pub fn parallel_map_n<T: Sync, R: Send>(
+    items: &[T],
+    n: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<Option<R>> {
     let next = AtomicUsize::new(0);
     let parts: Vec<Vec<(usize, R)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers().min(items.len()))
+        let handles: Vec<_> = (0..n.max(1).min(items.len()))
             .map(|_| {
                 scope.spawn(|| {
                     let mut mine = Vec::new();

@@ -112,7 +112,9 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
     let mut reports = Vec::new();
     // One connection per host for the whole run, shared by its pairs.
     let hosts = crate::remote::client::Hosts::new(&ctx.config.remote);
-    for (db, peer) in pairs(ctx, sel)? {
+    let selected = pairs(ctx, sel)?;
+    hosts.open_all(selected.iter().map(|(_, p)| p.path.get_ref().as_path()));
+    for (db, peer) in selected {
         let now = run.now;
         run.task(&task_name(db, peer), |run| {
             let report = sync::sync_pair(ctx, db, peer, opts, now, &hosts)?;

@@ -77,7 +77,9 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
     let mut reports = Vec::new();
     // One connection per host for the whole run, shared by its pairs.
     let hosts = crate::remote::client::Hosts::new(&ctx.config.remote);
-    for (tree, peer) in pairs(ctx, sel)? {
+    let selected = pairs(ctx, sel)?;
+    hosts.open_all(selected.iter().map(|(_, p)| p.path.get_ref().as_path()));
+    for (tree, peer) in selected {
         let now = run.now;
         run.task(&task_name(tree, peer), |run| {
             let report = sync::sync_pair(ctx, tree, peer, opts, now, &hosts)?;

@@ -8,7 +8,8 @@
 //! - The remote's stderr goes to the local job log, line by line, prefixed with the host.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, BufWriter};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -79,12 +80,37 @@ impl Spec {
     }
 }
 
+/// A reader or writer that counts the bytes through it (what went over the wire).
+struct Counted<T> {
+    inner: T,
+    bytes: u64,
+}
+
+impl<T: Write> Write for Counted<T> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T: Read> Read for Counted<T> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
 /// A live connection to one host.
 pub struct Conn {
     host: String,
     child: Child,
-    input: BufWriter<ChildStdin>,
-    output: BufReader<ChildStdout>,
+    input: BufWriter<Counted<ChildStdin>>,
+    output: BufReader<Counted<ChildStdout>>,
     stderr: Arc<Mutex<Vec<String>>>,
     lost: bool,
 }
@@ -137,8 +163,20 @@ impl Conn {
         let mut conn = Conn {
             host,
             child,
-            input: BufWriter::with_capacity(1 << 16, stdin),
-            output: BufReader::with_capacity(1 << 16, stdout),
+            input: BufWriter::with_capacity(
+                1 << 16,
+                Counted {
+                    inner: stdin,
+                    bytes: 0,
+                },
+            ),
+            output: BufReader::with_capacity(
+                1 << 16,
+                Counted {
+                    inner: stdout,
+                    bytes: 0,
+                },
+            ),
             stderr: lines,
             lost: false,
         };
@@ -277,12 +315,20 @@ impl Drop for Conn {
             let _ = proto::write_frame(&mut self.input, &Request::Bye, &[]);
             let _ = proto::read_frame::<_, Response>(&mut self.output);
         }
-        // Closing our end ends ssh; do not wait on a hung one for long.
-        for _ in 0..40 {
+        log::info!(
+            "{}: {} bytes sent, {} received (cr0sync's frames, before ssh's encryption)",
+            self.host,
+            self.input.get_ref().bytes,
+            self.output.get_ref().bytes
+        );
+        // The server has said goodbye and ends, and ssh with it: wait for that (briefly,
+        // in small steps: a run closes one connection per host), never on a hung one.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
-            std::thread::sleep(std::time::Duration::from_millis(25));
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -365,6 +411,35 @@ impl Hosts {
                 Err(e) => Err(format!("{e:#}")),
             });
         entry.clone().map_err(|e| anyhow!(e))
+    }
+
+    /// Opens the connections to the hosts of `paths` (those that are `ssh://` paths), up
+    /// to `[remote] parallel` at once: the slow part of a run over many hosts is the ssh
+    /// handshakes, which then overlap. A failure is kept for that host's pairs.
+    pub fn open_all<'p>(&self, paths: impl IntoIterator<Item = &'p Path>) {
+        let mut specs: Vec<Spec> = Vec::new();
+        for p in paths {
+            if let Some(Ok(spec)) = Spec::parse(&p.to_string_lossy())
+                && !specs.iter().any(|s| s.host_label() == spec.host_label())
+            {
+                specs.push(spec);
+            }
+        }
+        if let Ok(conns) = self.conns.lock() {
+            specs.retain(|s| !conns.contains_key(&s.host_label()));
+        }
+        let n = usize::try_from(self.cfg.parallel).unwrap_or(1);
+        let opened = crate::util::parallel_map_n(&specs, n, |spec| Conn::open(&self.cfg, spec));
+        if let Ok(mut conns) = self.conns.lock() {
+            for (spec, conn) in specs.iter().zip(opened) {
+                let entry = match conn {
+                    Some(Ok(c)) => Ok(Arc::new(Mutex::new(c))),
+                    Some(Err(e)) => Err(format!("{e:#}")),
+                    None => continue,
+                };
+                conns.insert(spec.host_label(), entry);
+            }
+        }
     }
 
     /// Each host used in this run, and the error line of those that could not be reached.
