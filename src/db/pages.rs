@@ -24,6 +24,13 @@ pub fn page_size(header: &[u8]) -> Result<u32> {
     })
 }
 
+/// One page's hash (SHA-256, first [`HASH`] bytes).
+pub fn hash(page: &[u8]) -> [u8; HASH] {
+    let mut out = [0u8; HASH];
+    out.copy_from_slice(&Sha256::digest(page)[..HASH]);
+    out
+}
+
 /// The page size and the hash of every page of `path` (a missing file: no pages), with the
 /// SHA-256 of the whole file.
 pub fn hashes(path: &Path, page_size: u32) -> Result<(Vec<u8>, String)> {

@@ -168,6 +168,22 @@ pub fn sync_pair(
     })
 }
 
+/// The peer's snapshot the sync reads (see `Pair::snapshot`).
+enum Snap {
+    Scratch(fsutil::Scratch),
+    Kept(PathBuf),
+}
+
+impl std::ops::Deref for Snap {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        match self {
+            Snap::Scratch(s) => s,
+            Snap::Kept(p) => p,
+        }
+    }
+}
+
 /// One pair's sync in progress: what every step reads, and the report the steps fill in.
 pub(super) struct Pair<'a> {
     pub(super) ctx: &'a Context,
@@ -347,22 +363,25 @@ impl<'a> Pair<'a> {
         Ok(previous.is_some_and(|p| look.matches(&p.fingerprint) && self.base_path.exists()))
     }
 
-    /// Step 2: the peer copied with the online backup API into scratch space.
-    fn snapshot(&mut self) -> Result<fsutil::Scratch> {
+    /// Step 2: the peer copied with the online backup API into scratch space; a peer on
+    /// another host is copied there by its server and only the pages that differ travel
+    /// into the kept copy, which then is the snapshot (a change the sync makes to it, such
+    /// as a migrated column, is undone by the next transfer).
+    fn snapshot(&mut self) -> Result<Snap> {
         self.phases = crate::util::Phases::start();
-        let scratch = backup::scratch_dir(self.ctx)?;
-        let snap = fsutil::Scratch::new(
-            scratch.join(format!("{}.{}.snapshot.db", self.name, self.peer_name)),
-        );
         if let Some(r) = &self.remote {
-            // The kept copy of the peer becomes its snapshot, page by page.
             if let Some(dir) = self.peer_path.parent() {
                 fsutil::ensure_dir(dir, &self.ctx.perms)?;
             }
             r.fetch(&self.peer_path).with_context(|| self.label())?;
+            return Ok(Snap::Kept(self.peer_path.clone()));
         }
+        let scratch = backup::scratch_dir(self.ctx)?;
+        let snap = fsutil::Scratch::new(
+            scratch.join(format!("{}.{}.snapshot.db", self.name, self.peer_name)),
+        );
         snapshot::snapshot_to(&self.peer_path, &snap, self.busy).with_context(|| self.label())?;
-        Ok(snap)
+        Ok(Snap::Scratch(snap))
     }
 
     /// Step 2, the first time: the central copy is a copy of the peer's snapshot.

@@ -4,10 +4,10 @@
 //!   metadata).
 //! - The snapshot travels as pages: the server takes a consistent copy (online backup
 //!   API) and sends its page hashes; only pages that differ from the copy of that peer
-//!   kept in `state/` since its last sync are sent, the kept copy is patched in place and
-//!   checked against the snapshot's SHA-256. A kept copy torn by a stop is repaired the
-//!   same way (its torn pages differ). The sync then reads a local copy of it, as for a
-//!   local peer, and that copy is the peer's backup.
+//!   kept in `state/` since its last sync are sent, each checked against its hash, and
+//!   the kept copy is patched in place. A kept copy torn by a stop, or changed by a sync,
+//!   is repaired the same way (its pages differ). The sync then reads the kept copy as a
+//!   local peer's snapshot, and the peer's backup is taken from it.
 //! - The peer's writes are the local ones (`write_peer_tables`), run by the server in one
 //!   transaction on the live file with the journal's marker.
 
@@ -78,7 +78,9 @@ impl RemotePeer {
             ) => (token, size, page_size, sha256, body),
             (r, _) => bail!("{}: unexpected answer {r:?}", self.host),
         };
-        let result = self.patch(kept, token, size, page_size, &sha256, &theirs);
+        // `sha256` (the whole snapshot's) is not needed: every page is checked by its hash.
+        let _ = sha256;
+        let result = self.patch(kept, token, size, page_size, &theirs);
         // The server drops its copy at the end of the connection anyway.
         let _ = self.call(&Request::DbRelease { token }, &[]);
         result
@@ -90,7 +92,6 @@ impl RemotePeer {
         token: u64,
         size: u64,
         page_size: u32,
-        sha256: &str,
         theirs: &[u8],
     ) -> Result<(usize, usize)> {
         let ps = u64::from(page_size);
@@ -127,6 +128,17 @@ impl RemotePeer {
                 bail!("{}: a page transfer came back short", self.host);
             }
             for (page, bytes) in batch.iter().zip(body.chunks(page_size as usize)) {
+                // Each page checked against its hash: with the pages that already matched,
+                // the kept copy is then the snapshot, page for page.
+                let i = usize::try_from(*page).unwrap_or(usize::MAX);
+                let want = theirs.get(i * pages::HASH..(i + 1) * pages::HASH);
+                if want != Some(&pages::hash(bytes)[..]) {
+                    bail!(
+                        "page {page} of {} arrived damaged; nothing was synced. Try: the next \
+                         run transfers it again",
+                        self.label()
+                    );
+                }
                 f.seek(SeekFrom::Start(page * ps))?;
                 f.write_all(bytes)?;
             }
@@ -134,16 +146,6 @@ impl RemotePeer {
         f.set_len(size)?;
         f.sync_all()?;
         drop(f);
-        let (_, got) = pages::hashes(kept, page_size)?;
-        if got != sha256 {
-            // Never sync against a copy that is not the peer's snapshot.
-            let _ = std::fs::remove_file(kept);
-            bail!(
-                "the copy of {} does not match its snapshot after the transfer; it was \
-                 removed and the next run copies it whole",
-                self.label()
-            );
-        }
         log::info!(
             "{}: {} of {} pages transferred ({} KiB)",
             self.label(),
