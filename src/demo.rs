@@ -427,6 +427,186 @@ fn files_part(demo: &Demo, ctx: &Context, out: &mut String) -> Result<()> {
     Ok(())
 }
 
+/// A throwaway sshd for the demo's peer on "another host": 127.0.0.1, a free port, host
+/// and user keys generated in the demo directory, the current user let in with that key
+/// only. Killed when dropped.
+struct DemoSshd {
+    child: std::process::Child,
+    port: u16,
+    user: String,
+    key: PathBuf,
+}
+
+impl Drop for DemoSshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_sshd(dir: &Path) -> Result<DemoSshd> {
+    use std::process::{Command, Stdio};
+    let sshd = Path::new("/usr/sbin/sshd");
+    anyhow::ensure!(
+        sshd.exists(),
+        "no /usr/sbin/sshd (Debian: apt-get install openssh-server)"
+    );
+    let quiet = |cmd: &mut Command| -> Result<()> {
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot run {cmd:?}"))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    };
+    let user = String::from_utf8(Command::new("id").arg("-un").output()?.stdout)?
+        .trim()
+        .to_string();
+    let d = dir.join("sshd");
+    fs::create_dir_all(&d)?;
+    for key in ["host_key", "user_key"] {
+        quiet(
+            Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(d.join(key)),
+        )?;
+    }
+    fs::copy(d.join("user_key.pub"), d.join("authorized_keys"))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    fs::write(
+        d.join("sshd_config"),
+        format!(
+            "ListenAddress 127.0.0.1\nPort {port}\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             StrictModes no\nPidFile none\nAllowUsers {user}\nPermitRootLogin prohibit-password\n\
+             LogLevel ERROR\n",
+            d.join("host_key").display(),
+            d.join("authorized_keys").display()
+        ),
+    )?;
+    // sshd's privilege separation directory (Debian creates it at boot).
+    let _ = fs::create_dir_all("/run/sshd");
+    let child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(d.join("sshd.log"))?)
+        .spawn()
+        .context("cannot start /usr/sbin/sshd")?;
+    let mut s = DemoSshd {
+        child,
+        port,
+        user,
+        key: d.join("user_key"),
+    };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(s);
+        }
+        if let Ok(Some(_)) = s.child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = fs::read_to_string(d.join("sshd.log")).unwrap_or_default();
+    anyhow::bail!(
+        "sshd did not start: {}",
+        log.lines().last().unwrap_or("no message")
+    )
+}
+
+/// The remote part: a balance directory on "another host" (reached over ssh, served by
+/// `cr0sync serve` there) synced with a central store of its own. When no sshd can be
+/// started here (not installed, not allowed), it says so and what it skipped.
+fn remote_part(demo: &Demo, out: &mut String) -> Result<()> {
+    let sshd = match start_sshd(&demo.dir) {
+        Ok(s) => s,
+        Err(e) => {
+            out.push_str(&format!(
+                "peer on another host: skipped, no sshd could be started here ({e:#}); the \
+                 README's \"Peers on other hosts\" shows the setup\n\n"
+            ));
+            return Ok(());
+        }
+    };
+    let remote_root = demo.dir.join("remote-root");
+    let mirror = demo.dir.join("mirror/userdata/balances");
+    fs::create_dir_all(&mirror)?;
+    fs::write(
+        mirror.join("2-bob.txt"),
+        "{\"user_id\":\"2-bob\",\"balance\":75}\n",
+    )?;
+    let location = Location {
+        root: Some(remote_root.clone()),
+        config: None,
+    };
+    crate::init::init(&location)?;
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        sshd.user,
+        sshd.port,
+        mirror.display()
+    );
+    let config = format!(
+        "[remote]\nssh = [\"ssh\", \"-F\", \"/dev/null\", \"-i\", \"{key}\", \"-o\", \"BatchMode=yes\", \
+         \"-o\", \"StrictHostKeyChecking=no\", \"-o\", \"UserKnownHostsFile=/dev/null\", \"-o\", \
+         \"LogLevel=ERROR\"]\nremote_bin = \"{exe}\"\n\n\
+         [[files.tree]]\nname = \"balances\"\ncentral = \"shared_storage/userdata/balances\"\n\
+         json_counters = [\"balance\"]\npeers = [{{ name = \"mirror\", path = \"{url}\" }}]\n",
+        key = sshd.key.display(),
+        exe = exe.display(),
+    );
+    crate::fsutil::atomic_write(
+        &remote_root.join("cr0sync.toml"),
+        config.as_bytes(),
+        0o664,
+        &crate::fsutil::Perms::default(),
+    )?;
+    let ctx = Context::load(&location, Duration::ZERO)?;
+    let central = ctx.resolve(Path::new("shared_storage/userdata/balances"));
+    fs::create_dir_all(&central)?;
+    fs::write(
+        central.join("1-andy.txt"),
+        "{\"user_id\":\"1-andy\",\"balance\":1290}\n",
+    )?;
+    let mut reports = Vec::new();
+    let result = run_job(&ctx, Job::Files, Trigger::Manual, false, |run| {
+        reports =
+            crate::files::job::sync_pairs(run, &crate::files::job::Selection::default(), false)?;
+        Ok(())
+    });
+    out.push_str(&format!(
+        "a peer on another host: a throwaway sshd on 127.0.0.1:{} lets this user in with a \
+         throwaway key; the store {} syncs its balances with {url}\n",
+        sshd.port,
+        remote_root.display()
+    ));
+    out.push_str("$ cr0sync files sync   # ssh runs `cr0sync serve` on that host\n");
+    match result {
+        Ok(_) if reports.iter().all(|r| r.files > 0) => {
+            out.push_str(&crate::files::job::sync_table(&reports).render());
+            let both = ["1-andy.txt", "2-bob.txt"]
+                .iter()
+                .all(|f| central.join(f).exists() && mirror.join(f).exists());
+            out.push_str(&format!(
+                "both balance files are on both sides: {}\n\n",
+                if both { "yes" } else { "NO" }
+            ));
+        }
+        Ok(_) => out.push_str("the sync over ssh did not finish; see cr0sync status\n\n"),
+        Err(e) => out.push_str(&format!("the sync over ssh failed: {e:#}\n\n")),
+    }
+    drop(sshd);
+    Ok(())
+}
+
 /// Builds the demo, runs each job once as cron would, and returns the narrative and the
 /// final status for printing.
 pub fn run(dir: &Path) -> Result<String> {
@@ -443,6 +623,7 @@ pub fn run(dir: &Path) -> Result<String> {
     database_part(&demo, &ctx, &mut out)?;
     logs_part(&demo, &ctx, &mut out)?;
     files_part(&demo, &ctx, &mut out)?;
+    remote_part(&demo, &mut out)?;
     security_part(&demo, &ctx, &mut out)?;
     for job in Job::ALL {
         let result = run_job(&ctx, job, Trigger::Cron, false, |run| job.cron(run));

@@ -34,6 +34,16 @@ fn demo_runs_every_job_and_prints_status() {
     );
     // The database part: a conflict, a counter merge, backups.
     assert!(text.contains("= 100 on every side"), "{text}");
+    // A peer on another host, when an sshd can be started (CI installs openssh-server and
+    // runs as root); otherwise the demo says what it skipped.
+    if common::is_root() && std::path::Path::new("/usr/sbin/sshd").exists() {
+        assert!(
+            text.contains("both balance files are on both sides: yes"),
+            "{text}"
+        );
+    } else {
+        assert!(text.contains("peer on another host: skipped"), "{text}");
+    }
     assert!(
         text.contains("conflict in users table users key [3]: central wins"),
         "{text}"
