@@ -17,7 +17,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{BIN, Root, stderr_of};
+use common::{Root, stderr_of};
 
 /// A root with one tree `balances` (central `shared_storage/balances`) and two site
 /// directories as peers.
@@ -586,19 +586,7 @@ fn a_sync_stopped_anywhere_completes_with_each_delta_once() {
         "files-after-conflicts-append",
     ] {
         let s = setup();
-        let out = Command::new(BIN)
-            .arg("--root")
-            .arg(&s.r.root)
-            .args(["files", "sync", "--peer", "site1"])
-            .env("CR0SYNC_FAULT", point)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            None,
-            "{point}: killed, {}",
-            stderr_of(&out)
-        );
+        common::killed_at(&s.r.root, &["files", "sync", "--peer", "site1"], point);
         check(&s);
     }
     let s = setup();

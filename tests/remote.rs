@@ -412,19 +412,7 @@ fn a_sync_with_a_remote_peer_stopped_anywhere_completes_with_each_delta_once() {
         "files-after-conflicts-append",
     ] {
         let (r, peer) = changed_both_ways(&sshd);
-        let out = Command::new(BIN)
-            .arg("--root")
-            .arg(&r.root)
-            .args(["files", "sync"])
-            .env("CR0SYNC_FAULT", point)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            None,
-            "{point}: killed, {}",
-            stderr_of(&out)
-        );
+        common::killed_at(&r.root, &["files", "sync"], point);
         completes_exactly(&r, &peer);
     }
     let (r, peer) = changed_both_ways(&sshd);
@@ -655,19 +643,7 @@ fn a_database_sync_with_a_remote_peer_stopped_at_any_point_completes_exactly() {
     for point in common::FAULT_POINTS {
         let (r, bot) = remote_database(&sshd);
         change_both(&r, &bot);
-        let out = Command::new(BIN)
-            .arg("--root")
-            .arg(&r.root)
-            .args(["db", "sync"])
-            .env("CR0SYNC_FAULT", point)
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.code(),
-            None,
-            "{point}: killed, {}",
-            stderr_of(&out)
-        );
+        common::killed_at(&r.root, &["db", "sync"], point);
         for _ in 0..2 {
             let out = r.cmd().args(["db", "sync"]).output().unwrap();
             assert!(out.status.success(), "{point}: {}", stderr_of(&out));

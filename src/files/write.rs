@@ -99,8 +99,24 @@ pub fn hash_reader(
     size: u64,
     keep: bool,
 ) -> std::io::Result<(String, Option<Vec<u8>>)> {
-    let mut h = Sha256::new();
     let mut kept = keep.then(|| Vec::with_capacity(usize::try_from(size).unwrap_or(0)));
+    let sha = pump(r, size, |chunk| {
+        if let Some(k) = kept.as_mut() {
+            k.extend_from_slice(chunk);
+        }
+        Ok(())
+    })?;
+    Ok((sha, kept))
+}
+
+/// Reads `r` to its end through one buffer, handing each chunk to `each`; returns the
+/// SHA-256 of everything read.
+fn pump(
+    r: &mut (impl Read + ?Sized),
+    size: u64,
+    mut each: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<String> {
+    let mut h = Sha256::new();
     let mut buf = buffer(size);
     loop {
         let n = r.read(&mut buf)?;
@@ -108,11 +124,9 @@ pub fn hash_reader(
             break;
         }
         h.update(&buf[..n]);
-        if let Some(k) = kept.as_mut() {
-            k.extend_from_slice(&buf[..n]);
-        }
+        each(&buf[..n])?;
     }
-    Ok((hex(&h.finalize()), kept))
+    Ok(hex(&h.finalize()))
 }
 
 /// A copy buffer for a file of `size` bytes: the file and one more byte (to see its end in
@@ -452,17 +466,7 @@ fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
 
 /// Copies `src` into `out` through a buffer; whether what was copied hashes to `sha256`.
 fn copy_hashed(src: &mut dyn Read, size: u64, out: &mut File, sha256: &str) -> Result<bool> {
-    let mut h = Sha256::new();
-    let mut buf = buffer(size);
-    loop {
-        let n = src.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        out.write_all(&buf[..n])?;
-    }
-    Ok(hex(&h.finalize()) == sha256)
+    Ok(pump(src, size, |chunk| out.write_all(chunk))? == sha256)
 }
 
 /// As root, gives `path` the owner of the file it replaces (or of its directory).

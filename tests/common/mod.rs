@@ -238,3 +238,21 @@ pub fn kill_at_later_and_later_moments(
     }
     killed
 }
+
+/// Runs cr0sync on `root` with `args` and the fault point `point` armed, and checks the
+/// run was killed there (SIGKILL, no exit code).
+pub fn killed_at(root: &Path, args: &[&str], point: &str) {
+    let out = Command::new(BIN)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .env("CR0SYNC_FAULT", point)
+        .output()
+        .expect("run cr0sync");
+    assert_eq!(
+        out.status.code(),
+        None,
+        "{point}: killed, {}",
+        stderr_of(&out)
+    );
+}
