@@ -169,6 +169,17 @@ fn tree_config(sshd: &Sshd, peer: &str, extra: &str) -> String {
     )
 }
 
+/// A root with the tree `balances` whose one peer is the directory `site` behind ssh;
+/// returns it, the peer directory and the central one.
+fn tree_root(sshd: &Sshd) -> (Root, PathBuf, PathBuf) {
+    let peer = sshd.user_dir("site");
+    let r = Root::new();
+    r.write_config(&tree_config(sshd, &sshd.url(&peer), ""));
+    let central = r.path("shared_storage/balances");
+    std::fs::create_dir_all(&central).unwrap();
+    (r, peer, central)
+}
+
 fn balance(path: &Path) -> i64 {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     v["balance"].as_i64().unwrap()
@@ -177,11 +188,7 @@ fn balance(path: &Path) -> i64 {
 #[test]
 fn a_tree_with_a_peer_behind_ssh_merges_like_a_local_one() {
     let Some(sshd) = Sshd::start("") else { return };
-    let peer = sshd.user_dir("site");
-    let r = Root::new();
-    r.write_config(&tree_config(&sshd, &sshd.url(&peer), ""));
-    let central = r.path("shared_storage/balances");
-    std::fs::create_dir_all(&central).unwrap();
+    let (r, peer, central) = tree_root(&sshd);
     std::fs::write(
         central.join("1-andy.txt"),
         "{\"user_id\": \"1-andy\", \"balance\": 1280}\n",
@@ -430,11 +437,7 @@ fn a_sync_with_a_remote_peer_stopped_anywhere_completes_with_each_delta_once() {
 #[test]
 fn a_connection_killed_mid_copy_is_one_line_and_the_next_run_completes() {
     let Some(sshd) = Sshd::start("") else { return };
-    let peer = sshd.user_dir("site");
-    let r = Root::new();
-    r.write_config(&tree_config(&sshd, &sshd.url(&peer), ""));
-    let central = r.path("shared_storage/balances");
-    std::fs::create_dir_all(&central).unwrap();
+    let (r, peer, central) = tree_root(&sshd);
     // Incompressible, so it takes many frames.
     let mut big = vec![0u8; 64 << 20];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
