@@ -653,4 +653,77 @@ fn a_database_sync_with_a_remote_peer_stopped_at_any_point_completes_exactly() {
         }
         merged_exactly(&r, &bot);
     }
+    // SIGKILL at later and later instants: in the transfer, the merge, the remote
+    // transaction, the commits.
+    let (r, bot) = remote_database(&sshd);
+    change_both(&r, &bot);
+    let killed = common::kill_at_later_and_later_moments(
+        &r.root,
+        &["db", "sync"],
+        std::time::Duration::from_millis(15),
+        100,
+        |_| {},
+    );
+    assert!(killed > 3, "the run was cut {killed} times");
+    for _ in 0..2 {
+        let out = r.cmd().args(["db", "sync"]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    merged_exactly(&r, &bot);
+}
+
+#[test]
+fn another_protocol_version_or_a_missing_remote_path_is_one_line_naming_the_host() {
+    let Some(sshd) = Sshd::start("") else { return };
+    // A "cr0sync" on the remote that answers the first frame with another protocol.
+    let fake = sshd.dir.path().join("old_cr0sync.py");
+    std::fs::write(
+        &fake,
+        "import sys, struct, json\n\
+         d = sys.stdin.buffer.read(9)\n\
+         hl, bl = struct.unpack('>II', d[:8])\n\
+         sys.stdin.buffer.read(hl + bl)\n\
+         h = json.dumps({'hello': {'protocol': 999, 'version': '9.9.9'}}).encode()\n\
+         sys.stdout.buffer.write(struct.pack('>IIB', len(h), 0, 0) + h)\n\
+         sys.stdout.flush()\n",
+    )
+    .unwrap();
+    let peer = sshd.user_dir("site");
+    let r = Root::new();
+    let config = tree_config(&sshd, &sshd.url(&peer), "");
+    let bin = sshd.dir.path().join("cr0sync").display().to_string();
+    r.write_config(&config.replace(&bin, &format!("python3 {}", fake.display())));
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("127.0.0.1") && err.contains("protocol 999") && err.contains("same version"),
+        "{err}"
+    );
+
+    // A peer path that does not exist on the remote host: an error, never an empty tree
+    // or a new database.
+    let r = Root::new();
+    r.write_config(&tree_config(&sshd, &sshd.url(&peer.join("missing")), ""));
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("peer directory not found") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    let r = Root::new();
+    r.write_config(&format!(
+        "{}\n[[database.db]]\nname = \"users\"\npeers = [{{ name = \"bot\", path = \"{}\" }}]\n",
+        sshd.remote_section(),
+        sshd.url(&peer.join("missing.db"))
+    ));
+    let out = r.cmd().args(["db", "sync"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr_of(&out);
+    assert!(
+        err.contains("peer database not found") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    assert!(!peer.join("missing.db").exists(), "never created");
 }
