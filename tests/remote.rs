@@ -293,6 +293,17 @@ fn a_confined_key_reads_nothing_outside_its_directories() {
     assert!(!out.status.success());
     assert!(stderr_of(&out).contains("outside"), "{}", stderr_of(&out));
     assert!(!r3.path("shared_storage/balances/passwd").exists());
+    // Nor can a write follow a symlink inside the allowed directory out of it.
+    let outside = sshd.user_dir("outside");
+    std::fs::remove_file(allowed.join("etc")).unwrap();
+    std::os::unix::fs::symlink(&outside, allowed.join("evil")).unwrap();
+    let central = r.path("shared_storage/balances");
+    std::fs::create_dir_all(central.join("evil")).unwrap();
+    std::fs::write(central.join("evil/x.txt"), "{}\n").unwrap();
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("outside"), "{}", stderr_of(&out));
+    assert!(!outside.join("x.txt").exists(), "nothing written outside");
 }
 
 #[test]

@@ -176,7 +176,7 @@ impl Server {
                 (Response::Bytes, buf)
             }
             Request::Prepare { root, rel, mode } => {
-                let target = self.path(&root)?.join(relative(&rel)?);
+                let target = self.target(&root, &rel)?;
                 if let Some(dir) = target.parent()
                     && !dir.exists()
                 {
@@ -243,6 +243,7 @@ impl Server {
                 flock,
                 batch,
             } => {
+                self.target(&root, &rel)?;
                 let root = self.path(&root)?;
                 let prepared = self.sealed.remove(&token).context("no such sealed write")?;
                 let dir = self.dir(&root, flock, batch);
@@ -263,6 +264,7 @@ impl Server {
                 flock,
                 batch,
             } => {
+                self.target(&root, &rel)?;
                 let root = self.path(&root)?;
                 let dir = self.dir(&root, flock, batch);
                 let content = if remove {
@@ -367,6 +369,13 @@ impl Server {
             busy: BUSY,
             batch,
         }
+    }
+
+    /// `root/rel`, checked as a whole: a symlink below `root` must not lead a write out
+    /// of the allowed directories.
+    fn target(&self, root: &str, rel: &str) -> Result<PathBuf> {
+        let rel = relative(rel)?;
+        self.path(&format!("{}/{rel}", root.trim_end_matches('/')))
     }
 
     /// `path` if it is absolute, has no `..`, and lies in an allowed directory (symlinks
