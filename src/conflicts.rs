@@ -156,6 +156,16 @@ pub fn open(ctx: &Context) -> Result<Vec<ConflictRecord>> {
         .collect())
 }
 
+/// The open conflict `id`, or an error saying it is not open and what to do.
+pub fn find_open(ctx: &Context, id: &str) -> Result<ConflictRecord> {
+    open(ctx)?.into_iter().find(|r| r.id == id).ok_or_else(|| {
+        anyhow::anyhow!(
+            "conflict {id} is not open (unknown, or already resolved). Try: cr0sync db \
+             conflicts --all"
+        )
+    })
+}
+
 fn append_lines<T: Serialize>(ctx: &Context, file: &str, records: &[T]) -> Result<()> {
     if records.is_empty() {
         return Ok(());

@@ -457,15 +457,7 @@ pub fn pair_statuses(ctx: &Context) -> Result<Vec<PairStatus>> {
 /// peer; or, with `side` `None`, closes it without changing data.
 pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String> {
     let ctx = run.ctx;
-    let record = conflicts::open(ctx)?
-        .into_iter()
-        .find(|r| r.id == id)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "conflict {id} is not open (unknown, or already resolved). Try: cr0sync db \
-                 conflicts --all"
-            )
-        })?;
+    let record = conflicts::find_open(ctx, id)?;
     if record.new_key.is_some() && side.is_some() {
         anyhow::bail!(
             "conflict {id} is a rekey: both rows were kept (the peer's under key {}), so there \

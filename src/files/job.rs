@@ -303,15 +303,7 @@ pub fn sync_table(reports: &[PairReport]) -> Table {
 /// from where the next sync carries it to every side; without, the policy's choice stands.
 pub fn resolve(run: &mut JobRun, id: &str, side: Option<&str>) -> Result<String> {
     let ctx = run.ctx;
-    let record = conflicts::open(ctx)?
-        .into_iter()
-        .find(|r| r.id == id)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "conflict {id} is not open (unknown, or already resolved). Try: cr0sync db \
-                 conflicts --all"
-            )
-        })?;
+    let record = conflicts::find_open(ctx, id)?;
     let close = |run: &JobRun, action: &str| -> Result<()> {
         if !run.dry_run {
             conflicts::close(

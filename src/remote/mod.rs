@@ -6,8 +6,9 @@
 //! - `client`: the local end: `ssh://` paths, one connection per host per job run, and
 //!   one clear line per failure naming the host.
 //!
-//! Built so far: file-tree peers. Database peers and log sources on other hosts are not
-//! served yet (a configuration that names one is refused with that line).
+//! Served: database peers (`db/sync/remote.rs` on the local side) and file-tree peers
+//! (`files/side.rs`). Log sources on other hosts are not served yet (a configuration that
+//! names one is refused with that line).
 
 pub(crate) mod client;
 pub(crate) mod proto;
