@@ -7,7 +7,9 @@
 //!    read when small enough to merge.
 //! 4. Each path is decided (`plan`); the mass-delete guard checks the whole plan.
 //! 5. Losing contents of conflicts are kept under `state/`; then the journal, the merge
-//!    results and the conflict records are committed in one transaction.
+//!    results and the conflict records are committed in one transaction. Meanwhile the
+//!    new contents of an `atomic` tree are written to temporary files (invisible under
+//!    their names; a stopped run's are removed by the next).
 //! 6. The writes ([`complete`]): per side, a file that holds its result is done, one that
 //!    still holds what was decided on is written (optimistically), one the site changed
 //!    meanwhile is merged again (JSON) or keeps the site's change; an entry whose sides
@@ -134,8 +136,17 @@ impl<'a> Pair<'a> {
 
     /// Makes what was written on both sides durable.
     fn sync_sides(&self) -> Result<()> {
-        self.dir(Side::Central).sync()?;
-        self.dir(Side::Peer).sync()
+        match (self.dir(Side::Central), self.dir(Side::Peer)) {
+            // Two local sides: one `syncfs` when they share a filesystem.
+            (Tree::Local(c), Tree::Local(p)) => fsutil::sync_filesystems(&[c.root, p.root])
+                .with_context(|| {
+                    format!("cannot sync {} or {}", c.root.display(), p.root.display())
+                }),
+            (c, p) => {
+                c.sync()?;
+                p.sync()
+            }
+        }
     }
 
     /// How long a read waits for the site's lock (`write = "flock"` trees only).
@@ -258,6 +269,7 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
                 &BTreeMap::new(),
                 &Trusted::new(),
                 BTreeMap::new(),
+                Prepared::new(),
             )?;
             if other.peer == pair.peer {
                 report.recovered = done;
@@ -324,8 +336,9 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
             report.unreadable.push(line);
         }
     }
-    let base = store.base(pair.peer)?;
     phases.mark("list");
+    let base = store.base(pair.peer)?;
+    phases.mark("base");
     let (known, racy, trusted) = known_sides(pair, &central, &peer, &base, &pending)?;
     phases.mark("read changed");
 
@@ -440,14 +453,26 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         report.new_conflicts.push(conflict_line(pair, &record));
         records.push((id, serde_json::to_string(&record)?));
     }
-    store
-        .decide(pair.peer, &entries, &objects, &records, &settled)
-        .with_context(|| format!("cannot write {}", state_path.display()))?;
+    // The temporary files of an `atomic` tree's writes are written while the decisions
+    // are made durable: nothing can see them under their names, and a stopped run's are
+    // removed by the next.
+    let (decided, prepared) = std::thread::scope(|s| {
+        let early = (pair.tree.write == WriteMode::Atomic && !entries.is_empty())
+            .then(|| s.spawn(|| prepare_all(pair, &entries, &write_jobs(&entries), &objects)));
+        let decided = store.decide(pair.peer, &entries, &objects, &records, &settled);
+        (decided, early.map(|h| h.join()))
+    });
+    decided.with_context(|| format!("cannot write {}", state_path.display()))?;
+    let prepared = match prepared {
+        None => Prepared::new(),
+        Some(p) => p.map_err(|_| anyhow::anyhow!("a writer stopped unexpectedly"))??,
+    };
     fault::point("files-after-decide")?;
 
     phases.mark("journal");
     // 6. The writes (nothing to do in the usual minute: no entry).
-    if !entries.is_empty() {
+    let idle = entries.is_empty();
+    if !idle {
         let listed: BTreeMap<(Side, String), Seen> = central
             .files
             .iter()
@@ -458,7 +483,9 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
                     .map(|(p, s)| ((Side::Peer, p.clone()), Seen::from(s))),
             )
             .collect();
-        let (_, left) = complete(pair, &mut store, entries, &listed, &trusted, objects)?;
+        let (_, left) = complete(
+            pair, &mut store, entries, &listed, &trusted, objects, prepared,
+        )?;
         report.deferred += left;
     }
     fault::point("files-after-writes")?;
@@ -470,6 +497,11 @@ fn run(pair: &Pair, opts: Options) -> Result<PairReport> {
         // Contents are released as the base and journal move; a stopped run is the one
         // time to look at the whole store.
         store.collect_garbage()?;
+    }
+    if idle {
+        // The state's log is copied into its database in a minute with nothing to write,
+        // not in the sync that wrote it.
+        store.checkpoint()?;
     }
     phases.mark("records and cleanup");
     log::info!("{}: {}", pair.label(), phases.text());
@@ -502,6 +534,34 @@ fn racy_margin(stat: &list::Stat) -> i128 {
     }
 }
 
+/// Every path of three maps sorted by path, once each and in order, with what each map
+/// holds for it (a merge join: no lookups, no copies).
+fn join3<'a, A, B, C>(
+    a: &'a BTreeMap<String, A>,
+    b: &'a BTreeMap<String, B>,
+    c: &'a BTreeMap<String, C>,
+) -> impl Iterator<Item = (&'a String, Option<&'a A>, Option<&'a B>, Option<&'a C>)> {
+    let (mut a, mut b, mut c) = (
+        a.iter().peekable(),
+        b.iter().peekable(),
+        c.iter().peekable(),
+    );
+    std::iter::from_fn(move || {
+        let key = [
+            a.peek().map(|x| x.0),
+            b.peek().map(|x| x.0),
+            c.peek().map(|x| x.0),
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
+        let a = a.next_if(|x| x.0 == key).map(|x| x.1);
+        let b = b.next_if(|x| x.0 == key).map(|x| x.1);
+        let c = c.next_if(|x| x.0 == key).map(|x| x.1);
+        Some((key, a, b, c))
+    })
+}
+
 /// The wall clock in nanoseconds (not the test clock: it is compared with file times).
 fn wall_ns() -> i128 {
     std::time::SystemTime::now()
@@ -528,29 +588,37 @@ fn known_sides(
     // Paths whose metadata matched the base but were too recent to trust: read again, and
     // if unchanged, recorded again with this run's time so the next run trusts them.
     let mut racy = BTreeSet::new();
-    let mut paths: BTreeSet<&String> = central.files.keys().chain(peer.files.keys()).collect();
-    paths.extend(base.keys());
     let mut to_read: Vec<(String, Side)> = Vec::new();
     let mut trusted = Trusted::new();
     let mut out: BTreeMap<String, (Known, Known)> = BTreeMap::new();
-    for path in paths {
-        if pending.contains(path) || central.hidden(path) || peer.hidden(path) {
+    let some_hidden = !central.unreadable.is_empty() || !peer.unreadable.is_empty();
+    for (path, c_stat, p_stat, b) in join3(&central.files, &peer.files, base) {
+        if pending.contains(path) || (some_hidden && (central.hidden(path) || peer.hidden(path))) {
             continue;
         }
-        let b = base.get(path);
+        let fresh = |seen: Option<Seen>, stat: &list::Stat| {
+            b.is_some_and(|b| {
+                seen.is_some_and(|s| s.matches(stat))
+                    && stat.mtime_ns < b.seen_ns - racy_margin(stat)
+            })
+        };
+        // The usual path: the base vouches for both sides. Nothing to read or decide.
+        if let (Some(b), Some(cs), Some(ps)) = (b, c_stat, p_stat)
+            && fresh(b.central, cs)
+            && fresh(b.peer, ps)
+        {
+            continue;
+        }
         let mut pair_known = (Known::default(), Known::default());
-        for (side, listing) in [(Side::Central, central), (Side::Peer, peer)] {
-            let Some(stat) = listing.files.get(path) else {
+        for (side, stat) in [(Side::Central, c_stat), (Side::Peer, p_stat)] {
+            let Some(stat) = stat else {
                 continue;
             };
             let seen = b.and_then(|b| match side {
                 Side::Central => b.central,
                 Side::Peer => b.peer,
             });
-            let fresh = b.is_some_and(|b| {
-                seen.is_some_and(|s| s.matches(stat))
-                    && stat.mtime_ns < b.seen_ns - racy_margin(stat)
-            });
+            let fresh = fresh(seen, stat);
             let k = Known {
                 sha256: fresh.then(|| b.map(|b| b.sha256.clone())).flatten(),
                 content: None,
@@ -727,6 +795,7 @@ fn complete(
     listed: &BTreeMap<(Side, String), Seen>,
     trusted: &Trusted,
     objects: BTreeMap<String, Vec<u8>>,
+    prepared: Prepared,
 ) -> Result<(usize, usize)> {
     let mut done = Vec::new();
     let mut progress = Vec::new();
@@ -735,18 +804,10 @@ fn complete(
     let seen_ns = wall_ns();
     // The common case first: each side still holds what was decided on, and the write
     // (which checks that under the file's lock) is made without reading the file first.
-    // What this finds changed is handled below. (Writes one after another: on the
-    // machines measured, parallel writes made the fsyncs queue and took longer.)
-    let jobs: Vec<(usize, Side)> = entries
-        .iter()
-        .enumerate()
-        .flat_map(|(i, e)| {
-            [Side::Central, Side::Peer]
-                .into_iter()
-                .filter(move |s| e.side(*s).writes())
-                .map(move |s| (i, s))
-        })
-        .collect();
+    // What this finds changed is handled below. Prepared contents are renamed into place
+    // on every core (they are synced as a batch, so no fsync per file queues up); the
+    // other writes go one after another.
+    let jobs = write_jobs(&entries);
     // Sides known not to hold a result of ours: every side of an entry decided in this run
     // (nothing is written before this), and sides a stopped run recorded as left unwritten.
     // A recorded flag is cleared on record before the side is written, so a stop after
@@ -782,36 +843,52 @@ fn complete(
         }
     }
     let any_write = !jobs.is_empty();
-    // In an `atomic` tree every new content goes to a temporary file first, and one sync
-    // of each filesystem makes them all durable before any is renamed into place (instead
-    // of an fsync per file). `None`: the source of a copy changed meanwhile.
-    let mut prepared: BTreeMap<(usize, Side), Option<Staged>> = BTreeMap::new();
+    // In an `atomic` tree every new content goes to a temporary file first (unless the
+    // caller prepared them), and one sync of each filesystem makes them all durable
+    // before any is renamed into place (instead of an fsync per file).
+    let workers = workers(pair);
+    let mut prepared = prepared;
     if pair.tree.write == WriteMode::Atomic {
-        for &(i, side) in &jobs {
-            let e = &entries[i];
-            if e.side(side).res.is_none() {
-                continue;
-            }
-            let object = e.side(side).res.as_ref().and_then(|h| contents.get(h));
-            let p = with_result(pair, e, side, object.map(Vec::as_slice), |content, mode| {
-                pair.dir(side).prepare(&e.path, content, mode)
-            })?;
-            prepared.insert((i, side), p);
+        if prepared.is_empty() {
+            prepared = prepare_all(pair, &entries, &jobs, &contents)?;
         }
         if !prepared.is_empty() {
             pair.sync_sides()?;
         }
     }
     let mut first: BTreeMap<(usize, Side), Option<SideDone>> = BTreeMap::new();
-    for (i, side) in jobs {
+    // The prepared contents first, renamed into place on every core.
+    // (Each slot is emptied by the one worker that places it.)
+    type Slot = std::sync::Mutex<Option<Staged>>;
+    let ready: Vec<((usize, Side), Slot)> = prepared
+        .into_iter()
+        .filter_map(|(key, p)| match p {
+            Some(p) => Some((key, Slot::new(Some(p)))),
+            None => {
+                first.insert(key, Some(SideDone::Abandon));
+                None
+            }
+        })
+        .collect();
+    let placed = crate::util::parallel_map_n(&ready, workers, |((i, side), p)| {
+        let p = p.lock().ok().and_then(|mut p| p.take());
+        let e = &entries[*i];
+        let seen = trusted.get(&(*side, e.path.clone())).copied();
+        put_result(pair, e, *side, seen, None, p)
+    });
+    for ((key, _), done) in ready.iter().zip(placed) {
+        let done = done.ok_or_else(|| anyhow::anyhow!("a writer stopped unexpectedly"))??;
+        first.insert(*key, done);
+    }
+    let rest: Vec<(usize, Side)> = jobs
+        .into_iter()
+        .filter(|k| !first.contains_key(k))
+        .collect();
+    for (i, side) in rest {
         let e = &entries[i];
         let object = e.side(side).res.as_ref().and_then(|h| contents.get(h));
         let seen = trusted.get(&(side, e.path.clone())).copied();
-        let outcome = match prepared.remove(&(i, side)) {
-            Some(None) => Some(SideDone::Abandon),
-            Some(Some(p)) => put_result(pair, e, side, seen, None, Some(p))?,
-            None => put_result(pair, e, side, seen, object.map(Vec::as_slice), None)?,
-        };
+        let outcome = put_result(pair, e, side, seen, object.map(Vec::as_slice), None)?;
         first.insert((i, side), outcome);
     }
     'entries: for (n, mut e) in entries.into_iter().enumerate() {
@@ -878,6 +955,61 @@ fn complete(
     }
     store.settle(pair.peer, &done, &progress)?;
     Ok((done.len(), left))
+}
+
+/// Each side of each entry that a journal's completion writes, by entry index.
+fn write_jobs(entries: &[JournalEntry]) -> Vec<(usize, Side)> {
+    entries
+        .iter()
+        .enumerate()
+        .flat_map(|(i, e)| {
+            [Side::Central, Side::Peer]
+                .into_iter()
+                .filter(move |s| e.side(*s).writes())
+                .map(move |s| (i, s))
+        })
+        .collect()
+}
+
+/// Temporary files holding the new contents of an `atomic` tree's writes, not yet synced
+/// or renamed. `None`: the source of a copy changed meanwhile.
+type Prepared = BTreeMap<(usize, Side), Option<Staged>>;
+
+/// How many writes run at once: every core for local sides (no fsync per file to queue);
+/// one for a remote side, whose requests go one after another over its connection.
+fn workers(pair: &Pair) -> usize {
+    if pair.peer_remote.is_some() {
+        1
+    } else {
+        crate::util::workers()
+    }
+}
+
+/// Writes the temporary file of each of `jobs` that leaves a file (see [`Prepared`]).
+fn prepare_all(
+    pair: &Pair,
+    entries: &[JournalEntry],
+    jobs: &[(usize, Side)],
+    contents: &BTreeMap<String, Vec<u8>>,
+) -> Result<Prepared> {
+    let staged: Vec<(usize, Side)> = jobs
+        .iter()
+        .filter(|(i, side)| entries[*i].side(*side).res.is_some())
+        .copied()
+        .collect();
+    let made = crate::util::parallel_map_n(&staged, workers(pair), |&(i, side)| {
+        let e = &entries[i];
+        let object = e.side(side).res.as_ref().and_then(|h| contents.get(h));
+        with_result(pair, e, side, object.map(Vec::as_slice), |content, mode| {
+            pair.dir(side).prepare(&e.path, content, mode)
+        })
+    });
+    let mut prepared = Prepared::new();
+    for (key, p) in staged.into_iter().zip(made) {
+        let p = p.ok_or_else(|| anyhow::anyhow!("a writer stopped unexpectedly"))??;
+        prepared.insert(key, p);
+    }
+    Ok(prepared)
 }
 
 enum SideDone {
