@@ -682,8 +682,7 @@ mod tests {
     }
 
     #[test]
-    fn commits_left_in_the_log_at_close_are_there_at_the_next_open_and_a_checkpoint_empties_it()
-    {
+    fn commits_left_in_the_log_at_close_are_there_at_the_next_open_and_a_checkpoint_empties_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let wal = dir.path().join("t.db-wal");
@@ -691,7 +690,13 @@ mod tests {
         let mut store = Store::open(&path, busy).unwrap();
         let objects: BTreeMap<String, Vec<u8>> = [("a".to_string(), b"{}".to_vec())].into();
         store
-            .decide("p", &[entry("f", "a", "b")], &objects, &[], &[settled("f", "a")])
+            .decide(
+                "p",
+                &[entry("f", "a", "b")],
+                &objects,
+                &[],
+                &[settled("f", "a")],
+            )
             .unwrap();
         drop(store);
         // Closed without copying the log back: the commit is in the log alone.
