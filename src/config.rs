@@ -628,13 +628,9 @@ impl Config {
                     format!("key `name`: duplicate stream {name:?}"),
                 ));
             }
-            if stream.from.to_string_lossy().starts_with("ssh://") {
-                return Err(at(
-                    stream.name.span(),
-                    "key `from`: log sources on other hosts (ssh://) are not supported by this \
-                     version; database and file-tree peers are. Try: a local path"
-                        .into(),
-                ));
+            if let Some(Err(e)) = crate::remote::client::Spec::parse(&stream.from.to_string_lossy())
+            {
+                return Err(at(stream.name.span(), format!("key `from`: {e:#}")));
             }
         }
         Ok(())

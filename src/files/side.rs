@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use crate::files::list::{Listing, Stat};
 use crate::files::write::{self, Content, Current, Dir, Expect, Outcome, Prepared};
 use crate::fsutil;
-use crate::remote::client::Conn;
+use crate::remote::client::{Conn, RemoteFile};
 use crate::remote::proto::{CHUNK, Expected, Request, Response};
 
 /// A side's directory.
@@ -64,29 +64,6 @@ fn expected(e: Option<Expect>) -> Option<Expected> {
         sha256: e.sha256.to_string(),
         seen: e.seen.map(Into::into),
     })
-}
-
-/// Reads a file on another host range by range.
-struct RangeReader<'a> {
-    conn: &'a Mutex<Conn>,
-    path: String,
-    offset: u64,
-}
-
-impl Read for RangeReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let len = buf.len().min(CHUNK) as u64;
-        let req = Request::ReadRange {
-            path: self.path.clone(),
-            offset: self.offset,
-            len,
-        };
-        let (_, body) = call(self.conn, &req, &[]).map_err(std::io::Error::other)?;
-        let n = body.len().min(buf.len());
-        buf[..n].copy_from_slice(&body[..n]);
-        self.offset += n as u64;
-        Ok(n)
-    }
 }
 
 impl<'a> Tree<'a> {
@@ -220,11 +197,8 @@ impl<'a> Tree<'a> {
                 sha256,
             } => {
                 let size = from.stat(rel).map_or(0, |s| s.size);
-                let reader = RefCell::new(RangeReader {
-                    conn,
-                    path: Self::remote_path(root, rel),
-                    offset: 0,
-                });
+                let reader =
+                    RefCell::new(RemoteFile::new(conn, Self::remote_path(root, rel), None));
                 f(Content::Stream {
                     src: &reader,
                     size,
@@ -419,11 +393,7 @@ impl<'a> Tree<'a> {
                 Ok(())
             }
             Tree::Remote { conn, root, .. } => {
-                let mut reader = RangeReader {
-                    conn,
-                    path: Self::remote_path(root, rel),
-                    offset: 0,
-                };
+                let mut reader = RemoteFile::new(conn, Self::remote_path(root, rel), None);
                 let mut out = std::fs::File::create(dest)?;
                 std::io::copy(&mut reader, &mut out)?;
                 Ok(())

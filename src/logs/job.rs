@@ -19,14 +19,51 @@ use crate::config::StreamConfig;
 use crate::context::Context;
 use crate::fsutil;
 use crate::logs::rotate::{self, is_rotation};
+use crate::logs::source::{Local, Remote, SourceFs};
 use crate::logs::stream::{self, FORGET_AFTER_DAYS, StreamState, sync_file};
 use crate::ops::section::Section;
 use crate::ops::task::{JobRun, Task, TaskDone};
 use crate::output::{Table, Tone, paint};
+use crate::remote::client::{Hosts, Spec};
 use crate::util::glob_match;
 
 fn stream_name(s: &StreamConfig) -> &str {
     s.name.get_ref()
+}
+
+/// The host and path of a stream whose `from` is on another host (`ssh://`).
+fn remote_from(s: &StreamConfig) -> Option<Result<Spec>> {
+    Spec::parse(&s.from.to_string_lossy())
+}
+
+/// The source files of a stream on another host: regular files (or links to them) in
+/// the remote `from` matching `pattern`, by name.
+fn remote_sources(fs: &Remote, from: &Path, s: &StreamConfig) -> Result<Vec<(String, PathBuf)>> {
+    let entries = fs.read_dir(from).map_err(|e| {
+        anyhow::anyhow!(
+            "stream {}: cannot list {}: {}. Try: check `from` in the configuration",
+            stream_name(s),
+            s.from.display(),
+            crate::error::io_text(&e)
+        )
+    })?;
+    let mut out = Vec::new();
+    for (name, meta) in entries {
+        if !glob_match(&s.pattern, &name) {
+            continue;
+        }
+        if meta.is_file {
+            out.push((name.clone(), from.join(name)));
+        } else {
+            log::warn!(
+                "stream {}: {name} in {} is not a regular file, not a log file; skipped. Try: \
+                 narrow `pattern`",
+                stream_name(s),
+                s.from.display()
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// The source files of a stream: regular files (or links to them) in `from` matching
@@ -81,10 +118,37 @@ pub struct StreamReport {
     pub errors: Vec<String>,
 }
 
-/// Syncs one stream. `fast`: skip sources whose inode, size and mtime are unchanged.
+/// Syncs one stream. `fast`: skip sources whose inode, size and mtime are unchanged. A
+/// stream on another host is read over that host's connection in `hosts`.
 pub fn sync_stream(
     ctx: &Context,
     s: &StreamConfig,
+    fast: bool,
+    dry_run: bool,
+    now: DateTime<Utc>,
+    hosts: &Hosts,
+) -> Result<StreamReport> {
+    match remote_from(s) {
+        None => {
+            let sources = sources(ctx, s)?;
+            sync_sources(ctx, s, &Local, &sources, fast, dry_run, now)
+        }
+        Some(spec) => {
+            let spec = spec?;
+            let conn = hosts.get(&spec)?;
+            let fs = Remote::new(&conn);
+            let sources = remote_sources(&fs, Path::new(&spec.path), s)?;
+            sync_sources(ctx, s, &fs, &sources, fast, dry_run, now)
+        }
+    }
+}
+
+/// Syncs a stream's `sources`, read through `fs`.
+fn sync_sources<F: SourceFs>(
+    ctx: &Context,
+    s: &StreamConfig,
+    fs: &F,
+    sources: &[(String, PathBuf)],
     fast: bool,
     dry_run: bool,
     now: DateTime<Utc>,
@@ -101,22 +165,21 @@ pub fn sync_stream(
         .map(DateTime::<Utc>::from);
     let before = state.clone();
     let mut report = StreamReport::default();
-    let sources = sources(ctx, s)?;
     if !dry_run {
         fsutil::ensure_dir(&to, &ctx.perms)
             .with_context(|| format!("cannot create {}", to.display()))?;
     }
-    for (file, path) in &sources {
+    for (file, path) in sources {
         report.files += 1;
         let mut cp = state.files.get(file).cloned();
         if dry_run {
-            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let size = fs.metadata(path).map(|m| m.size).unwrap_or(0);
             report.copied += size.saturating_sub(cp.map_or(0, |c| c.offset));
             continue;
         }
         let dest = to.join(file);
         let new = !dest.exists();
-        match sync_file(path, &dest, &mut cp, fast, since) {
+        match sync_file(fs, path, &dest, &mut cp, fast, since) {
             Ok(r) => {
                 if new && dest.exists() {
                     ctx.perms.apply_file(&dest).with_context(|| {
@@ -170,13 +233,15 @@ pub fn sync_stream(
     Ok(report)
 }
 
-/// Syncs every stream as one task each.
+/// Syncs every stream as one task each; one connection per host for the whole run.
 pub fn sync_streams(run: &mut JobRun, fast: bool) {
     let ctx = run.ctx;
+    let hosts = Hosts::new(&ctx.config.remote);
+    hosts.open_all(ctx.config.logs.stream.iter().map(|s| s.from.as_path()));
     for s in &ctx.config.logs.stream {
         let (dry, now) = (run.dry_run, run.now);
         run.task(&format!("sync {}", stream_name(s)), |run| {
-            let r = sync_stream(ctx, s, fast, dry, now)?;
+            let r = sync_stream(ctx, s, fast, dry, now, &hosts)?;
             run.gauge("cr0sync_logs_bytes_copied", r.copied as f64);
             run.gauge("cr0sync_logs_bytes_lost", r.lost as f64);
             let mut detail = format!(
@@ -196,6 +261,17 @@ pub fn sync_streams(run: &mut JobRun, fast: bool) {
             }
             Ok(TaskDone::new(detail))
         });
+    }
+    for (host, error) in hosts.reachability() {
+        match error {
+            None => log::info!("host {host}: reachable"),
+            Some(e) => log::warn!("host {host}: not reachable in this run: {e}"),
+        }
+    }
+    if !run.dry_run
+        && let Err(e) = crate::remote::client::record_hosts(&ctx.state, &hosts, run.now)
+    {
+        log::warn!("cannot record which hosts were reachable: {e:#}");
     }
 }
 
@@ -406,6 +482,7 @@ pub struct StreamStatus {
 
 pub fn stream_statuses(ctx: &Context) -> Result<Vec<StreamStatus>> {
     let mut out = Vec::new();
+    let hosts = crate::remote::client::load_hosts(&ctx.state)?;
     for s in &ctx.config.logs.stream {
         let state: StreamState = ctx
             .state
@@ -413,7 +490,10 @@ pub fn stream_statuses(ctx: &Context) -> Result<Vec<StreamStatus>> {
             .unwrap_or_default();
         let mut st = StreamStatus {
             stream: stream_name(s).to_string(),
-            from: ctx.resolve(&s.from).display().to_string(),
+            from: match remote_from(s) {
+                Some(_) => s.from.display().to_string(),
+                None => ctx.resolve(&s.from).display().to_string(),
+            },
             to: ctx.resolve(&s.to).display().to_string(),
             files: 0,
             bytes_copied: state
@@ -429,6 +509,35 @@ pub fn stream_statuses(ctx: &Context) -> Result<Vec<StreamStatus>> {
             if let Some(r) = &c.rotated {
                 st.bytes_behind += r.size.saturating_sub(r.offset);
             }
+        }
+        if let Some(spec) = remote_from(s) {
+            // Not connected for a status: the files as the last run saw them, and whether
+            // their host was reachable then.
+            st.files = state
+                .files
+                .values()
+                .filter(|c| c.missing_since.is_none())
+                .count();
+            st.bytes_behind += state
+                .files
+                .values()
+                .map(|c| c.size.saturating_sub(c.offset))
+                .sum::<u64>();
+            let host = spec.map(|s| s.host_label()).unwrap_or_default();
+            if let Some(h) = hosts.get(&host)
+                && !h.reachable
+            {
+                st.error = Some(format!(
+                    "stream {}: host {host} was not reachable at the last run ({}): {}. Try: \
+                     `cr0sync logs sync` by hand shows the ssh error; the lines not copied yet \
+                     wait on that host",
+                    stream_name(s),
+                    crate::ops::clock::rfc3339(h.last_run),
+                    h.error.as_deref().unwrap_or("no answer")
+                ));
+            }
+            out.push(st);
+            continue;
         }
         match sources(ctx, s) {
             Ok(files) => {

@@ -23,7 +23,6 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
@@ -32,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::io_text;
+use crate::logs::source::{Meta, SourceFs};
 
 /// How many leading bytes identify a file (fewer while it is shorter).
 const FINGERPRINT_LEN: u64 = 1024;
@@ -106,14 +106,12 @@ pub struct FileReport {
     pub used: Vec<PathBuf>,
 }
 
-use crate::util::mtime_ns;
-
 fn read_err(path: &Path) -> impl Fn(std::io::Error) -> anyhow::Error + '_ {
     move |e| anyhow::anyhow!("cannot read {}: {}", path.display(), io_text(&e))
 }
 
 /// SHA-256 of the first `len` bytes of `file`, or `None` if it is shorter.
-fn fingerprint(file: &mut File, len: u64) -> std::io::Result<Option<String>> {
+fn fingerprint(file: &mut (impl Read + Seek), len: u64) -> std::io::Result<Option<String>> {
     let Ok(len) = usize::try_from(len) else {
         return Ok(None);
     };
@@ -133,7 +131,7 @@ fn fingerprint(file: &mut File, len: u64) -> std::io::Result<Option<String>> {
 
 /// The position just after the last `\n` in `[from, size)`, or `from` if there is none.
 /// Reads backwards in blocks, so memory stays bounded whatever the line length.
-fn complete_end(file: &mut File, from: u64, size: u64) -> std::io::Result<u64> {
+fn complete_end(file: &mut (impl Read + Seek), from: u64, size: u64) -> std::io::Result<u64> {
     const BLOCK: usize = 64 * 1024;
     let mut buf = vec![0u8; BLOCK];
     let mut end = size;
@@ -151,7 +149,12 @@ fn complete_end(file: &mut File, from: u64, size: u64) -> std::io::Result<u64> {
 }
 
 /// Appends `[from, to)` of `src` to `dest` (positioned at its end). Returns bytes copied.
-fn append_range(src: &mut File, from: u64, to: u64, dest: &mut File) -> std::io::Result<u64> {
+fn append_range<R: Read + Seek>(
+    src: &mut R,
+    from: u64,
+    to: u64,
+    dest: &mut File,
+) -> std::io::Result<u64> {
     if to <= from {
         return Ok(0);
     }
@@ -167,9 +170,9 @@ fn append_range(src: &mut File, from: u64, to: u64, dest: &mut File) -> std::io:
 }
 
 /// Copies the complete lines of `path` from `from` to `dest`; returns (new offset, bytes).
-fn copy_lines(path: &Path, from: u64, dest: &mut File) -> Result<(u64, u64)> {
-    let mut src = File::open(path).map_err(read_err(path))?;
-    let size = src.metadata().map_err(read_err(path))?.len();
+fn copy_lines<F: SourceFs>(fs: &F, path: &Path, from: u64, dest: &mut File) -> Result<(u64, u64)> {
+    let (mut src, meta) = fs.open(path).map_err(read_err(path))?;
+    let size = meta.size;
     let end = complete_end(&mut src, from, size).map_err(read_err(path))?;
     let n = append_range(&mut src, from, end, dest)
         .with_context(|| format!("cannot copy {}", path.display()))?;
@@ -178,15 +181,13 @@ fn copy_lines(path: &Path, from: u64, dest: &mut File) -> Result<(u64, u64)> {
 
 /// Siblings of `name` in `dir` that rotation may have produced (`name.1`, `name-2025…`),
 /// excluding compressed ones, which cannot be finished.
-fn siblings(dir: &Path, name: &str) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+fn siblings<F: SourceFs>(fs: &F, dir: &Path, name: &str) -> Vec<(PathBuf, Meta)> {
+    let Ok(entries) = fs.read_dir(dir) else {
         return Vec::new();
     };
-    let mut out: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
+    let mut out: Vec<(PathBuf, Meta)> = entries
+        .into_iter()
+        .filter(|(n, _)| {
             n != name
                 && n.starts_with(name)
                 && !n.ends_with(".gz")
@@ -194,35 +195,39 @@ fn siblings(dir: &Path, name: &str) -> Vec<PathBuf> {
                 && !n.ends_with(".bz2")
                 && !n.ends_with(".zst")
         })
-        .map(|e| e.path())
+        .map(|(n, m)| (dir.join(n), m))
         .collect();
-    out.sort();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
 /// Finds the old file of a checkpoint among the siblings: by inode after a rename, or by
 /// fingerprint after copytruncate.
 /// Among several copies that match (older rotations may start alike), the newest wins.
-fn find_old(dir: &Path, name: &str, cp: &Checkpoint, by_inode: bool) -> Option<PathBuf> {
-    let matching = siblings(dir, name).into_iter().filter(|p| {
-        let Ok(m) = std::fs::metadata(p) else {
-            return false;
-        };
-        if !m.is_file() {
+fn find_old<F: SourceFs>(
+    fs: &F,
+    dir: &Path,
+    name: &str,
+    cp: &Checkpoint,
+    by_inode: bool,
+) -> Option<(PathBuf, Meta)> {
+    let matching = siblings(fs, dir, name).into_iter().filter(|(p, m)| {
+        if !m.is_file {
             return false;
         }
         if by_inode {
-            return m.ino() == cp.ino && m.dev() == cp.dev;
+            return m.ino == cp.ino && m.dev == cp.dev;
         }
-        m.len() >= cp.offset
-            && File::open(p)
-                .and_then(|mut f| fingerprint(&mut f, cp.fp_len))
+        m.size >= cp.offset
+            && fs
+                .open(p)
+                .and_then(|(mut f, _)| fingerprint(&mut f, cp.fp_len))
                 .ok()
                 .flatten()
                 .as_deref()
                 == Some(cp.fp.as_str())
     });
-    matching.max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    matching.max_by_key(|(_, m)| m.mtime_ns)
 }
 
 /// Opens the destination, cut back to what the checkpoint accounts for, positioned at its
@@ -264,9 +269,9 @@ fn open_dest(dest: &Path, recorded: Option<u64>) -> Result<(File, u64)> {
 
 /// Whether the first `len` bytes of `dest` are the first `len` bytes of `src`. Leaves
 /// `dest` positioned at its end.
-fn is_prefix(dest: &mut File, len: u64, src: &Path) -> Result<bool> {
-    let mut s = File::open(src).map_err(read_err(src))?;
-    if s.metadata().map_err(read_err(src))?.len() < len {
+fn is_prefix<F: SourceFs>(fs: &F, dest: &mut File, len: u64, src: &Path) -> Result<bool> {
+    let (mut s, meta) = fs.open(src).map_err(read_err(src))?;
+    if meta.size < len {
         return Ok(false);
     }
     dest.seek(SeekFrom::Start(0))?;
@@ -284,24 +289,25 @@ fn is_prefix(dest: &mut File, len: u64, src: &Path) -> Result<bool> {
     Ok(same)
 }
 
-/// Syncs one source file into `dest`. `cp` is its checkpoint (updated in place; created
-/// if `None`). With `fast`, a source whose inode, size and mtime are unchanged is not
-/// opened.
-pub fn sync_file(
+/// Syncs one source file (read through `fs`) into `dest`. `cp` is its checkpoint (updated
+/// in place; created if `None`). With `fast`, a source whose inode, size and mtime are
+/// unchanged is not opened.
+pub fn sync_file<F: SourceFs>(
+    fs: &F,
     src: &Path,
     dest: &Path,
     cp: &mut Option<Checkpoint>,
     fast: bool,
     since: Option<DateTime<Utc>>,
 ) -> Result<FileReport> {
-    let meta = std::fs::metadata(src).map_err(read_err(src))?;
+    let meta = fs.metadata(src).map_err(read_err(src))?;
     if fast
         && let Some(c) = cp.as_ref()
         && c.rotated.is_none()
-        && c.ino == meta.ino()
-        && c.dev == meta.dev()
-        && c.size == meta.len()
-        && c.mtime_ns == mtime_ns(&meta)
+        && c.ino == meta.ino
+        && c.dev == meta.dev
+        && c.size == meta.size
+        && c.mtime_ns == meta.mtime_ns
     {
         return Ok(FileReport {
             skipped: true,
@@ -320,12 +326,12 @@ pub fn sync_file(
     // A rotated file still followed: what its writer appended since the last run.
     let mut rotated = cp.as_mut().and_then(|c| c.rotated.take());
     if let Some(r) = rotated.take() {
-        rotated = follow(dir, &name, r, &mut out, &mut report)?;
+        rotated = follow(fs, dir, &name, r, &mut out, &mut report)?;
     }
     let mut offset = match cp.as_ref() {
         // No checkpoint (first run, or the state was lost): a destination that already
         // holds the start of the source continues after it rather than repeating it.
-        None if dest_len > 0 && is_prefix(&mut out, dest_len, src)? => {
+        None if dest_len > 0 && is_prefix(fs, &mut out, dest_len, src)? => {
             log::info!(
                 "{}: no checkpoint, but {} already holds its first {dest_len} bytes; \
                  continuing from there",
@@ -338,41 +344,41 @@ pub fn sync_file(
             // A new source on a stream that ran before: a file created and rotated away
             // since then is copied first.
             if let Some(t) = since.and_then(|t| t.timestamp_nanos_opt()) {
-                copy_unseen(dir, &name, i128::from(t), &[], &mut out, &mut report)?;
+                copy_unseen(fs, dir, &name, i128::from(t), &[], &mut out, &mut report)?;
             }
             0
         }
-        Some(c) if c.ino != meta.ino() || c.dev != meta.dev() => {
+        Some(c) if c.ino != meta.ino || c.dev != meta.dev => {
             // (An older rotation, followed above this run, is followed no longer: the
             // newest one is.)
             let followed = rotated.as_ref().map(|r| (r.fp.clone(), r.fp_len));
-            rotated = finish_old(dir, &name, c, true, &mut out, &mut report)?;
+            rotated = finish_old(fs, dir, &name, c, true, &mut out, &mut report)?;
             let known: Vec<(&str, u64)> = std::iter::once((c.fp.as_str(), c.fp_len))
                 .chain(followed.as_ref().map(|(fp, len)| (fp.as_str(), *len)))
                 .collect();
-            copy_unseen(dir, &name, c.mtime_ns, &known, &mut out, &mut report)?;
+            copy_unseen(fs, dir, &name, c.mtime_ns, &known, &mut out, &mut report)?;
             0
         }
         Some(c) => {
-            let mut f = File::open(src).map_err(read_err(src))?;
+            let (mut f, _) = fs.open(src).map_err(read_err(src))?;
             let same_start = fingerprint(&mut f, c.fp_len)
                 .map_err(read_err(src))?
                 .as_deref()
                 == Some(&c.fp);
-            if meta.len() < c.offset || !same_start {
+            if meta.size < c.offset || !same_start {
                 log::info!("{}: truncated in place since the last run", src.display());
-                finish_old(dir, &name, c, false, &mut out, &mut report)?;
+                finish_old(fs, dir, &name, c, false, &mut out, &mut report)?;
                 let known: Vec<(&str, u64)> = std::iter::once((c.fp.as_str(), c.fp_len))
                     .chain(rotated.as_ref().map(|r| (r.fp.as_str(), r.fp_len)))
                     .collect();
-                copy_unseen(dir, &name, c.mtime_ns, &known, &mut out, &mut report)?;
+                copy_unseen(fs, dir, &name, c.mtime_ns, &known, &mut out, &mut report)?;
                 0
             } else {
                 c.offset
             }
         }
     };
-    let (end, n) = copy_lines(src, offset, &mut out)?;
+    let (end, n) = copy_lines(fs, src, offset, &mut out)?;
     report.copied += n;
     offset = end;
     out.sync_data()
@@ -380,21 +386,20 @@ pub fn sync_file(
     dest_len = out.metadata().map(|m| m.len()).unwrap_or(dest_len + n);
 
     // The checkpoint describes the file as it was copied.
-    let mut f = File::open(src).map_err(read_err(src))?;
+    let (mut f, m) = fs.open(src).map_err(read_err(src))?;
     let fp_len = offset.min(FINGERPRINT_LEN);
     let fp = fingerprint(&mut f, fp_len)
         .map_err(read_err(src))?
         .unwrap_or_default();
-    let m = f.metadata().map_err(read_err(src))?;
     *cp = Some(Checkpoint {
-        dev: m.dev(),
-        ino: m.ino(),
+        dev: m.dev,
+        ino: m.ino,
         fp,
         fp_len,
         offset,
         dest_len,
-        size: m.len(),
-        mtime_ns: mtime_ns(&m),
+        size: m.size,
+        mtime_ns: m.mtime_ns,
         missing_since: None,
         rotated,
     });
@@ -404,19 +409,20 @@ pub fn sync_file(
 /// Copies what a followed rotated file got since the last run. Returns it (to follow on)
 /// while it is there uncompressed; once it is compressed its rest comes from the `.gz`,
 /// and once it is gone, what it held beyond the copied part is counted as lost.
-fn follow(
+fn follow<F: SourceFs>(
+    fs: &F,
     dir: &Path,
     name: &str,
     mut r: Rotated,
     out: &mut File,
     report: &mut FileReport,
 ) -> Result<Option<Rotated>> {
-    let by_inode = siblings(dir, name).into_iter().find(|p| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.ino() == r.ino && m.dev() == r.dev)
-    });
-    if let Some(path) = by_inode {
+    let by_inode = siblings(fs, dir, name)
+        .into_iter()
+        .find(|(_, m)| m.is_file && m.ino == r.ino && m.dev == r.dev);
+    if let Some((path, m)) = by_inode {
         report.used.push(path.clone());
-        let (end, n) = copy_lines(&path, r.offset, out)?;
+        let (end, n) = copy_lines(fs, &path, r.offset, out)?;
         if n > 0 {
             log::info!(
                 "{name}: the rotated file {} grew; {n} more byte(s) copied",
@@ -425,7 +431,7 @@ fn follow(
         }
         report.copied += n;
         r.offset = end;
-        r.size = std::fs::metadata(&path).map_or(end, |m| m.len());
+        r.size = m.size.max(end);
         return Ok(Some(r));
     }
     let cp = Checkpoint {
@@ -440,7 +446,7 @@ fn follow(
         missing_since: None,
         rotated: None,
     };
-    if !finish_from_gz(dir, name, &cp, out, report)? && r.size > r.offset {
+    if !finish_from_gz(fs, dir, name, &cp, out, report)? && r.size > r.offset {
         lose(name, dir, &cp, report);
     }
     Ok(None)
@@ -451,7 +457,8 @@ fn follow(
 /// finished or followed (`report.used`) nor start like one of `known` (fingerprint, its
 /// length). That is content written into a source which was then rotated away before the
 /// next run. Each is copied whole (complete lines), oldest first, compressed or not.
-fn copy_unseen(
+fn copy_unseen<F: SourceFs>(
+    fs: &F,
     dir: &Path,
     name: &str,
     after: i128,
@@ -459,35 +466,28 @@ fn copy_unseen(
     out: &mut File,
     report: &mut FileReport,
 ) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(entries) = fs.read_dir(dir) else {
         return Ok(());
     };
     let mut found: Vec<(i128, PathBuf)> = entries
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n != name && n.starts_with(name)
-        })
-        .filter_map(|e| {
-            let m = std::fs::metadata(e.path()).ok()?;
-            (m.is_file() && mtime_ns(&m) > after).then(|| (mtime_ns(&m), e.path()))
-        })
+        .into_iter()
+        .filter(|(n, _)| n != name && n.starts_with(name))
+        .filter_map(|(n, m)| (m.is_file && m.mtime_ns > after).then(|| (m.mtime_ns, dir.join(n))))
         .filter(|(_, p)| !report.used.contains(p))
         .collect();
     found.sort();
     for (_, path) in found {
         let gz = path.extension().is_some_and(|x| x == "gz");
-        let is_known = known
-            .iter()
-            .any(|&(fp, len)| len > 0 && file_fingerprint(&path, gz, len).as_deref() == Some(fp));
+        let is_known = known.iter().any(|&(fp, len)| {
+            len > 0 && file_fingerprint(fs, &path, gz, len).as_deref() == Some(fp)
+        });
         if is_known {
             continue;
         }
         let n = if gz {
-            copy_gz_lines(&path, 0, out)?
+            copy_gz_lines(fs, &path, 0, out)?
         } else {
-            copy_lines(&path, 0, out)?.1
+            copy_lines(fs, &path, 0, out)?.1
         };
         report.copied += n;
         report.used.push(path.clone());
@@ -502,11 +502,12 @@ fn copy_unseen(
 
 /// SHA-256 (hex) of the first `len` bytes of a file, decompressed if `gz`; `None` if it
 /// is shorter or unreadable.
-fn file_fingerprint(path: &Path, gz: bool, len: u64) -> Option<String> {
+fn file_fingerprint<F: SourceFs>(fs: &F, path: &Path, gz: bool, len: u64) -> Option<String> {
+    let (mut f, _) = fs.open(path).ok()?;
     if !gz {
-        return fingerprint(&mut File::open(path).ok()?, len).ok()?;
+        return fingerprint(&mut f, len).ok()?;
     }
-    let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(File::open(path).ok()?));
+    let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f));
     let mut head = vec![0u8; usize::try_from(len).ok()?];
     d.read_exact(&mut head).ok()?;
     Some(crate::util::hex(&Sha256::digest(&head)))
@@ -514,11 +515,11 @@ fn file_fingerprint(path: &Path, gz: bool, len: u64) -> Option<String> {
 
 /// Appends the complete lines of a gzip file's decompressed bytes from `from` to `out`.
 /// Memory is bounded by the longest line. Returns the bytes copied.
-fn copy_gz_lines(gz: &Path, from: u64, out: &mut File) -> Result<u64> {
+fn copy_gz_lines<F: SourceFs>(fs: &F, gz: &Path, from: u64, out: &mut File) -> Result<u64> {
     use std::io::Write;
     let read = |e: std::io::Error| anyhow::anyhow!("cannot read {}: {}", gz.display(), io_text(&e));
-    let mut d =
-        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(File::open(gz).map_err(read)?));
+    let (f, _) = fs.open(gz).map_err(read)?;
+    let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f));
     let skipped =
         std::io::copy(&mut Read::by_ref(&mut d).take(from), &mut std::io::sink()).map_err(read)?;
     if skipped < from {
@@ -560,31 +561,28 @@ fn lose(name: &str, dir: &Path, cp: &Checkpoint, report: &mut FileReport) {
 /// Finishes a rotated file from its compressed copy: the newest `.gz` sibling whose
 /// decompressed start matches the checkpoint's fingerprint, from the checkpoint's offset,
 /// complete lines only. Returns whether one was found.
-fn finish_from_gz(
+fn finish_from_gz<F: SourceFs>(
+    fs: &F,
     dir: &Path,
     name: &str,
     cp: &Checkpoint,
     out: &mut File,
     report: &mut FileReport,
 ) -> Result<bool> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    let Ok(entries) = fs.read_dir(dir) else {
         return Ok(false);
     };
-    let mut candidates: Vec<(std::time::SystemTime, PathBuf)> = entries
-        .flatten()
-        .filter(|e| {
-            let n = e.file_name();
-            let n = n.to_string_lossy();
-            n.starts_with(name) && n.ends_with(".gz")
-        })
-        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+    let mut candidates: Vec<(i128, PathBuf)> = entries
+        .into_iter()
+        .filter(|(n, _)| n.starts_with(name) && n.ends_with(".gz"))
+        .map(|(n, m)| (m.mtime_ns, dir.join(n)))
         .collect();
     candidates.sort();
     for (_, gz) in candidates.into_iter().rev() {
-        if file_fingerprint(&gz, true, cp.fp_len).as_deref() != Some(cp.fp.as_str()) {
+        if file_fingerprint(fs, &gz, true, cp.fp_len).as_deref() != Some(cp.fp.as_str()) {
             continue;
         }
-        let n = copy_gz_lines(&gz, cp.offset, out)?;
+        let n = copy_gz_lines(fs, &gz, cp.offset, out)?;
         report.copied += n;
         report.used.push(gz.clone());
         log::info!(
@@ -601,7 +599,8 @@ fn finish_from_gz(
 /// Copies the rest of an old file (renamed, or the copy copytruncate made) if it can be
 /// found, else from its compressed copy; otherwise counts it as lost. Returns a renamed
 /// file to follow on later runs (its writer may still append to it).
-fn finish_old(
+fn finish_old<F: SourceFs>(
+    fs: &F,
     dir: &Path,
     name: &str,
     cp: &Checkpoint,
@@ -609,10 +608,10 @@ fn finish_old(
     out: &mut File,
     report: &mut FileReport,
 ) -> Result<Option<Rotated>> {
-    match find_old(dir, name, cp, renamed) {
-        Some(old) => {
+    match find_old(fs, dir, name, cp, renamed) {
+        Some((old, m)) => {
             report.used.push(old.clone());
-            let (end, n) = copy_lines(&old, cp.offset, out)?;
+            let (end, n) = copy_lines(fs, &old, cp.offset, out)?;
             report.copied += n;
             log::info!(
                 "{name}: finished the rotated file {} ({n} byte(s) from offset {}); it is \
@@ -620,24 +619,17 @@ fn finish_old(
                 old.display(),
                 cp.offset
             );
-            let m = std::fs::metadata(&old).ok();
-            let size = m.as_ref().map_or(end, std::fs::Metadata::len);
-            Ok(renamed
-                .then(|| {
-                    let m = m?;
-                    Some(Rotated {
-                        dev: m.dev(),
-                        ino: m.ino(),
-                        fp: cp.fp.clone(),
-                        fp_len: cp.fp_len,
-                        offset: end,
-                        size,
-                    })
-                })
-                .flatten())
+            Ok(renamed.then(|| Rotated {
+                dev: m.dev,
+                ino: m.ino,
+                fp: cp.fp.clone(),
+                fp_len: cp.fp_len,
+                offset: end,
+                size: m.size.max(end),
+            }))
         }
         None => {
-            if !finish_from_gz(dir, name, cp, out, report)? {
+            if !finish_from_gz(fs, dir, name, cp, out, report)? {
                 lose(name, dir, cp, report);
             }
             Ok(None)

@@ -458,6 +458,92 @@ impl Hosts {
     }
 }
 
+/// A file on another host, read range by range (`ReadRange`). Reads are served from a
+/// buffer that grows while reads are sequential (64 KiB, doubling up to one frame), so a
+/// fingerprint costs one small round trip and a long copy about one per MiB. With `ino`,
+/// only that inode is read: a file rotated away since it was listed is an error.
+pub struct RemoteFile<'a> {
+    conn: &'a Mutex<Conn>,
+    path: String,
+    ino: Option<u64>,
+    pos: u64,
+    buf: Vec<u8>,
+    /// The offset of `buf[0]`.
+    buf_at: u64,
+    ahead: usize,
+}
+
+impl<'a> RemoteFile<'a> {
+    pub fn new(conn: &'a Mutex<Conn>, path: String, ino: Option<u64>) -> RemoteFile<'a> {
+        RemoteFile {
+            conn,
+            path,
+            ino,
+            pos: 0,
+            buf: Vec::new(),
+            buf_at: 0,
+            ahead: 64 << 10,
+        }
+    }
+}
+
+impl Read for RemoteFile<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        let end = self.buf_at + self.buf.len() as u64;
+        if self.pos < self.buf_at || self.pos >= end {
+            let sequential = self.pos == end && !self.buf.is_empty();
+            self.ahead = if sequential {
+                (self.ahead * 2).min(proto::CHUNK)
+            } else {
+                64 << 10
+            };
+            let len = self.ahead.max(out.len()).min(proto::CHUNK) as u64;
+            let req = Request::ReadRange {
+                path: self.path.clone(),
+                offset: self.pos,
+                len,
+                ino: self.ino,
+            };
+            let (_, body) = self
+                .conn
+                .lock()
+                .map_err(|_| {
+                    std::io::Error::other("a connection is unusable after an earlier failure")
+                })?
+                .call(&req, &[])
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            self.buf = body;
+            self.buf_at = self.pos;
+            if self.buf.is_empty() {
+                return Ok(0);
+            }
+        }
+        let from = usize::try_from(self.pos - self.buf_at).unwrap_or(usize::MAX);
+        let n = out.len().min(self.buf.len().saturating_sub(from));
+        out[..n].copy_from_slice(&self.buf[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for RemoteFile<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.pos = match to {
+            std::io::SeekFrom::Start(n) => n,
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d).ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "a seek before the start")
+            })?,
+            std::io::SeekFrom::End(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "a remote file is not read from its end",
+                ));
+            }
+        };
+        Ok(self.pos)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

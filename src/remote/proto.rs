@@ -31,7 +31,7 @@ use crate::files::store::Seen;
 use crate::files::write::Outcome;
 
 /// The protocol this build speaks; a peer speaking another is refused.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 /// The largest body sent in one frame.
 pub const CHUNK: usize = 1 << 20;
 const MAX_HEADER: u32 = 64 << 20;
@@ -65,11 +65,24 @@ pub enum Request {
         keep_max: u64,
         lock_ms: Option<u64>,
     },
-    /// Bytes of a file from `offset`, at most `len` (the body; shorter at the end).
+    /// Bytes of a file from `offset`, at most `len` (the body; shorter at the end). With
+    /// `ino`, only from that inode: a file renamed or replaced since it was listed is an
+    /// error, never another file's bytes.
     ReadRange {
         path: String,
         offset: u64,
         len: u64,
+        #[serde(default)]
+        ino: Option<u64>,
+    },
+    /// The entries of one directory with their metadata (links followed; for log
+    /// sources and their rotations).
+    Dir {
+        path: String,
+    },
+    /// One path's metadata (links followed; `None`: nothing there).
+    Meta {
+        path: String,
     },
     /// Starts a temporary file beside `root/rel` with `mode`; answered with its token.
     Prepare {
@@ -146,6 +159,29 @@ pub enum Request {
         decl: String,
     },
     Bye,
+}
+
+/// A file's identity and size, as the log job compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub is_file: bool,
+}
+
+impl Meta {
+    pub fn of(m: &std::fs::Metadata) -> Meta {
+        use std::os::unix::fs::MetadataExt;
+        Meta {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: crate::util::mtime_ns(m),
+            is_file: m.is_file(),
+        }
+    }
 }
 
 /// What a target must still hold (see `files::write::Expect`).
@@ -246,6 +282,12 @@ pub enum Response {
     },
     /// Bytes (`ReadRange`) in the body.
     Bytes,
+    Dir {
+        entries: Vec<(String, Meta)>,
+    },
+    Meta {
+        meta: Option<Meta>,
+    },
     Token {
         token: u64,
     },

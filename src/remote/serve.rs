@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
@@ -117,6 +117,27 @@ impl Server {
                 let p = self.path(&path)?;
                 (Response::Bool { value: p.is_dir() }, none())
             }
+            Request::Dir { path } => {
+                let p = self.path(&path)?;
+                let mut entries = Vec::new();
+                let listing = std::fs::read_dir(&p)
+                    .with_context(|| format!("cannot list {}", p.display()))?;
+                for e in listing.flatten() {
+                    let Ok(name) = e.file_name().into_string() else {
+                        continue;
+                    };
+                    if let Ok(m) = std::fs::metadata(e.path()) {
+                        entries.push((name, proto::Meta::of(&m)));
+                    }
+                }
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                (Response::Dir { entries }, none())
+            }
+            Request::Meta { path } => {
+                let p = self.path(&path)?;
+                let meta = std::fs::metadata(&p).ok().map(|m| proto::Meta::of(&m));
+                (Response::Meta { meta }, none())
+            }
             Request::Stat { path } => {
                 let p = self.path(&path)?;
                 let stat = std::fs::symlink_metadata(&p)
@@ -166,10 +187,24 @@ impl Server {
                     cur.content.unwrap_or_default(),
                 )
             }
-            Request::ReadRange { path, offset, len } => {
+            Request::ReadRange {
+                path,
+                offset,
+                len,
+                ino,
+            } => {
                 let p = self.path(&path)?;
                 let mut f =
                     File::open(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                if let Some(ino) = ino
+                    && f.metadata()?.ino() != ino
+                {
+                    bail!(
+                        "{} was replaced since it was listed (rotated); the next run reads it \
+                         again",
+                        p.display()
+                    );
+                }
                 f.seek(SeekFrom::Start(offset))?;
                 let mut buf = Vec::new();
                 f.take(len.min(CHUNK as u64)).read_to_end(&mut buf)?;

@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod sshd;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_cr0sync");
 
 /// The cr0sync binary with a clean environment (no CR0SYNC_* from the caller).
