@@ -600,3 +600,23 @@ fn a_sync_stopped_anywhere_completes_with_each_delta_once() {
     assert!(killed > 3, "the run was cut {killed} times");
     check(&s);
 }
+
+#[test]
+fn a_stopped_copy_whose_source_is_gone_by_the_next_run_is_decided_again() {
+    let s = Sites::new("");
+    s.sync_ok();
+    // A file new on site1 (not a JSON object: it is copied from its side, not stored).
+    std::fs::write(s.site1.join("notes.txt"), "plain text\n").unwrap();
+    common::killed_at(
+        &s.r.root,
+        &["files", "sync", "--peer", "site1"],
+        "files-after-decide",
+    );
+    // The site deletes it before the next run: the stopped copy has no source any more.
+    std::fs::remove_file(s.site1.join("notes.txt")).unwrap();
+    s.sync_ok();
+    s.sync_ok();
+    for side in s.sides() {
+        assert!(!side.join("notes.txt").exists(), "{}", side.display());
+    }
+}

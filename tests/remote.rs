@@ -597,3 +597,173 @@ fn another_protocol_version_or_a_missing_remote_path_is_one_line_naming_the_host
     );
     assert!(!peer.join("missing.db").exists(), "never created");
 }
+
+/// The config of `r` with `remote_bin` a wrapper that runs `cr0sync serve` with the fault
+/// point `point` armed on the remote side (ssh passes no environment).
+fn with_remote_fault(sshd: &Sshd, config: &str, point: &str) -> String {
+    let real = sshd.dir.path().join("cr0sync");
+    let wrapper = sshd.dir.path().join(format!("cr0sync-fault-{point}"));
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nCR0SYNC_FAULT={point} exec {} \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let line = format!("remote_bin = \"{}\"", real.display());
+    assert!(config.contains(&line), "{config}");
+    config.replace(&line, &format!("remote_bin = \"{}\"", wrapper.display()))
+}
+
+#[test]
+fn a_connection_lost_mid_snapshot_or_mid_apply_is_one_line_and_the_next_run_completes_exactly() {
+    let Some(sshd) = Sshd::start("") else { return };
+    // The remote end stops (its connection with it) after taking the snapshot, inside
+    // the peer's transaction, and after committing it but before answering.
+    for point in [
+        "serve-after-snapshot",
+        "peer-before-commit",
+        "serve-after-apply",
+    ] {
+        let (r, bot) = remote_database(&sshd);
+        change_both(&r, &bot);
+        let config = std::fs::read_to_string(r.path("cr0sync.toml")).unwrap();
+        r.write_config(&with_remote_fault(&sshd, &config, point));
+        let out = r.cmd().args(["db", "sync"]).output().unwrap();
+        let err = stderr_of(&out);
+        assert!(!out.status.success(), "{point}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{point}: one line: {err}");
+        assert!(
+            err.contains("127.0.0.1") && err.contains("lost"),
+            "{point}: {err}"
+        );
+        let check = rusqlite::Connection::open(&bot).unwrap();
+        let ok: String = check
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok", "{point}");
+        drop(check);
+        r.write_config(&config);
+        let out = r.cmd().args(["db", "sync"]).output().unwrap();
+        assert!(out.status.success(), "{point}: {}", stderr_of(&out));
+        merged_exactly(&r, &bot);
+    }
+}
+
+#[test]
+fn a_log_stream_whose_connection_is_killed_mid_copy_completes_every_line_once() {
+    let Some(sshd) = Sshd::start("") else { return };
+    let src = sshd.user_dir("irclogs");
+    let r = Root::new();
+    r.write_config(&format!(
+        "{}\n[[logs.stream]]\nname = \"rizon\"\nfrom = \"{}\"\nto = \"logs/irc/rizon\"\n",
+        sshd.remote_section(),
+        sshd.url(&src)
+    ));
+    // Lines of random text (little to compress), enough to take a while.
+    let mut text = String::new();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for i in 0..400_000 {
+        let mut words = String::new();
+        for _ in 0..4 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            words.push_str(&format!("{x:016x} "));
+        }
+        text.push_str(&format!(
+            "[2025-11-09 18:45:00] <nick{}> {i} {words}\n",
+            i % 7
+        ));
+    }
+    std::fs::write(src.join("#cr0.log"), &text).unwrap();
+    let dest = r.path("logs/irc/rizon/#cr0.log");
+    let child = Command::new(BIN)
+        .arg("--root")
+        .arg(&r.root)
+        .args(["logs", "sync"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&dest).map_or(0, |m| m.len()) == 0 {
+        assert!(started.elapsed().as_secs() < 30, "the copy never started");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    run(Command::new("pkill").args(["-f", &format!("ssh .*-p {} ", sshd.port)]));
+    let out = child.wait_with_output().unwrap();
+    let err = stderr_of(&out);
+    if out.status.success() {
+        eprintln!("the copy finished before the connection was cut; nothing to check");
+    } else {
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(err.contains("127.0.0.1") && err.contains("lost"), "{err}");
+    }
+    // Lines written meanwhile, then the next run: every line once, whole lines only.
+    let more = "[2025-11-09 18:46:00] <nick1> after the cut\n";
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(src.join("#cr0.log"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, more.as_bytes()).unwrap();
+    let out = r.cmd().args(["logs", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(std::fs::read_to_string(&dest).unwrap() == text.clone() + more);
+}
+
+#[test]
+fn a_remote_disk_that_fills_up_is_one_line_naming_the_host_and_leaves_no_partial_file() {
+    let Some(sshd) = Sshd::start("") else { return };
+    let (r, peer, central) = tree_root(&sshd);
+    // The peer's directory is a real 1 MiB filesystem.
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&peer)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("note: cannot mount a tmpfs here; the remote disk-full case is not run");
+        return;
+    }
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(peer.clone());
+    run(Command::new("chown").arg(&sshd.user).arg(&peer));
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(central.join("archive.bin"), &big).unwrap();
+    std::fs::write(
+        central.join("1-andy.txt"),
+        "{\"user_id\": \"1-andy\", \"balance\": 5}\n",
+    )
+    .unwrap();
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("127.0.0.1") && err.contains("No space left on device"),
+        "{err}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&peer)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp.") || n == "archive.bin")
+        .collect();
+    assert!(left.is_empty(), "no partial file: {left:?}");
+    // Space made (the archive leaves the central tree): the next run completes.
+    std::fs::remove_file(central.join("archive.bin")).unwrap();
+    let out = r.cmd().args(["files", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(balance(&peer.join("1-andy.txt")), 5);
+}

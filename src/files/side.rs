@@ -243,8 +243,15 @@ impl<'a> Tree<'a> {
                 sha256,
             } => {
                 let path = d.path(src_rel);
-                let mut f = std::fs::File::open(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let mut f = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    // The source is gone since the decision (as if it had changed): nothing
+                    // is placed; the server drops the temporary file with the connection.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot read {}", path.display()));
+                    }
+                };
                 let mut buf = vec![0u8; CHUNK];
                 loop {
                     let n = f.read(&mut buf)?;

@@ -356,7 +356,13 @@ impl Dir<'_> {
         let bytes: Vec<u8> = match content {
             Content::Bytes(b) => b.to_vec(),
             Content::File { path, sha256 } => {
-                let mut src = File::open(path)?;
+                let mut src = match File::open(path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Outcome::SourceChanged);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let size = src.metadata()?.len();
                 let (sha, bytes) = hash_reader(&mut src, size, true)?;
                 if sha != sha256 {
@@ -446,7 +452,12 @@ fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
     match content {
         Content::Bytes(b) => out.write_all(b)?,
         Content::File { path, sha256 } => {
-            let mut src = File::open(path)?;
+            let mut src = match File::open(path) {
+                Ok(f) => f,
+                // Gone since the decision: as a source that changed, nothing is written.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
             let size = src.metadata()?.len();
             let same = if size > KERNEL_COPY_MIN {
                 copy_file_hashed(&src, &out, sha256)?

@@ -329,9 +329,12 @@ impl Server {
                     std::env::temp_dir()
                         .join(format!("cr0sync-serve-{}-{token}.db", std::process::id())),
                 );
+                remove_dead_snapshots();
                 snapshot::snapshot_to(&p, &tmp, BUSY)?;
                 let page_size = pages::page_size_of(&tmp)?;
                 let (hashes, sha256) = pages::hashes(&tmp, page_size)?;
+                // (A test stops the server here: the connection is lost mid-snapshot.)
+                crate::ops::fault::point("serve-after-snapshot")?;
                 let size = std::fs::metadata(&*tmp)?.len();
                 self.snapshots.insert(token, (tmp, page_size));
                 (
@@ -366,6 +369,8 @@ impl Server {
                 let left = write_peer_tables(&p, BUSY, &set).with_context(|| {
                     format!("cannot write {}; nothing was written", p.display())
                 })?;
+                // (Here: applied, and the answer lost with the connection.)
+                crate::ops::fault::point("serve-after-apply")?;
                 let left: Vec<Vec<_>> = left.into_iter().map(|k| k.into_iter().collect()).collect();
                 (Response::DbApplied, serde_json::to_vec(&left)?)
             }
@@ -470,4 +475,25 @@ pub fn serve_stdio(allow: &[PathBuf]) -> Result<()> {
     let mut input = std::io::BufReader::with_capacity(1 << 16, stdin.lock());
     let mut output = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     server.run(&mut input, &mut output)
+}
+
+/// Removes the snapshots of servers that were killed (their pid no longer runs): a
+/// server removes its own when its connection ends, a killed one cannot.
+fn remove_dead_snapshots() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("cr0sync-serve-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }

@@ -349,6 +349,8 @@ pub(crate) fn write_peer_tables(
     })?;
     raise_sequences(&tx, &set.sequences)?;
     journal::mark_peer(&tx, &marker)?;
+    // (A test stops the writer here: the transaction, never committed, leaves nothing.)
+    fault::point("peer-before-commit")?;
     tx.commit()?;
     Ok(out)
 }
