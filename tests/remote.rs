@@ -389,6 +389,42 @@ fn status_names_a_host_that_was_not_reachable() {
     );
 }
 
+#[test]
+fn a_log_stream_whose_host_is_not_reachable_is_one_line_and_a_status_problem() {
+    let Some(sshd) = Sshd::start("") else { return };
+    let src = sshd.user_dir("irclogs");
+    std::fs::write(src.join("#cr0.log"), "[2025-11-09 18:45:00] <nick> hi\n").unwrap();
+    let r = Root::new();
+    let config = format!(
+        "{}\n[[logs.stream]]\nname = \"rizon\"\nfrom = \"{}\"\nto = \"logs/irc/rizon\"\n",
+        sshd.remote_section(),
+        sshd.url(&src)
+    );
+    r.write_config(&config);
+    let out = r.cmd().args(["logs", "sync"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let st = r.status_json();
+    assert_eq!(st["streams"][0]["files"], 1, "{st}");
+    assert_eq!(st["streams"][0]["bytes_behind"], 0, "{st}");
+
+    let dead = free_port();
+    r.write_config(&config.replace(&format!(":{}/", sshd.port), &format!(":{dead}/")));
+    let out = r.cmd().args(["logs", "sync"]).output().unwrap();
+    let err = stderr_of(&out);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&format!("127.0.0.1:{dead}")), "{err}");
+    let out = r.cmd().arg("status").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "host {}@127.0.0.1:{dead} was not reachable",
+            sshd.user
+        )),
+        "{text}"
+    );
+}
+
 fn sql(db: &Path, text: &str) {
     rusqlite::Connection::open(db)
         .unwrap()
