@@ -66,6 +66,16 @@ fn expected(e: Option<Expect>) -> Option<Expected> {
     })
 }
 
+/// The source of a copy that is no longer there: reading it is `NotFound`, which a write
+/// takes as a source that changed (nothing is written).
+struct Gone;
+
+impl Read for Gone {
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::NotFound.into())
+    }
+}
+
 impl<'a> Tree<'a> {
     fn remote_path(root: &str, rel: &str) -> String {
         if rel.is_empty() {
@@ -196,12 +206,20 @@ impl<'a> Tree<'a> {
                 rel,
                 sha256,
             } => {
-                let size = from.stat(rel).map_or(0, |s| s.size);
+                let Some(stat) = from.stat(rel) else {
+                    // Gone since the decision: the write sees a source that changed.
+                    let gone = RefCell::new(Gone);
+                    return f(Content::Stream {
+                        src: &gone,
+                        size: 0,
+                        sha256,
+                    });
+                };
                 let reader =
                     RefCell::new(RemoteFile::new(conn, Self::remote_path(root, rel), None));
                 f(Content::Stream {
                     src: &reader,
-                    size,
+                    size: stat.size,
                     sha256,
                 })
             }

@@ -372,7 +372,13 @@ impl Dir<'_> {
             }
             Content::Stream { src, size, sha256 } => {
                 let mut src = src.borrow_mut();
-                let (sha, bytes) = hash_reader(&mut *src, size, true)?;
+                let (sha, bytes) = match hash_reader(&mut *src, size, true) {
+                    Ok(r) => r,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Outcome::SourceChanged);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 if sha != sha256 {
                     return Ok(Outcome::SourceChanged);
                 }
@@ -469,8 +475,13 @@ fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
             }
         }
         Content::Stream { src, size, sha256 } => {
-            if !copy_hashed(&mut *src.borrow_mut(), size, &mut out, sha256)? {
-                return Ok(false);
+            let src = &mut *src.borrow_mut();
+            match pump(src, size, |chunk| out.write_all(chunk)) {
+                Ok(sha) if sha == sha256 => {}
+                Ok(_) => return Ok(false),
+                // The source is gone since the decision: as a source that changed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e.into()),
             }
         }
         Content::Absent => {}

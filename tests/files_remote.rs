@@ -1,0 +1,21 @@
+//! The file-tree job end to end once more, with both sites behind `ssh://` (a real sshd
+//! on 127.0.0.1 and a throwaway user: see `common::sshd`). They must pass unchanged.
+//!
+//! The laws under test: every committed increment of every site is in the final balance
+//! on every side (counted once, whatever stops the sync); a change on one side reaches
+//! the others; nothing is ever lost (a losing file is kept and recorded); a missing or
+//! emptied directory is never mirrored.
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+
+mod common;
+
+/// The sites are directories on "another host", reached through `cr0sync serve`.
+const REMOTE: bool = true;
+
+include!("cases/files.rs");
