@@ -16,8 +16,8 @@ struct Setup {
     r: Root,
     bot: PathBuf,
     web: PathBuf,
-    /// The sshd both peers are reached through when `REMOTE`.
-    sshd: Option<common::sshd::Sshd>,
+    /// Where the peers live (behind an sshd when `REMOTE`).
+    peers: common::sshd::Peers,
 }
 
 impl Setup {
@@ -28,47 +28,25 @@ impl Setup {
 
     fn with(db_keys: &str, general: &str, fixture: &str) -> Option<Setup> {
         let r = Root::new();
-        let sshd = if REMOTE {
-            // SAFETY: umask only sets the process's file-creation mask.
-            unsafe { libc::umask(0) };
-            Some(common::sshd::Sshd::start("")?)
-        } else {
-            None
-        };
-        let dir = match &sshd {
-            Some(d) => d.user_dir("apps"),
-            None => r.tmp.path().to_path_buf(),
-        };
-        let bot = dir.join("bot.db");
-        let web = dir.join("web.db");
+        let peers = common::sshd::Peers::new(REMOTE, r.tmp.path())?;
+        let bot = peers.dir.join("bot.db");
+        let web = peers.dir.join("web.db");
         exec(&bot, fixture);
         exec(&web, fixture);
-        if let Some(d) = &sshd {
-            // The applications' databases belong to the remote user.
-            common::sshd::run(Command::new("chown").arg("-R").arg(&d.user).arg(&dir));
-        }
-        let s = Setup { r, bot, web, sshd };
+        peers.hand_over();
+        let s = Setup { r, bot, web, peers };
         s.config(db_keys, general);
         Some(s)
     }
 
-    /// How the configuration names a peer: its path, or its `ssh://` URL.
-    fn peer_path(&self, p: &Path) -> String {
-        match &self.sshd {
-            Some(d) => d.url(p),
-            None => p.display().to_string(),
-        }
-    }
-
     fn config(&self, db_keys: &str, general: &str) {
-        let remote = self.sshd.as_ref().map(common::sshd::Sshd::remote_section);
         self.r.write_config(&format!(
             "{}[general]\nbusy_timeout = \"1s\"\n{general}\n\
              [[database.db]]\nname = \"users\"\n{db_keys}\n\
              peers = [\n  {{ name = \"bot\", path = \"{}\" }},\n  {{ name = \"website\", path = \"{}\" }},\n]\n",
-            remote.unwrap_or_default(),
-            self.peer_path(&self.bot),
-            self.peer_path(&self.web)
+            self.peers.section(),
+            self.peers.url(&self.bot),
+            self.peers.url(&self.web)
         ));
     }
 

@@ -12,8 +12,8 @@ struct Pair {
     r: Root,
     bot: PathBuf,
     web: PathBuf,
-    /// The sshd both peers are reached through when `REMOTE`.
-    _sshd: Option<common::sshd::Sshd>,
+    /// Where the peers live (behind an sshd when `REMOTE`).
+    _peers: common::sshd::Peers,
 }
 
 impl Pair {
@@ -24,40 +24,15 @@ impl Pair {
 
     fn with(quiet: bool, extra: &str) -> Option<Pair> {
         let r = Root::new();
-        let sshd = if REMOTE {
-            // SAFETY: umask only sets the process's file-creation mask.
-            unsafe { libc::umask(0) };
-            Some(common::sshd::Sshd::start("")?)
-        } else {
-            None
-        };
-        let dir = match &sshd {
-            Some(d) => d.user_dir("apps"),
-            None => r.tmp.path().to_path_buf(),
-        };
-        let bot = dir.join("bot.db");
-        let web = dir.join("web.db");
+        let peers = common::sshd::Peers::new(REMOTE, r.tmp.path())?;
+        let bot = peers.dir.join("bot.db");
+        let web = peers.dir.join("web.db");
         for p in [&bot, &web] {
             exec(p, FIXTURE);
             exec(p, extra);
         }
-        let (remote, bot_url, web_url) = match &sshd {
-            Some(d) => {
-                // The applications' databases belong to the remote user.
-                common::sshd::run(
-                    std::process::Command::new("chown")
-                        .arg("-R")
-                        .arg(&d.user)
-                        .arg(&dir),
-                );
-                (d.remote_section(), d.url(&bot), d.url(&web))
-            }
-            None => (
-                String::new(),
-                bot.display().to_string(),
-                web.display().to_string(),
-            ),
-        };
+        peers.hand_over();
+        let (remote, bot_url, web_url) = (peers.section(), peers.url(&bot), peers.url(&web));
         r.write_config(&format!(
             "{remote}[database]\nquiet_conflicts = {quiet}\n[[database.db]]\nname = \"users\"\n\
              peers = [\n  {{ name = \"bot\", path = \"{bot_url}\" }},\n  {{ name = \"web\", path = \"{web_url}\" }},\n]\n",
@@ -66,7 +41,7 @@ impl Pair {
             r,
             bot,
             web,
-            _sshd: sshd,
+            _peers: peers,
         };
         p.run(&["db", "sync"]);
         Some(p)

@@ -15,50 +15,23 @@ struct World {
     r: Root,
     bot: PathBuf,
     web: PathBuf,
-    /// The sshd both peers are reached through when `REMOTE`.
-    _sshd: Option<common::sshd::Sshd>,
+    /// Where the peers live (behind an sshd when `REMOTE`).
+    _peers: common::sshd::Peers,
 }
 
 impl World {
     /// `None` where a `REMOTE` run cannot start its sshd (not root; noted on stderr).
     fn new(policy: &str) -> Option<World> {
         let r = Root::new();
-        let sshd = if REMOTE {
-            // What the test's own writers create beside the databases (as root) stays
-            // writable for the remote user.
-            // SAFETY: umask only sets the process's file-creation mask.
-            unsafe { libc::umask(0) };
-            Some(common::sshd::Sshd::start("")?)
-        } else {
-            None
-        };
-        let dir = match &sshd {
-            Some(d) => d.user_dir("apps"),
-            None => r.tmp.path().to_path_buf(),
-        };
-        let bot = dir.join("bot.db");
-        let web = dir.join("web.db");
+        let peers = common::sshd::Peers::new(REMOTE, r.tmp.path())?;
+        let bot = peers.dir.join("bot.db");
+        let web = peers.dir.join("web.db");
         for p in [&bot, &web] {
             exec(p, FIXTURE);
             exec(p, "PRAGMA journal_mode = wal");
         }
-        let (remote, bot_url, web_url) = match &sshd {
-            Some(d) => {
-                // The applications' databases belong to the remote user.
-                common::sshd::run(
-                    std::process::Command::new("chown")
-                        .arg("-R")
-                        .arg(&d.user)
-                        .arg(&dir),
-                );
-                (d.remote_section(), d.url(&bot), d.url(&web))
-            }
-            None => (
-                String::new(),
-                bot.display().to_string(),
-                web.display().to_string(),
-            ),
-        };
+        peers.hand_over();
+        let (remote, bot_url, web_url) = (peers.section(), peers.url(&bot), peers.url(&web));
         r.write_config(&format!(
             "{remote}[general]\nbusy_timeout = \"1s\"\n[database]\nbackup_interval = \"0s\"\n\
              [[database.db]]\nname = \"users\"\npolicy = \"{policy}\"\n\
@@ -69,7 +42,7 @@ impl World {
             r,
             bot,
             web,
-            _sshd: sshd,
+            _peers: peers,
         };
         w.sync_ok(&[]);
         Some(w)

@@ -12,45 +12,23 @@ struct Site {
     r: Root,
     bot: PathBuf,
     web: PathBuf,
-    /// The sshd both peers are reached through when `REMOTE`.
-    _sshd: Option<common::sshd::Sshd>,
+    /// Where the peers live (behind an sshd when `REMOTE`).
+    _peers: common::sshd::Peers,
 }
 
 impl Site {
     /// `None` where a `REMOTE` run cannot start its sshd (not root; noted on stderr).
     fn new(extra_sql: &str) -> Option<Site> {
         let r = Root::new();
-        let sshd = if REMOTE {
-            // The databases' directory belongs to the remote user; what the test's own
-            // clients create there as root stays writable for it.
-            // SAFETY: umask only sets the process's file-creation mask.
-            unsafe { libc::umask(0) };
-            Some(common::sshd::Sshd::start("")?)
-        } else {
-            None
-        };
-        let dir = match &sshd {
-            Some(d) => d.user_dir("apps"),
-            None => r.tmp.path().to_path_buf(),
-        };
-        let bot = dir.join("bot.db");
-        let web = dir.join("web.db");
+        let peers = common::sshd::Peers::new(REMOTE, r.tmp.path())?;
+        let bot = peers.dir.join("bot.db");
+        let web = peers.dir.join("web.db");
         for p in [&bot, &web] {
             app(p, WEBSITE);
             app(p, extra_sql);
         }
-        if let Some(d) = &sshd {
-            // The applications' databases belong to the remote user, as on a real host.
-            common::sshd::run(Command::new("chown").arg("-R").arg(&d.user).arg(&dir));
-        }
-        let (remote, bot_url, web_url) = match &sshd {
-            Some(d) => (d.remote_section(), d.url(&bot), d.url(&web)),
-            None => (
-                String::new(),
-                bot.display().to_string(),
-                web.display().to_string(),
-            ),
-        };
+        peers.hand_over();
+        let (remote, bot_url, web_url) = (peers.section(), peers.url(&bot), peers.url(&web));
         r.write_config(&format!(
             "{remote}[general]\nbusy_timeout = \"1s\"\n[[database.db]]\nname = \"site\"\n\
              counters = {{ users = [\"coins\"] }}\n\
@@ -60,7 +38,7 @@ impl Site {
             r,
             bot,
             web,
-            _sshd: sshd,
+            _peers: peers,
         };
         s.sync();
         Some(s)

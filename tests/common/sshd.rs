@@ -149,3 +149,54 @@ impl Drop for Sshd {
         let _ = Command::new("userdel").arg(&self.user).output();
     }
 }
+
+/// Where a test's peers live: in a local directory, or (a `remote` run of a suite) in a
+/// directory of a throwaway user behind a fresh sshd, named by `ssh://` URLs.
+pub struct Peers {
+    pub dir: PathBuf,
+    sshd: Option<Sshd>,
+}
+
+impl Peers {
+    /// `local` for a local run; a new sshd's user directory for a remote one (`None`, with
+    /// a note, where no sshd can be started). In a remote run the process's umask is 0,
+    /// so what the test itself writes there as root stays writable for that user.
+    pub fn new(remote: bool, local: &Path) -> Option<Peers> {
+        if !remote {
+            return Some(Peers {
+                dir: local.to_path_buf(),
+                sshd: None,
+            });
+        }
+        // SAFETY: umask only sets the process's file-creation mask.
+        unsafe { libc::umask(0) };
+        let sshd = Sshd::start("")?;
+        Some(Peers {
+            dir: sshd.user_dir("apps"),
+            sshd: Some(sshd),
+        })
+    }
+
+    /// Gives what the test created in `dir` to the remote user, as a site's own files.
+    pub fn hand_over(&self) {
+        if let Some(d) = &self.sshd {
+            run(Command::new("chown").arg("-R").arg(&d.user).arg(&self.dir));
+        }
+    }
+
+    /// How the configuration names the peer at `path`.
+    pub fn url(&self, path: &Path) -> String {
+        match &self.sshd {
+            Some(d) => d.url(path),
+            None => path.display().to_string(),
+        }
+    }
+
+    /// The `[remote]` section a remote run needs (empty for a local one).
+    pub fn section(&self) -> String {
+        self.sshd
+            .as_ref()
+            .map(Sshd::remote_section)
+            .unwrap_or_default()
+    }
+}
