@@ -169,13 +169,22 @@ fn a_confined_key_reads_nothing_outside_its_directories() {
 fn connection_failures_are_one_line_naming_the_host() {
     let Some(sshd) = Sshd::start("") else { return };
     let peer = sshd.user_dir("site");
+    // A port that accepts connections (the kernel's backlog) and never answers: ssh's
+    // ConnectTimeout (5 s in these tests) ends the handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
     type Change<'a> = Box<dyn Fn(&str) -> String + 'a>;
-    let cases: [(&str, Change, &str); 3] = [
+    let cases: [(&str, Change, &str); 4] = [
         (
             "unreachable",
             Box::new(|c: &str| {
                 c.replace(&format!(":{}/", sshd.port), &format!(":{}/", free_port()))
             }),
+            "cannot reach",
+        ),
+        (
+            "timed out",
+            Box::new(|c: &str| c.replace(&format!(":{}/", sshd.port), &format!(":{silent_port}/"))),
             "cannot reach",
         ),
         (
@@ -200,7 +209,9 @@ fn connection_failures_are_one_line_naming_the_host() {
             err.contains("127.0.0.1"),
             "{what}: the host is named: {err}"
         );
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
     }
+    drop(silent);
 }
 
 /// A root with one tree whose only peer is behind ssh, 40 balance files synced, then
