@@ -704,6 +704,48 @@ fn a_connection_lost_mid_snapshot_or_mid_apply_is_one_line_and_the_next_run_comp
 }
 
 #[test]
+fn the_ssh_process_killed_mid_snapshot_or_mid_apply_is_one_line_and_the_next_run_completes_exactly()
+{
+    let Some(sshd) = Sshd::start("") else { return };
+    // The remote end pauses at the point (4 s); the test kills the ssh process meanwhile.
+    // (On a machine slow enough to miss the pause, the cut lands at another instant: the
+    // law checked below is the same.)
+    for point in ["serve-after-snapshot", "peer-before-commit"] {
+        let (r, bot) = remote_database(&sshd);
+        change_both(&r, &bot);
+        let config = std::fs::read_to_string(r.path("cr0sync.toml")).unwrap();
+        r.write_config(&with_remote_fault(
+            &sshd,
+            &config,
+            &format!("{point}:sleep=4000"),
+        ));
+        let child = Command::new(BIN)
+            .arg("--root")
+            .arg(&r.root)
+            .args(["db", "sync"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        run(Command::new("pkill").args(["-f", &format!("ssh .*-p {} ", sshd.port)]));
+        let out = child.wait_with_output().unwrap();
+        let err = stderr_of(&out);
+        assert!(!out.status.success(), "{point}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{point}: one line: {err}");
+        assert!(
+            err.contains("127.0.0.1") && err.contains("lost"),
+            "{point}: {err}"
+        );
+        r.write_config(&config);
+        // The remote end may still be in its pause: the next run waits for the peer.
+        std::thread::sleep(std::time::Duration::from_millis(2000));
+        let out = r.cmd().args(["db", "sync"]).output().unwrap();
+        assert!(out.status.success(), "{point}: {}", stderr_of(&out));
+        merged_exactly(&r, &bot);
+    }
+}
+
+#[test]
 fn a_log_stream_whose_connection_is_killed_mid_copy_completes_every_line_once() {
     let Some(sshd) = Sshd::start("") else { return };
     let src = sshd.user_dir("irclogs");
