@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::sshd::{Sshd, free_port, run};
-use common::{BIN, Root, stderr_of};
+use common::{Root, stderr_of};
 
 fn tree_config(sshd: &Sshd, peer: &str, extra: &str) -> String {
     format!(
@@ -329,13 +329,7 @@ fn a_connection_killed_mid_copy_is_one_line_and_the_next_run_completes() {
         *b = (x >> 24) as u8;
     }
     std::fs::write(central.join("archive.bin"), &big).unwrap();
-    let child = Command::new(BIN)
-        .arg("--root")
-        .arg(&r.root)
-        .args(["files", "sync"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = common::spawn(&r.root, &["files", "sync"]);
     // Wait for the copy to be under way on the remote side, then cut the connection.
     let started = std::time::Instant::now();
     loop {
@@ -349,7 +343,7 @@ fn a_connection_killed_mid_copy_is_one_line_and_the_next_run_completes() {
         assert!(started.elapsed().as_secs() < 30, "the copy never started");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    run(Command::new("pkill").args(["-f", &format!("ssh .*-p {} ", sshd.port)]));
+    sshd.cut_connections();
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     let err = stderr_of(&out);
@@ -719,15 +713,9 @@ fn the_ssh_process_killed_mid_snapshot_or_mid_apply_is_one_line_and_the_next_run
             &config,
             &format!("{point}:sleep=4000"),
         ));
-        let child = Command::new(BIN)
-            .arg("--root")
-            .arg(&r.root)
-            .args(["db", "sync"])
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = common::spawn(&r.root, &["db", "sync"]);
         std::thread::sleep(std::time::Duration::from_millis(2500));
-        run(Command::new("pkill").args(["-f", &format!("ssh .*-p {} ", sshd.port)]));
+        sshd.cut_connections();
         let out = child.wait_with_output().unwrap();
         let err = stderr_of(&out);
         assert!(!out.status.success(), "{point}: {err}");
@@ -773,19 +761,13 @@ fn a_log_stream_whose_connection_is_killed_mid_copy_completes_every_line_once() 
     }
     std::fs::write(src.join("#cr0.log"), &text).unwrap();
     let dest = r.path("logs/irc/rizon/#cr0.log");
-    let child = Command::new(BIN)
-        .arg("--root")
-        .arg(&r.root)
-        .args(["logs", "sync"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = common::spawn(&r.root, &["logs", "sync"]);
     let started = std::time::Instant::now();
     while std::fs::metadata(&dest).map_or(0, |m| m.len()) == 0 {
         assert!(started.elapsed().as_secs() < 30, "the copy never started");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    run(Command::new("pkill").args(["-f", &format!("ssh .*-p {} ", sshd.port)]));
+    sshd.cut_connections();
     let out = child.wait_with_output().unwrap();
     let err = stderr_of(&out);
     if out.status.success() {

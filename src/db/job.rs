@@ -126,9 +126,7 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
             Ok(done)
         });
     }
-    if !run.dry_run {
-        crate::remote::client::record_hosts(&ctx.state, &hosts, run.now)?;
-    }
+    crate::remote::client::record_hosts(&ctx.state, &hosts, run.now, run.dry_run)?;
     Ok(reports)
 }
 

@@ -94,15 +94,7 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
             Ok(done)
         });
     }
-    for (host, error) in hosts.reachability() {
-        match error {
-            None => log::info!("host {host}: reachable"),
-            Some(e) => log::warn!("host {host}: not reachable in this run: {e}"),
-        }
-    }
-    if !run.dry_run {
-        crate::remote::client::record_hosts(&ctx.state, &hosts, run.now)?;
-    }
+    crate::remote::client::record_hosts(&ctx.state, &hosts, run.now, run.dry_run)?;
     Ok(reports)
 }
 

@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use crate::files::list::{Listing, Stat};
 use crate::files::write::{self, Content, Current, Dir, Expect, Outcome, Prepared};
 use crate::fsutil;
-use crate::remote::client::{Conn, RemoteFile};
+use crate::remote::client::{Conn, RemoteFile, call_on as call};
 use crate::remote::proto::{CHUNK, Expected, Request, Response};
 
 /// A side's directory.
@@ -47,12 +47,6 @@ pub enum Source<'a> {
 pub enum Staged {
     Local(Prepared),
     Remote(u64),
-}
-
-fn call(conn: &Mutex<Conn>, req: &Request, body: &[u8]) -> Result<(Response, Vec<u8>)> {
-    conn.lock()
-        .map_err(|_| anyhow!("a connection is unusable after an earlier failure"))?
-        .call(req, body)
 }
 
 fn unexpected(r: &Response) -> anyhow::Error {
@@ -261,14 +255,12 @@ impl<'a> Tree<'a> {
                 sha256,
             } => {
                 let path = d.path(src_rel);
-                let mut f = match std::fs::File::open(&path) {
-                    Ok(f) => f,
-                    // The source is gone since the decision (as if it had changed): nothing
-                    // is placed; the server drops the temporary file with the connection.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                    Err(e) => {
-                        return Err(e).with_context(|| format!("cannot read {}", path.display()));
-                    }
+                // Gone: nothing is placed; the server drops the temporary file with the
+                // connection.
+                let Some(mut f) = write::open_source(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+                else {
+                    return Ok(None);
                 };
                 let mut buf = vec![0u8; CHUNK];
                 loop {

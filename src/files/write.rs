@@ -356,12 +356,8 @@ impl Dir<'_> {
         let bytes: Vec<u8> = match content {
             Content::Bytes(b) => b.to_vec(),
             Content::File { path, sha256 } => {
-                let mut src = match File::open(path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Ok(Outcome::SourceChanged);
-                    }
-                    Err(e) => return Err(e.into()),
+                let Some(mut src) = open_source(path)? else {
+                    return Ok(Outcome::SourceChanged);
                 };
                 let size = src.metadata()?.len();
                 let (sha, bytes) = hash_reader(&mut src, size, true)?;
@@ -458,11 +454,8 @@ fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
     match content {
         Content::Bytes(b) => out.write_all(b)?,
         Content::File { path, sha256 } => {
-            let mut src = match File::open(path) {
-                Ok(f) => f,
-                // Gone since the decision: as a source that changed, nothing is written.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-                Err(e) => return Err(e.into()),
+            let Some(mut src) = open_source(path)? else {
+                return Ok(false);
             };
             let size = src.metadata()?.len();
             let same = if size > KERNEL_COPY_MIN {
@@ -497,6 +490,16 @@ fn fill(tmp: &Path, content: Content, mode: u32, sync: bool) -> Result<bool> {
 /// Copies `src` into `out` through a buffer; whether what was copied hashes to `sha256`.
 fn copy_hashed(src: &mut dyn Read, size: u64, out: &mut File, sha256: &str) -> Result<bool> {
     Ok(pump(src, size, |chunk| out.write_all(chunk))? == sha256)
+}
+
+/// Opens the source of a copy. `None`: it is gone since the decision, which a write
+/// takes as a source that changed (nothing is written; the next run decides again).
+pub fn open_source(path: &Path) -> std::io::Result<Option<File>> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Files larger than this are copied by the kernel ([`copy_file_hashed`]).

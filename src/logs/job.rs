@@ -262,15 +262,7 @@ pub fn sync_streams(run: &mut JobRun, fast: bool) {
             Ok(TaskDone::new(detail))
         });
     }
-    for (host, error) in hosts.reachability() {
-        match error {
-            None => log::info!("host {host}: reachable"),
-            Some(e) => log::warn!("host {host}: not reachable in this run: {e}"),
-        }
-    }
-    if !run.dry_run
-        && let Err(e) = crate::remote::client::record_hosts(&ctx.state, &hosts, run.now)
-    {
+    if let Err(e) = crate::remote::client::record_hosts(&ctx.state, &hosts, run.now, run.dry_run) {
         log::warn!("cannot record which hosts were reachable: {e:#}");
     }
 }

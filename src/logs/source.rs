@@ -18,7 +18,7 @@ use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::remote::client::{Conn, RemoteFile};
+use crate::remote::client::{Conn, RemoteFile, call_on};
 pub use crate::remote::proto::Meta;
 use crate::remote::proto::{Request, Response};
 
@@ -79,11 +79,7 @@ impl<'a> Remote<'a> {
     }
 
     fn call(&self, req: &Request) -> io::Result<Response> {
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| io::Error::other("a connection is unusable after an earlier failure"))?;
-        conn.call(req, &[])
+        call_on(self.conn, req, &[])
             .map(|(r, _)| r)
             .map_err(|e| io::Error::other(format!("{e:#}")))
     }

@@ -343,14 +343,22 @@ pub struct HostState {
     pub error: Option<String>,
 }
 
-/// Records the hosts this run used (others keep their entries).
+/// Says in the log whether each host this run used was reachable, and records it for
+/// `status` (others keep their entries; a dry run records nothing).
 pub fn record_hosts(
     state: &crate::ops::state::StateStore,
     hosts: &Hosts,
     now: chrono::DateTime<chrono::Utc>,
+    dry_run: bool,
 ) -> Result<()> {
     let used = hosts.reachability();
-    if used.is_empty() {
+    for (host, error) in &used {
+        match error {
+            None => log::info!("host {host}: reachable"),
+            Some(e) => log::warn!("host {host}: not reachable in this run: {e}"),
+        }
+    }
+    if used.is_empty() || dry_run {
         return Ok(());
     }
     let name = crate::ops::state::names::REMOTE_HOSTS;
@@ -380,6 +388,13 @@ pub fn load_hosts(
 
 /// A connection shared by every pair on its host.
 pub type Shared = Arc<Mutex<Conn>>;
+
+/// One request and its answer over a shared connection.
+pub fn call_on(conn: &Mutex<Conn>, req: &Request, body: &[u8]) -> Result<(Response, Vec<u8>)> {
+    conn.lock()
+        .map_err(|_| anyhow!("a connection is unusable after an earlier failure"))?
+        .call(req, body)
+}
 
 /// The connections of one job run, opened on first use, one per host. A host that
 /// failed keeps its error line for the rest of the run.
@@ -504,13 +519,7 @@ impl Read for RemoteFile<'_> {
                 len,
                 ino: self.ino,
             };
-            let (_, body) = self
-                .conn
-                .lock()
-                .map_err(|_| {
-                    std::io::Error::other("a connection is unusable after an earlier failure")
-                })?
-                .call(&req, &[])
+            let (_, body) = call_on(self.conn, &req, &[])
                 .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
             self.buf = body;
             self.buf_at = self.pos;

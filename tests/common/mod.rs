@@ -258,3 +258,14 @@ pub fn killed_at(root: &Path, args: &[&str], point: &str) {
         stderr_of(&out)
     );
 }
+
+/// Starts cr0sync on `root` with `args` in the background, its stderr kept for the test.
+pub fn spawn(root: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(BIN)
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn cr0sync")
+}

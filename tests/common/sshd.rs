@@ -120,6 +120,12 @@ impl Sshd {
         p
     }
 
+    /// Kills every ssh client connected to this sshd (a connection cut from the client's
+    /// side).
+    pub fn cut_connections(&self) {
+        run(Command::new("pkill").args(["-f", &format!("ssh .*-p {} ", self.port)]));
+    }
+
     pub fn url(&self, path: &Path) -> String {
         format!(
             "ssh://{}@127.0.0.1:{}{}",
