@@ -127,7 +127,19 @@ pub fn parallel_map_n<T: Sync, R: Send>(
 #[derive(Debug)]
 pub struct Phases {
     last: std::time::Instant,
-    done: Vec<(&'static str, u128)>,
+    done: Vec<(&'static str, u128, u64)>,
+}
+
+/// The process's peak resident set so far, in MiB (Linux `VmHWM`; 0 where unknown).
+pub fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
 }
 
 impl Phases {
@@ -141,7 +153,8 @@ impl Phases {
     /// Ends the phase `name` now.
     pub fn mark(&mut self, name: &'static str) {
         let now = std::time::Instant::now();
-        self.done.push((name, (now - self.last).as_millis()));
+        self.done
+            .push((name, (now - self.last).as_millis(), peak_rss_mib()));
         self.last = now;
     }
 
@@ -149,9 +162,18 @@ impl Phases {
         let parts: Vec<String> = self
             .done
             .iter()
-            .map(|(n, ms)| format!("{n} {ms} ms"))
+            .map(|(n, ms, _)| format!("{n} {ms} ms"))
             .collect();
-        parts.join(", ")
+        let peaks: Vec<String> = self
+            .done
+            .iter()
+            .map(|(_, _, mib)| mib.to_string())
+            .collect();
+        format!(
+            "{} (peak RSS after each, MiB: {})",
+            parts.join(", "),
+            peaks.join("/")
+        )
     }
 }
 

@@ -8,6 +8,8 @@
 //!   changed, and the read lock is held only for the copy, not for the diff. The one
 //!   exception is SQLite's own recovery: a hot journal left by a writer that died must be
 //!   rolled back by a read-write connection before anyone can read (no create, no write).
+//! - A copy is scratch and written without fsync (a crash loses only scratch); whoever
+//!   keeps one as a file syncs it before renaming it into place.
 //! - A busy source is retried until `busy_timeout`, then reported naming the file.
 //! - A missing file is an error naming it; it is never created (read-only open).
 //! - SQLite's own tables (`sqlite_%`) are never listed.
@@ -46,13 +48,18 @@ impl Schema {
 }
 
 /// Copies the database at `path` into a new file at `dest` (replaced if present) in one
-/// step. `dest` is scratch space the caller removes; it is never a live database.
+/// step. `dest` is scratch space the caller removes; it is never a live database. It is
+/// written without fsync: a caller that keeps it syncs it (`fsutil::atomic_replace_with`).
 pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<()> {
     match std::fs::remove_file(dest) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("cannot remove {}", dest.display()));
         }
         _ => {}
+    }
+    let copied = copy_file_locked(path, dest, busy_timeout).unwrap_or(false);
+    if !copied {
+        let _ = std::fs::remove_file(dest);
     }
     let mut out = Connection::open(dest)
         .with_context(|| format!("cannot create snapshot {}", dest.display()))?;
@@ -61,7 +68,10 @@ pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<(
     let _: String = out
         .query_row("PRAGMA locking_mode = EXCLUSIVE", [], |r| r.get(0))
         .with_context(|| format!("cannot create snapshot {}", dest.display()))?;
-    copy_into(path, &mut out, busy_timeout)?;
+    out.pragma_update(None, "synchronous", "OFF")?;
+    if !copied {
+        copy_into(path, &mut out, busy_timeout)?;
+    }
     // The copy is read here for the first time: a malformed schema or page is the source's.
     let mode = out.query_row("PRAGMA journal_mode = DELETE", [], |r| {
         r.get::<_, String>(0)
@@ -85,6 +95,48 @@ pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<(
     Ok(())
 }
 
+/// The fast route of `snapshot_to` for a database in rollback-journal mode: its file
+/// copied by the kernel (`copy_file_range`) while a read transaction holds SQLite's shared
+/// lock, under which no writer can change the file. Returns `false` (nothing copied; the
+/// caller uses the backup API, which also names any error) for a database in WAL mode,
+/// whose commits may still be in the `-wal`, or one whose header disagrees with its size.
+fn copy_file_locked(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<bool> {
+    use std::os::unix::fs::FileExt as _;
+    if crate::fsutil::special_kind(path).is_some() {
+        return Ok(false);
+    }
+    // Opened before the lock is taken and closed after it is released: closing any
+    // descriptor of a file drops the process's POSIX locks on it, SQLite's included.
+    let mut file = std::fs::File::open(path)?;
+    let src = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    src.busy_timeout(busy_timeout)?;
+    src.execute_batch("BEGIN")?;
+    src.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
+    let mut header = [0u8; 100];
+    file.read_exact_at(&mut header, 0)?;
+    let page_size = crate::db::pages::page_size(&header)?;
+    let pages = u32::from_be_bytes([header[28], header[29], header[30], header[31]]);
+    // Bytes 18 and 19: 1 is rollback-journal mode, 2 is WAL. The page count is valid when
+    // the change counter (bytes 24..28) matches bytes 92..96.
+    let legacy = header[18] == 1 && header[19] == 1;
+    let size_valid = header[24..28] == header[92..96];
+    let len = file.metadata()?.len();
+    if !legacy || !size_valid || u64::from(pages) * u64::from(page_size) != len {
+        return Ok(false);
+    }
+    let mut out = std::fs::File::create_new(dest)?;
+    let copied = std::io::copy(&mut file, &mut out)?;
+    src.execute_batch("COMMIT")?;
+    drop(src);
+    drop(file);
+    Ok(copied == len)
+}
+
 /// Copies attached database `schema` of `conn` into a new file at `dest`, through the
 /// connection itself: it works while `conn` holds that database locked.
 pub fn copy_schema_to(conn: &Connection, schema: &str, dest: &Path) -> Result<()> {
@@ -96,6 +148,8 @@ pub fn copy_schema_to(conn: &Connection, schema: &str, dest: &Path) -> Result<()
     }
     let mut out =
         Connection::open(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    // Scratch for a backup, which is compressed into a synced file of its own.
+    out.pragma_update(None, "synchronous", "OFF")?;
     let backup = Backup::new_with_names(conn, schema, &mut out, "main")?;
     // The source is locked by `conn` itself, so one step copies everything.
     match backup.step(-1)? {
@@ -500,6 +554,48 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_rollback_journal_database_is_copied_as_a_file_and_a_wal_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let busy = Duration::from_secs(1);
+        let legacy = dir.path().join("legacy.db");
+        drop(make_db(&legacy, "delete"));
+        let copy = dir.path().join("legacy.copy.db");
+        assert!(copy_file_locked(&legacy, &copy, busy).unwrap());
+        assert_eq!(
+            std::fs::read(&legacy).unwrap(),
+            std::fs::read(&copy).unwrap()
+        );
+        // While a writer holds the file locked for its commit, the copy waits, then gives up
+        // (the backup route names the busy file).
+        let writer = Connection::open(&legacy).unwrap();
+        writer.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let again = dir.path().join("legacy.again.db");
+        assert!(copy_file_locked(&legacy, &again, Duration::from_millis(50)).is_err());
+        assert!(!again.exists());
+        writer.execute_batch("ROLLBACK").unwrap();
+
+        let wal = dir.path().join("wal.db");
+        let writer = make_db(&wal, "wal");
+        writer.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        writer
+            .execute("INSERT INTO users VALUES (3, 'carol', NULL)", [])
+            .unwrap();
+        let copy = dir.path().join("wal.copy.db");
+        assert!(!copy_file_locked(&wal, &copy, busy).unwrap());
+        assert!(!copy.exists());
+        // Through `snapshot_to` both hold every committed row.
+        for (src, dest) in [(&legacy, "a.db"), (&wal, "b.db")] {
+            let dest = dir.path().join(dest);
+            snapshot_to(src, &dest, busy).unwrap();
+            let n: i64 = Connection::open(&dest)
+                .unwrap()
+                .query_row("SELECT count(*) FROM users", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, if src == &wal { 3 } else { 2 });
+        }
     }
 
     #[test]
