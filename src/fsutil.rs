@@ -351,6 +351,63 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32, perms: &Perms) -> io::Re
     }
 }
 
+/// A read-only descriptor of `path` that stays open until the process exits, for reading
+/// an SQLite file's bytes beside SQLite itself (by offset: the descriptor may be shared).
+/// Closing any descriptor of a file drops every POSIX lock the process holds on it,
+/// SQLite's included, so such a descriptor is never closed; one is kept per file.
+pub fn pinned(path: &Path) -> io::Result<std::sync::Arc<File>> {
+    use std::os::unix::fs::MetadataExt as _;
+    use std::sync::{Arc, Mutex};
+    static OPEN: Mutex<Vec<(u64, u64, Arc<File>)>> = Mutex::new(Vec::new());
+    let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    let meta = fs::metadata(path)?;
+    if let Some((_, _, f)) = open
+        .iter()
+        .find(|(dev, ino, _)| *dev == meta.dev() && *ino == meta.ino())
+    {
+        return Ok(f.clone());
+    }
+    let f = Arc::new(File::open(path)?);
+    let meta = f.metadata()?;
+    open.push((meta.dev(), meta.ino(), f.clone()));
+    Ok(f)
+}
+
+/// Copies the first `len` bytes of `src` (from its start, whatever its offset; a
+/// [`pinned`] descriptor is shared) to the end of `out` through the kernel
+/// (`copy_file_range`).
+pub fn copy_prefix(src: &File, out: &File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let mut at: libc::loff_t = 0;
+    while at.cast_unsigned() < len {
+        let want = usize::try_from(len - at.cast_unsigned())
+            .unwrap_or(usize::MAX)
+            .min(1 << 30);
+        // SAFETY: both descriptors are open for the call; `at` outlives it.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut at,
+                out.as_raw_fd(),
+                std::ptr::null_mut(),
+                want,
+                0,
+            )
+        };
+        match n {
+            n if n > 0 => {}
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Creates a directory (and missing parents) with the configured mode. Returns whether
 /// `path` itself was created; an existing directory is left exactly as it is.
 pub fn ensure_dir(path: &Path, perms: &Perms) -> io::Result<bool> {

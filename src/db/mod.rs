@@ -9,6 +9,7 @@
 //! - `apply`: optimistic writes, in any order a valid change set needs; `base`: the merge
 //!   base; `migrate`: columns added by a migration on one side; `rekey`: rows inserted on
 //!   both sides under one INTEGER PRIMARY KEY, both kept.
+//! - `btree`: rows read straight from a file's pages, for the diff.
 //! - `snapshot`, `backup`, `value`. (Conflict records are shared with the file-tree job:
 //!   `crate::conflicts`.)
 //! - `job`: pair selection, recovery commands (`sync-from-bot`, `restore`, `resolve`),
@@ -17,6 +18,7 @@
 pub mod apply;
 pub mod backup;
 pub mod base;
+pub mod btree;
 pub mod job;
 pub mod journal;
 pub mod merge;

@@ -105,9 +105,8 @@ fn copy_file_locked(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<
     if crate::fsutil::special_kind(path).is_some() {
         return Ok(false);
     }
-    // Opened before the lock is taken and closed after it is released: closing any
-    // descriptor of a file drops the process's POSIX locks on it, SQLite's included.
-    let mut file = std::fs::File::open(path)?;
+    // Never closed: closing a descriptor would drop SQLite's lock (see `fsutil::pinned`).
+    let file = crate::fsutil::pinned(path)?;
     let src = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -129,12 +128,10 @@ fn copy_file_locked(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<
     if !legacy || !size_valid || u64::from(pages) * u64::from(page_size) != len {
         return Ok(false);
     }
-    let mut out = std::fs::File::create_new(dest)?;
-    let copied = std::io::copy(&mut file, &mut out)?;
+    let out = std::fs::File::create_new(dest)?;
+    crate::fsutil::copy_prefix(&file, &out, len)?;
     src.execute_batch("COMMIT")?;
-    drop(src);
-    drop(file);
-    Ok(copied == len)
+    Ok(true)
 }
 
 /// Copies attached database `schema` of `conn` into a new file at `dest`, through the

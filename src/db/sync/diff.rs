@@ -3,6 +3,7 @@
 //! connections. Only those rows are merged in Rust.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::Result;
 use rusqlite::Connection;
@@ -18,6 +19,122 @@ pub(super) type Sides = [Option<Row>; 3];
 /// central and peer rows, found in SQL: the comparison `sqldiff` makes (columns compared
 /// with `IS`), one pass over each side, the base consulted only for rows that differ.
 pub(super) fn differing_rows(
+    conn: &Connection,
+    reader: Option<&std::sync::Mutex<Connection>>,
+    schema: &Schema,
+    spec: &TableSpec,
+    with_base: bool,
+) -> Result<BTreeMap<Key, Sides>> {
+    match differing_rows_from_pages(conn, schema, spec, with_base) {
+        Ok(Some(rows)) => return Ok(rows),
+        Ok(None) => {}
+        Err(e) => log::debug!(
+            "table {}: compared in SQL ({e:#} when read from its pages)",
+            schema.name
+        ),
+    }
+    differing_rows_in_sql(conn, reader, schema, spec, with_base)
+}
+
+/// The fast route for a table keyed by its rowid (`INTEGER PRIMARY KEY`): the three files'
+/// pages are read in rowid order side by side (`db::btree`) and rows are compared as
+/// stored, byte for byte, under one read transaction that holds SQLite's shared lock on
+/// each file; only the rows that differ are decoded. Rows stored alike hold the same
+/// values; rows stored differently but equal in value merge to no change. `None`: the
+/// table does not qualify (another key, generated columns, an index for its key, a base
+/// only in memory); an error: the caller compares in SQL.
+fn differing_rows_from_pages(
+    conn: &Connection,
+    schema: &Schema,
+    spec: &TableSpec,
+    with_base: bool,
+) -> Result<Option<BTreeMap<Key, Sides>>> {
+    use crate::db::btree::{DbFile, Layout, Rows};
+    let [key] = spec.pk[..] else {
+        return Ok(None);
+    };
+    if !schema.columns[key].1.eq_ignore_ascii_case("INTEGER") || !conn.is_autocommit() {
+        return Ok(None);
+    }
+    let dbs: &[&str] = if with_base {
+        &["b", "main", "p"]
+    } else {
+        &["main", "p"]
+    };
+    conn.execute_batch("BEGIN")?;
+    let scanned = (|| -> Result<Option<BTreeMap<Key, Sides>>> {
+        let mut files = Vec::new();
+        let mut roots = Vec::new();
+        for db in dbs {
+            // Inside the transaction: these reads take the shared lock on each file.
+            let root: u32 = conn.query_row(
+                &format!(
+                    "SELECT rootpage FROM {db}.sqlite_schema WHERE type = 'table' AND name = ?1"
+                ),
+                [&schema.name],
+                |r| r.get(0),
+            )?;
+            // A key that is not the rowid has an index of its own; generated columns are
+            // stored where the merge does not read them.
+            let other: i64 = conn.query_row(
+                "SELECT (SELECT count(*) FROM pragma_index_list(?1, ?2) WHERE origin = 'pk') +                  (SELECT count(*) FROM pragma_table_xinfo(?1, ?2) WHERE hidden != 0)",
+                [&schema.name, *db],
+                |r| r.get(0),
+            )?;
+            let file: String = conn.query_row(
+                "SELECT file FROM pragma_database_list WHERE name = ?1",
+                [db],
+                |r| r.get(0),
+            )?;
+            if root == 0 || other != 0 || file.is_empty() {
+                return Ok(None);
+            }
+            files.push(DbFile::open(Path::new(&file))?);
+            roots.push(root);
+        }
+        let declared: Vec<&str> = schema.columns.iter().map(|(_, t)| t.as_str()).collect();
+        let layout = Layout::new(&declared, key);
+        let mut rows = files
+            .iter()
+            .zip(&roots)
+            .map(|(f, &root)| Rows::new(f, root))
+            .collect::<Result<Vec<_>>>()?;
+        let n = rows.len();
+        let mut records = vec![Vec::new(); n];
+        let mut at = vec![None; n];
+        for i in 0..n {
+            at[i] = rows[i].next(&mut records[i])?;
+        }
+        let mut out = BTreeMap::new();
+        while let Some(rowid) = at.iter().flatten().min().copied() {
+            let here: Vec<bool> = at.iter().map(|a| *a == Some(rowid)).collect();
+            let alike = here.iter().all(|h| *h) && records.iter().all(|r| *r == records[0]);
+            if !alike {
+                let mut sides: Sides = [None, None, None];
+                // `dbs` is base, central, peer, or (without a base) central, peer.
+                for i in 0..n {
+                    if here[i] {
+                        sides[i + 3 - n] = Some(layout.decode(rowid, &records[i])?);
+                    }
+                }
+                if let Some(row) = sides.iter().flatten().next() {
+                    out.insert(spec.key_of(row), sides);
+                }
+            }
+            for i in 0..n {
+                if here[i] {
+                    at[i] = rows[i].next(&mut records[i])?;
+                }
+            }
+        }
+        Ok(Some(out))
+    })();
+    conn.execute_batch("COMMIT")?;
+    scanned
+}
+
+/// [`differing_rows`] in SQL, for any table with a key.
+fn differing_rows_in_sql(
     conn: &Connection,
     reader: Option<&std::sync::Mutex<Connection>>,
     schema: &Schema,
@@ -202,4 +319,112 @@ pub(super) fn differing_rows(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::snapshot::schemas;
+    use proptest::prelude::*;
+
+    /// A row of the test table: `(id, a, n, r)`; `None` cells are NULL.
+    type TestRow = (i64, Option<String>, Option<i64>, Option<f64>);
+
+    fn write(path: &Path, rows: &[TestRow], page_size: u32) {
+        let conn = Connection::open(path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA page_size = {page_size}; CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, \
+             n INTEGER, r REAL, pad BLOB)"
+        ))
+        .unwrap();
+        for (id, a, n, r) in rows {
+            conn.execute(
+                "INSERT INTO t VALUES (?1, ?2, ?3, ?4, zeroblob(?1 % 3 * 400))",
+                rusqlite::params![id, a, n, r],
+            )
+            .unwrap();
+        }
+    }
+
+    fn row() -> impl Strategy<Value = (Option<String>, Option<i64>, Option<f64>)> {
+        (
+            proptest::option::of("[a-c]{0,3}"),
+            proptest::option::of(-2i64..3),
+            proptest::option::of(prop_oneof![Just(1.0), Just(2.5), Just(-0.0)]),
+        )
+    }
+
+    /// A side: the base with some rows changed, deleted or added.
+    fn side(base: Vec<TestRow>) -> impl Strategy<Value = Vec<TestRow>> {
+        let n = base.len();
+        (
+            proptest::collection::vec((0u8..6, row()), n),
+            proptest::collection::vec((0i64..120, row()), 0..8),
+        )
+            .prop_map(move |(edits, added)| {
+                let mut out: BTreeMap<i64, TestRow> = BTreeMap::new();
+                for (r, (op, new)) in base.iter().zip(edits) {
+                    match op {
+                        0 => {}
+                        1 => {
+                            out.insert(r.0, (r.0, new.0, new.1, new.2));
+                        }
+                        _ => {
+                            out.insert(r.0, r.clone());
+                        }
+                    }
+                }
+                for (id, new) in added {
+                    out.entry(id).or_insert((id, new.0, new.1, new.2));
+                }
+                out.into_values().collect()
+            })
+    }
+
+    fn three() -> impl Strategy<Value = [Vec<TestRow>; 3]> {
+        proptest::collection::btree_map(0i64..100, row(), 0..80)
+            .prop_map(|m| {
+                m.into_iter()
+                    .map(|(id, r)| (id, r.0, r.1, r.2))
+                    .collect::<Vec<_>>()
+            })
+            .prop_flat_map(|base| {
+                (Just(base.clone()), side(base.clone()), side(base)).prop_map(|(b, c, p)| [b, c, p])
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The law of the fast route: it finds every row the SQL comparison finds, with the
+        /// same three sides, and any other row it finds is one both sides hold alike (so it
+        /// merges to no change for either side).
+        #[test]
+        fn reading_pages_finds_what_sql_finds(sides in three(), counters in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let paths: Vec<_> = ["b.db", "c.db", "p.db"].iter().map(|n| dir.path().join(n)).collect();
+            for (path, rows) in paths.iter().zip(&sides) {
+                write(path, rows, 512);
+            }
+            let conn = Connection::open(&paths[1]).unwrap();
+            conn.execute("ATTACH ?1 AS p", [paths[2].to_str().unwrap()]).unwrap();
+            conn.execute("ATTACH ?1 AS b", [paths[0].to_str().unwrap()]).unwrap();
+            let schema = schemas(&conn, "main").unwrap().remove(0);
+            let counters: &[String] = if counters { &["n".to_string()] } else { &[] };
+            let spec = schema.spec(counters, "");
+            for with_base in [true, false] {
+                let sql = differing_rows_in_sql(&conn, None, &schema, &spec, with_base).unwrap();
+                let pages = differing_rows_from_pages(&conn, &schema, &spec, with_base)
+                    .unwrap()
+                    .expect("the table qualifies");
+                for (key, s) in &sql {
+                    prop_assert_eq!(pages.get(key), Some(s));
+                }
+                for (key, [_, c, p]) in &pages {
+                    if !sql.contains_key(key) {
+                        prop_assert!(c.is_some() && c == p, "{key:?}");
+                    }
+                }
+            }
+        }
+    }
 }
