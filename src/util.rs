@@ -127,7 +127,9 @@ pub fn parallel_map_n<T: Sync, R: Send>(
 #[derive(Debug)]
 pub struct Phases {
     last: std::time::Instant,
-    done: Vec<(&'static str, u128, u64)>,
+    /// Each phase as shown, with the peak RSS (MiB) at its end.
+    done: Vec<(String, u64)>,
+    notes: Vec<String>,
 }
 
 /// The process's peak resident set so far, in MiB (Linux `VmHWM`; 0 where unknown).
@@ -147,28 +149,32 @@ impl Phases {
         Phases {
             last: std::time::Instant::now(),
             done: Vec::new(),
+            notes: Vec::new(),
         }
+    }
+
+    /// A detail of the phase under way (shown with it, in parentheses).
+    pub fn note(&mut self, text: String) {
+        self.notes.push(text);
     }
 
     /// Ends the phase `name` now.
     pub fn mark(&mut self, name: &'static str) {
         let now = std::time::Instant::now();
-        self.done
-            .push((name, (now - self.last).as_millis(), peak_rss_mib()));
+        let ms = (now - self.last).as_millis();
+        let shown = if self.notes.is_empty() {
+            format!("{name} {ms} ms")
+        } else {
+            format!("{name} {ms} ms ({})", self.notes.join("; "))
+        };
+        self.notes.clear();
+        self.done.push((shown, peak_rss_mib()));
         self.last = now;
     }
 
     pub fn text(&self) -> String {
-        let parts: Vec<String> = self
-            .done
-            .iter()
-            .map(|(n, ms, _)| format!("{n} {ms} ms"))
-            .collect();
-        let peaks: Vec<String> = self
-            .done
-            .iter()
-            .map(|(_, _, mib)| mib.to_string())
-            .collect();
+        let parts: Vec<String> = self.done.iter().map(|(shown, _)| shown.clone()).collect();
+        let peaks: Vec<String> = self.done.iter().map(|(_, mib)| mib.to_string()).collect();
         format!(
             "{} (peak RSS after each, MiB: {})",
             parts.join(", "),

@@ -123,8 +123,9 @@ pub struct Rows<'a> {
 }
 
 impl<'a> Rows<'a> {
-    /// The table whose root page is `root`.
-    pub fn new(file: &'a DbFile, root: u32) -> Result<Self> {
+    /// The table whose root page is `root`, from its first row with a rowid of at least
+    /// `start`.
+    pub fn from(file: &'a DbFile, root: u32, start: i64) -> Result<Self> {
         let mut rows = Rows {
             file,
             stack: Vec::new(),
@@ -135,12 +136,13 @@ impl<'a> Rows<'a> {
             visited: 0,
             spare: Vec::new(),
         };
-        rows.descend(root)?;
+        rows.descend(root, start)?;
         Ok(rows)
     }
 
-    /// Reads page `page` and goes down its left-most path to a leaf.
-    fn descend(&mut self, mut page: u32) -> Result<()> {
+    /// Reads page `page` and goes down to the leaf that holds `start` (or would), at its
+    /// first row of at least `start`.
+    fn descend(&mut self, mut page: u32, start: i64) -> Result<()> {
         loop {
             self.visited += 1;
             ensure!(
@@ -157,6 +159,16 @@ impl<'a> Rows<'a> {
                     self.leaf_header = header;
                     self.leaf_cells = cells;
                     self.leaf_next = 0;
+                    if start != i64::MIN {
+                        while self.leaf_next < cells {
+                            let at = u16_at(&self.leaf, header + 8 + 2 * self.leaf_next)?;
+                            let (_, n) = varint(&self.leaf, at)?;
+                            if varint(&self.leaf, at + n)?.0 as i64 >= start {
+                                break;
+                            }
+                            self.leaf_next += 1;
+                        }
+                    }
                     return Ok(());
                 }
                 5 => {
@@ -166,6 +178,16 @@ impl<'a> Rows<'a> {
                         cells,
                         next: 0,
                     };
+                    // An interior cell's key is the largest rowid of its left child.
+                    if start != i64::MIN {
+                        while frame.next < cells {
+                            let at = u16_at(&frame.page, header + 12 + 2 * frame.next)?;
+                            if varint(&frame.page, at + 4)?.0 as i64 >= start {
+                                break;
+                            }
+                            frame.next += 1;
+                        }
+                    }
                     page = Self::child(&mut frame)?;
                     self.stack.push(frame);
                 }
@@ -196,7 +218,7 @@ impl<'a> Rows<'a> {
                 };
                 if top.next <= top.cells {
                     let child = Self::child(top)?;
-                    self.descend(child)?;
+                    self.descend(child, i64::MIN)?;
                     break;
                 }
                 if let Some(frame) = self.stack.pop() {
@@ -247,6 +269,28 @@ impl<'a> Rows<'a> {
         }
         Ok(())
     }
+}
+
+/// Rowids that cut the table whose root page is `root` into about `parts` ranges of
+/// pages (the keys of its top interior pages); fewer for a small table.
+pub fn split_points(file: &DbFile, root: u32, parts: usize) -> Result<Vec<i64>> {
+    let mut page = Vec::new();
+    file.read(root, &mut page)?;
+    let header = if root == 1 { 100 } else { 0 };
+    if page[header] != 5 {
+        return Ok(Vec::new());
+    }
+    let cells = u16_at(&page, header + 3)?;
+    let mut out = Vec::new();
+    for part in 1..parts {
+        let i = cells * part / parts;
+        if i < cells {
+            let at = u16_at(&page, header + 12 + 2 * i)?;
+            out.push(varint(&page, at + 4)?.0 as i64);
+        }
+    }
+    out.dedup();
+    Ok(out)
 }
 
 /// How a table's records decode: its column count, the column that is the rowid, and the
@@ -401,7 +445,7 @@ mod tests {
         let expected = sql_rows(&conn, "t", 5);
         let file = DbFile::open(&path).unwrap();
         let layout = Layout::new(&["INTEGER", "TEXT", "REAL", "INT", "BLOB"], 0);
-        let mut rows = Rows::new(&file, root).unwrap();
+        let mut rows = Rows::from(&file, root, i64::MIN).unwrap();
         let mut record = Vec::new();
         let mut got = Vec::new();
         while let Some(rowid) = rows.next(&mut record).unwrap() {
@@ -409,6 +453,24 @@ mod tests {
         }
         assert_eq!(got.len(), expected.len());
         assert_eq!(got, expected);
+        // From any rowid: the rows from there on.
+        for start in [
+            -2000, -998, -997, 0, 1, 2, 3, 4, 500, 4000, 7997, 7998, 9000,
+        ] {
+            let mut rows = Rows::from(&file, root, start).unwrap();
+            let mut from = Vec::new();
+            while let Some(rowid) = rows.next(&mut record).unwrap() {
+                from.push(rowid);
+            }
+            let want: Vec<i64> = expected
+                .iter()
+                .map(|(r, _)| *r)
+                .filter(|r| *r >= start)
+                .collect();
+            assert_eq!(from, want, "from {start}");
+        }
+        let cuts = split_points(&file, root, 2).unwrap();
+        assert_eq!(cuts.len(), 1);
     }
 
     #[test]
@@ -434,10 +496,10 @@ mod tests {
             .unwrap()
         };
         let file = DbFile::open(&path).unwrap();
-        assert!(Rows::new(&file, root("w")).is_err());
-        assert!(Rows::new(&file, 9999).is_err());
+        assert!(Rows::from(&file, root("w"), i64::MIN).is_err());
+        assert!(Rows::from(&file, 9999, i64::MIN).is_err());
         let mut record = Vec::new();
-        let mut rows = Rows::new(&file, root("later")).unwrap();
+        let mut rows = Rows::from(&file, root("later"), i64::MIN).unwrap();
         let rowid = rows.next(&mut record).unwrap().unwrap();
         let layout = Layout::new(&["INTEGER", "TEXT", "TEXT"], 0);
         assert!(layout.decode(rowid, &record).is_err());
@@ -452,7 +514,7 @@ mod tests {
         let damaged = dir.path().join("d.db");
         std::fs::write(&damaged, &bytes).unwrap();
         let file = DbFile::open(&damaged).unwrap();
-        assert!(Rows::new(&file, t).is_err());
+        assert!(Rows::from(&file, t, i64::MIN).is_err());
         for garbage in [&[0xffu8; 3][..], &[0x05, 0x0a, 0x0b][..], &[][..]] {
             assert!(Layout::new(&["INTEGER"], 0).decode(1, garbage).is_err());
         }

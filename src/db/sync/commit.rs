@@ -556,19 +556,36 @@ impl Pair<'_> {
             .with_context(|| format!("{label}: nothing was written"))?;
         self.phases.mark("journal");
         fault::point("after-journal")?;
-        let before = base_before(tx, works, side.to_peer)?;
-        let (peer, settled) = std::thread::scope(|s| {
+        let (peer, before, settled) = std::thread::scope(|s| {
             let peer = s.spawn(|| {
-                write_peer_side(
+                let t = std::time::Instant::now();
+                let r = write_peer_side(
                     &self.peer_path,
                     self.remote.as_ref(),
                     self.busy,
                     works,
                     side,
-                )
+                );
+                (r, t.elapsed())
             });
-            let settled = settle_bases(tx, works, self.rules.direction, refused);
-            (peer.join(), settled)
+            // Meanwhile, on this thread: the base rows a key the peer leaves alone goes back
+            // to, then the base settled.
+            let t = std::time::Instant::now();
+            let before = base_before(tx, works, side.to_peer);
+            let settled = match &before {
+                Ok(_) => settle_bases(tx, works, self.rules.direction, refused),
+                Err(_) => Ok(()),
+            };
+            let base_time = t.elapsed();
+            let peer = peer.join().map(|(r, peer_time)| {
+                self.phases.note(format!(
+                    "peer write {} ms beside base {} ms",
+                    peer_time.as_millis(),
+                    base_time.as_millis()
+                ));
+                r
+            });
+            (peer, before, settled)
         });
         let left_alone = peer
             .map_err(|_| anyhow::anyhow!("the peer's writer stopped unexpectedly"))?
@@ -580,6 +597,7 @@ impl Pair<'_> {
                         .map_or_else(|| self.peer_path.display().to_string(), |r| r.label())
                 )
             })?;
+        let before = before.with_context(|| self.base_write())?;
         settled.with_context(|| self.base_write())?;
         fault::point("after-peer-commit")?;
         self.phases.mark("peer writes and base");

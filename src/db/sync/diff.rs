@@ -94,38 +94,72 @@ fn differing_rows_from_pages(
         }
         let declared: Vec<&str> = schema.columns.iter().map(|(_, t)| t.as_str()).collect();
         let layout = Layout::new(&declared, key);
-        let mut rows = files
+        // The key space cut where the central copy's pages are, one range per core.
+        let central = dbs.iter().position(|d| *d == "main").unwrap_or(0);
+        let cuts = crate::db::btree::split_points(&files[central], roots[central], 2)?;
+        let mut bounds = vec![i64::MIN];
+        bounds.extend(cuts);
+        let ranges: Vec<(i64, Option<i64>)> = bounds
             .iter()
-            .zip(&roots)
-            .map(|(f, &root)| Rows::new(f, root))
-            .collect::<Result<Vec<_>>>()?;
-        let n = rows.len();
-        let mut records = vec![Vec::new(); n];
-        let mut at = vec![None; n];
-        for i in 0..n {
-            at[i] = rows[i].next(&mut records[i])?;
-        }
-        let mut out = BTreeMap::new();
-        while let Some(rowid) = at.iter().flatten().min().copied() {
-            let here: Vec<bool> = at.iter().map(|a| *a == Some(rowid)).collect();
-            let alike = here.iter().all(|h| *h) && records.iter().all(|r| *r == records[0]);
-            if !alike {
-                let mut sides: Sides = [None, None, None];
-                // `dbs` is base, central, peer, or (without a base) central, peer.
-                for i in 0..n {
-                    if here[i] {
-                        sides[i + 3 - n] = Some(layout.decode(rowid, &records[i])?);
+            .enumerate()
+            .map(|(i, &from)| (from, bounds.get(i + 1).copied()))
+            .collect();
+        let scan = |(from, to): (i64, Option<i64>)| -> Result<BTreeMap<Key, Sides>> {
+            let mut rows = files
+                .iter()
+                .zip(&roots)
+                .map(|(f, &root)| Rows::from(f, root, from))
+                .collect::<Result<Vec<_>>>()?;
+            let n = rows.len();
+            let mut records = vec![Vec::new(); n];
+            let mut at = vec![None; n];
+            for i in 0..n {
+                at[i] = rows[i].next(&mut records[i])?;
+            }
+            let mut out = BTreeMap::new();
+            while let Some(rowid) = at.iter().flatten().min().copied() {
+                if to.is_some_and(|to| rowid >= to) {
+                    break;
+                }
+                let here: Vec<bool> = at.iter().map(|a| *a == Some(rowid)).collect();
+                let alike = here.iter().all(|h| *h) && records.iter().all(|r| *r == records[0]);
+                if !alike {
+                    let mut sides: Sides = [None, None, None];
+                    // `dbs` is base, central, peer, or (without a base) central, peer.
+                    for i in 0..n {
+                        if here[i] {
+                            sides[i + 3 - n] = Some(layout.decode(rowid, &records[i])?);
+                        }
+                    }
+                    if let Some(row) = sides.iter().flatten().next() {
+                        out.insert(spec.key_of(row), sides);
                     }
                 }
-                if let Some(row) = sides.iter().flatten().next() {
-                    out.insert(spec.key_of(row), sides);
+                for i in 0..n {
+                    if here[i] {
+                        at[i] = rows[i].next(&mut records[i])?;
+                    }
                 }
             }
-            for i in 0..n {
-                if here[i] {
-                    at[i] = rows[i].next(&mut records[i])?;
-                }
+            Ok(out)
+        };
+        let parts: Vec<Result<BTreeMap<Key, Sides>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranges[1..]
+                .iter()
+                .map(|&range| s.spawn(move || scan(range)))
+                .collect();
+            let mut parts = vec![scan(ranges[0])];
+            for h in handles {
+                parts.push(
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a diff thread stopped"))),
+                );
             }
+            parts
+        });
+        let mut out = BTreeMap::new();
+        for part in parts {
+            out.extend(part?);
         }
         Ok(Some(out))
     })();

@@ -53,6 +53,8 @@ pub(super) struct Work {
     /// written to the peer before `to_peer` (which is relative to the moved snapshot), all
     /// of them or none.
     pub(super) peer_edits: Vec<Change>,
+    /// How long finding the differing rows took (the rest of planning is the merge).
+    pub(super) diff_time: std::time::Duration,
 }
 
 impl Work {
@@ -223,8 +225,10 @@ pub(super) fn plan_keyed(
     rules: Rules,
 ) -> Result<Work> {
     let fresh = matches!(base, BaseState::Fresh);
+    let started = std::time::Instant::now();
     let mut keys = differing_rows(conn, reader, &schema, &spec, fresh)
         .with_context(|| format!("cannot compare table {}", schema.name))?;
+    let diff_time = started.elapsed();
     let mut w = Work {
         schema,
         spec,
@@ -237,6 +241,7 @@ pub(super) fn plan_keyed(
         counter_merges: 0,
         new_base: BTreeMap::new(),
         peer_edits: Vec::new(),
+        diff_time,
     };
     // Rows with a NULL in a key column (SQLite allows it outside INTEGER PRIMARY KEY) are
     // no key at all: several may share one. They merge as whole rows, like a table
@@ -358,6 +363,7 @@ pub(super) fn plan_multiset(
         counter_merges: m.counter_merges,
         new_base: BTreeMap::new(),
         peer_edits: Vec::new(),
+        diff_time: std::time::Duration::ZERO,
     })
 }
 
@@ -566,6 +572,8 @@ impl Pair<'_> {
             works.push(work);
         }
         drop(reader);
+        let diff: std::time::Duration = works.iter().map(|w| w.diff_time).sum();
+        self.phases.note(format!("diff {} ms", diff.as_millis()));
         if rules.direction == Direction::Both && db.rekey && !collisions(conn, &works)?.is_empty() {
             // The peer's backup comes from the snapshot, which the moves edit.
             if !self.opts.dry_run {
