@@ -1,18 +1,22 @@
 #!/usr/bin/env python3
 """bench/db: a full three-way `cr0sync db sync` against `sqldiff` on the same files.
 
-1,000,000 rows (bench/db/gen.sql; --rows to change); 1% of the rows changed on each side
-(5,000 updates, 2,500 inserts, 2,500 deletes per side per million rows, disjoint). Each round restores the same starting
+For each table size (--rows, default 1,000,000; bench/db/gen.sql) and share changed
+(--percent, default 1 and 0.1 percent of the rows on each side: half updates, a quarter
+deletes, a quarter inserts, the sides disjoint), each round restores the same starting
 files, then runs `sqldiff --primarykey central peer` and `cr0sync db sync` (alternating
-which goes first) and records wall time and peak RSS of each. Prints medians and ratios.
+which goes first) and records wall time and peak RSS of each. Prints medians, the ratio,
+and the median of each phase of the sync (from its phase line in the log).
 
 Then the fast path: four 50 MB databases, synced, nothing changed: `cr0sync cron
 database` wall time, median of 30.
 
-Usage: python3 bench/db/run.py [--rounds N] [--bin target/release/cr0sync]
+Usage: python3 bench/db/run.py [--rounds N] [--rows N ...] [--percent P ...]
+                               [--no-fast-path] [--bin target/release/cr0sync]
 Needs: sqlite3, sqldiff (Debian: sqlite3, sqlite3-tools). Uses a temporary directory.
 """
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -53,65 +57,110 @@ def config(root, dbs):
     write_config(root, text)
 
 
+PHASE = re.compile(r"([a-z][a-z ]*?) (\d+) ms")
+
+
+def phases_of(line):
+    """{phase: ms} of one sync's phase line; the details in parentheses count too
+    ("diff 98 ms" inside "diff and merge 119 ms (diff 98 ms)")."""
+    body = line.split("INFO", 1)[-1].split(": ", 1)[-1].split(" (peak RSS")[0]
+    return {name.strip(): int(ms) for name, ms in PHASE.findall(body)}
+
+
+def one_case(binary, tmp, rows, changed, rounds):
+    """Median times, peak RSS and the median of each phase for one table size and change
+    count."""
+    case = os.path.join(tmp, f"case-{rows}-{changed}")
+    os.makedirs(case)
+    root = new_root(binary, os.path.join(case, "root"))
+    peer = os.path.join(case, "peer.db")
+    central = os.path.join(root, "databases", "bench.db")
+    print(f"generating {rows:,} rows ...", flush=True)
+    with open(os.path.join(HERE, "gen.sql")) as f:
+        sqlite(peer, f.read().replace("1000000", str(rows)))
+    config(root, [("bench", peer)])
+    # First sync: central created from the peer, base recorded.
+    run([binary, "--root", root, "db", "sync"])
+    # Routine backups of both sides exist now, as in steady state (one per
+    # backup_interval); the first write of each interval also pays for a gzip backup.
+    sqlite(peer, "UPDATE users SET points = points + 1 WHERE id = 1;")
+    sqlite(central, "UPDATE users SET points = points + 1 WHERE id = 2;")
+    run([binary, "--root", root, "db", "sync"])
+    sqlite(peer, side_changes(3, 20_000_000, rows, changed))
+    sqlite(central, side_changes(5, 30_000_000, rows, changed))
+    template = os.path.join(tmp, "template")
+    shutil.rmtree(template, ignore_errors=True)
+    shutil.copytree(case, template, symlinks=True)
+    size = os.path.getsize(peer) / 2**20
+    print(f"database: {size:.0f} MiB, {rows:,} rows, {changed:,} rows changed on each side",
+          flush=True)
+    log = os.path.join(root, "logs", "cron_database_sync.log")
+    results = {"sqldiff": [], "cr0sync": []}
+    phases = []
+    for i in range(rounds):
+        for name in ("root", "peer.db"):
+            dst = os.path.join(case, name)
+            if os.path.isdir(dst):
+                shutil.rmtree(dst)
+                shutil.copytree(os.path.join(template, name), dst)
+            else:
+                shutil.copy2(os.path.join(template, name), dst)
+        subprocess.run(["sync"], check=True)
+        order = ["sqldiff", "cr0sync"] if i % 2 == 0 else ["cr0sync", "sqldiff"]
+        for tool in order:
+            if tool == "sqldiff":
+                results[tool].append(run(["sqldiff", "--primarykey", central, peer]))
+            else:
+                results[tool].append(run([binary, "--root", root, "db", "sync"]))
+                with open(log) as f:
+                    lines = [l for l in f if "snapshot" in l and " ms" in l]
+                phases.append(phases_of(lines[-1]))
+        out = subprocess.run(["sqldiff", "--primarykey", central, peer], capture_output=True,
+                             check=True)
+        if out.stdout:
+            sys.exit("after the sync, sqldiff still shows differences")
+    shutil.rmtree(case)
+    med = {k: statistics.median(t for t, _ in v) for k, v in results.items()}
+    rss = {k: max(r for _, r in v) for k, v in results.items()}
+    names = list(dict.fromkeys(n for p in phases for n in p))
+    breakdown = {n: statistics.median(p.get(n, 0) for p in phases) for n in names}
+    return med, rss, breakdown
+
+
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--rows", type=int, default=1_000_000,
-                    help="table size (memory must not grow with it)")
-    ap.add_argument("--changed", type=int, default=0,
-                    help="rows changed per side (default: 1%% of --rows)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000],
+                    help="table sizes (memory must not grow with them)")
+    ap.add_argument("--percent", type=float, nargs="+", default=[1.0, 0.1],
+                    help="rows changed on each side, in percent of the table")
+    ap.add_argument("--no-fast-path", action="store_true",
+                    help="skip the no-change figure")
     args = ap.parse_args()
     binary = os.path.abspath(args.bin)
     tmp = tempfile.mkdtemp(prefix="cr0sync-bench-db-")
     try:
-        root = new_root(binary, os.path.join(tmp, "root"))
-        peer = os.path.join(tmp, "peer.db")
-        central = os.path.join(root, "databases", "bench.db")
-        print(f"generating {args.rows:,} rows ...", flush=True)
-        with open(os.path.join(HERE, "gen.sql")) as f:
-            sqlite(peer, f.read().replace("1000000", str(args.rows)))
-        config(root, [("bench", peer)])
-        # First sync: central created from the peer, base recorded.
-        run([binary, "--root", root, "db", "sync"])
-        # Routine backups of both sides exist now, as in steady state (one per
-        # backup_interval); the first write of each interval also pays for a gzip backup.
-        sqlite(peer, "UPDATE users SET points = points + 1 WHERE id = 1;")
-        sqlite(central, "UPDATE users SET points = points + 1 WHERE id = 2;")
-        run([binary, "--root", root, "db", "sync"])
-        changed = args.changed or args.rows // 100
-        sqlite(peer, side_changes(3, 20_000_000, args.rows, changed))
-        sqlite(central, side_changes(5, 30_000_000, args.rows, changed))
-        template = os.path.join(tmp, "template")
-        shutil.copytree(tmp, template, ignore=shutil.ignore_patterns("template"), symlinks=True)
-        size = os.path.getsize(peer) / 2**20
-        print(f"database: {size:.0f} MiB, {changed:,} rows changed on each side", flush=True)
-
-        results = {"sqldiff": [], "cr0sync": []}
-        for i in range(args.rounds):
-            for name in ("root", "peer.db"):
-                dst = os.path.join(tmp, name)
-                if os.path.isdir(dst):
-                    shutil.rmtree(dst)
-                    shutil.copytree(os.path.join(template, name), dst)
-                else:
-                    shutil.copy2(os.path.join(template, name), dst)
-            order = ["sqldiff", "cr0sync"] if i % 2 == 0 else ["cr0sync", "sqldiff"]
-            for tool in order:
-                if tool == "sqldiff":
-                    results[tool].append(run(["sqldiff", "--primarykey", central, peer]))
-                else:
-                    results[tool].append(run([binary, "--root", root, "db", "sync"]))
-            out = subprocess.run(["sqldiff", "--primarykey", central, peer], capture_output=True, check=True)
-            if out.stdout:
-                sys.exit("after the sync, sqldiff still shows differences")
-        with open(os.path.join(root, "logs", "cron_database_sync.log")) as f:
-            phases = [l.strip() for l in f if "snapshot" in l and "ms" in l]
-        print("last sync's phases:", phases[-1] if phases else "?")
-        med = {k: statistics.median(t for t, _ in v) for k, v in results.items()}
-        rss = {k: max(r for _, r in v) for k, v in results.items()}
-        print(f"sqldiff --primarykey (two-way diff): median {med['sqldiff']:.3f} s, peak RSS {rss['sqldiff']:.0f} MiB")
-        print(f"cr0sync db sync (three-way, applied): median {med['cr0sync']:.3f} s, peak RSS {rss['cr0sync']:.0f} MiB")
-        print(f"ratio cr0sync / sqldiff: {med['cr0sync'] / med['sqldiff']:.2f} (target <= 1.5)")
+        table = []
+        for rows in args.rows:
+            for pct in args.percent:
+                changed = int(rows * pct / 100)
+                med, rss, breakdown = one_case(binary, tmp, rows, changed, args.rounds)
+                ratio = med["cr0sync"] / med["sqldiff"]
+                print(f"  sqldiff --primarykey (two-way diff): median {med['sqldiff']:.3f} s, "
+                      f"peak RSS {rss['sqldiff']:.0f} MiB")
+                print(f"  cr0sync db sync (three-way, applied): median {med['cr0sync']:.3f} s, "
+                      f"peak RSS {rss['cr0sync']:.0f} MiB")
+                print(f"  ratio {ratio:.2f} (target <= 1.0); RSS over sqldiff's "
+                      f"{rss['cr0sync'] - rss['sqldiff']:+.0f} MiB (target <= +16)")
+                print("  phases (median ms): " + ", ".join(f"{n} {v:.0f}" for n, v in breakdown.items()),
+                      flush=True)
+                table.append((rows, pct, med, rss, ratio))
+        print("\nrows        changed  sqldiff s  cr0sync s  ratio  RSS sqldiff/cr0sync MiB")
+        for rows, pct, med, rss, ratio in table:
+            print(f"{rows:>10,}  {pct:>5}%  {med['sqldiff']:>9.3f}  {med['cr0sync']:>9.3f}  "
+                  f"{ratio:>5.2f}  {rss['sqldiff']:.0f}/{rss['cr0sync']:.0f}")
+        if args.no_fast_path:
+            return
 
         # Fast path: four 50 MB databases, nothing changed.
         fast = os.path.join(tmp, "fast")
