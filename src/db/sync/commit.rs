@@ -552,7 +552,13 @@ impl Pair<'_> {
         let label = self.label();
         self.ctx
             .state
-            .write_bytes(&self.journal_name, &serde_json::to_vec(journal)?)
+            .replace_with(&self.journal_name, |tmp| {
+                // Streamed: a journal of many rows is never held whole in memory.
+                let mut out = std::io::BufWriter::new(std::fs::File::create_new(tmp)?);
+                serde_json::to_writer(&mut out, journal)?;
+                out.into_inner().map_err(|e| e.into_error())?;
+                Ok(())
+            })
             .with_context(|| format!("{label}: nothing was written"))?;
         self.phases.mark("journal");
         fault::point("after-journal")?;
