@@ -214,14 +214,6 @@ pub(super) fn undo(conn: &Connection, w: &Work, keys: &BTreeSet<Key>) -> Result<
     Ok(())
 }
 
-/// What a peer's transaction writes besides its rows' changes.
-pub(super) struct PeerWrite<'a> {
-    pub(super) to_peer: &'a [Vec<Change>],
-    pub(super) txid: &'a str,
-    pub(super) fts: &'a [(String, String)],
-    pub(super) sequences: &'a [(String, i64, bool)],
-}
-
 /// `(table, highest sqlite_sequence of the two sides, the peer's is lower)` for the merged
 /// tables with an AUTOINCREMENT counter on both sides.
 pub(super) fn sequence_targets(
@@ -277,16 +269,23 @@ pub(crate) struct PeerWriteSet {
 }
 
 impl PeerWriteSet {
-    fn of(works: &[Work], side: &PeerWrite) -> PeerWriteSet {
+    /// The peer's part of a sync: `to_peer` (per work) is moved in, not copied.
+    fn of(
+        works: &[Work],
+        to_peer: Vec<Vec<Change>>,
+        txid: &str,
+        fts: &[(String, String)],
+        sequences: Vec<(String, i64, bool)>,
+    ) -> PeerWriteSet {
         PeerWriteSet {
             tables: works
                 .iter()
-                .zip(side.to_peer)
-                .map(|(w, c)| (w.spec.clone(), w.peer_edits.clone(), c.clone()))
+                .zip(to_peer)
+                .map(|(w, c)| (w.spec.clone(), w.peer_edits.clone(), c))
                 .collect(),
-            txid: side.txid.to_string(),
-            fts: side.fts.to_vec(),
-            sequences: side.sequences.to_vec(),
+            txid: txid.to_string(),
+            fts: fts.to_vec(),
+            sequences,
         }
     }
 }
@@ -299,13 +298,11 @@ pub(super) fn write_peer_side(
     path: &Path,
     remote: Option<&super::RemotePeer>,
     busy: std::time::Duration,
-    works: &[Work],
-    side: &PeerWrite,
+    set: &PeerWriteSet,
 ) -> Result<Vec<BTreeSet<Key>>> {
-    let set = PeerWriteSet::of(works, side);
     match remote {
-        Some(r) => r.apply(&set),
-        None => write_peer_tables(path, busy, &set),
+        Some(r) => r.apply(set),
+        None => write_peer_tables(path, busy, set),
     }
 }
 
@@ -490,13 +487,9 @@ impl Pair<'_> {
             || sequences.iter().any(|s| s.2);
         let left_alone = if write_peer {
             let j = journal_of(&txid, works, &to_peer, &records);
-            let side = PeerWrite {
-                to_peer: &to_peer,
-                txid: &txid,
-                fts: &plan.fts,
-                sequences: &sequences,
-            };
-            self.write_peer(&tx, works, &j, &side, &refused)?
+            let raise = sequences.clone();
+            let set = PeerWriteSet::of(works, to_peer, &txid, &plan.fts, raise);
+            self.write_peer(&tx, works, j, &set, &refused)?
         } else {
             settle_bases(&tx, works, self.rules.direction, &refused)
                 .with_context(|| self.base_write())?;
@@ -545,8 +538,8 @@ impl Pair<'_> {
         &mut self,
         tx: &Connection,
         works: &[Work],
-        journal: &Journal,
-        side: &PeerWrite,
+        journal: Journal,
+        set: &PeerWriteSet,
         refused: &[BTreeSet<Key>],
     ) -> Result<Vec<BTreeSet<Key>>> {
         let label = self.label();
@@ -555,29 +548,25 @@ impl Pair<'_> {
             .replace_with(&self.journal_name, |tmp| {
                 // Streamed: a journal of many rows is never held whole in memory.
                 let mut out = std::io::BufWriter::new(std::fs::File::create_new(tmp)?);
-                serde_json::to_writer(&mut out, journal)?;
+                serde_json::to_writer(&mut out, &journal)?;
                 out.into_inner().map_err(|e| e.into_error())?;
                 Ok(())
             })
             .with_context(|| format!("{label}: nothing was written"))?;
+        drop(journal);
         self.phases.mark("journal");
         fault::point("after-journal")?;
         let (peer, before, settled) = std::thread::scope(|s| {
             let peer = s.spawn(|| {
                 let t = std::time::Instant::now();
-                let r = write_peer_side(
-                    &self.peer_path,
-                    self.remote.as_ref(),
-                    self.busy,
-                    works,
-                    side,
-                );
+                let r = write_peer_side(&self.peer_path, self.remote.as_ref(), self.busy, set);
                 (r, t.elapsed())
             });
             // Meanwhile, on this thread: the base rows a key the peer leaves alone goes back
             // to, then the base settled.
             let t = std::time::Instant::now();
-            let before = base_before(tx, works, side.to_peer);
+            let to_peer: Vec<&[Change]> = set.tables.iter().map(|t| t.2.as_slice()).collect();
+            let before = base_before(tx, works, &to_peer);
             let settled = match &before {
                 Ok(_) => settle_bases(tx, works, self.rules.direction, refused),
                 Err(_) => Ok(()),

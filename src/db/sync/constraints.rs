@@ -276,11 +276,8 @@ pub(super) fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> R
                     old,
                 });
             }
-            w.to_base.retain(|c| merge::target_of(c) != &loser_key);
-            w.to_base.push(Change::Delete {
-                key: loser_key.clone(),
-                old: Vec::new(),
-            });
+            w.to_base.retain(|k| k != &loser_key);
+            w.to_base.push(loser_key.clone());
             w.new_base.remove(&loser_key);
             if loser_side == "p" {
                 w.new_base.insert(loser_key.clone(), None);
@@ -419,12 +416,8 @@ pub(super) fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> 
                 if let Some(change) = merge::change(&key, origin_now.as_ref(), Some(&parent_row)) {
                     to_origin.push(change);
                 }
-                w.to_base.retain(|c| merge::target_of(c) != &key);
-                w.to_base.push(Change::Upsert {
-                    key: key.clone(),
-                    old: None,
-                    new: parent_row.clone(),
-                });
+                w.to_base.retain(|k| k != &key);
+                w.to_base.push(key.clone());
                 w.new_base.insert(key.clone(), Some(parent_row.clone()));
                 let (central, peer) = if into_peer {
                     (None, Some(parent_row.clone()))

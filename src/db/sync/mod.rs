@@ -268,16 +268,23 @@ fn sync_pair_inner(
     // 5. Backups, the writes and the two commits.
     progress.stage(format!("{}: backups and writes", pair.label()));
     let wrote_peer = pair.write(&conn, &plan, progress)?;
-    if wrote_peer || stale_marker {
-        match &pair.remote {
-            Some(r) => r.drop_marker(),
-            None => journal::drop_marker(&pair.peer_path, pair.busy),
-        }
+    // 6. The fingerprint, once the data it describes is durable; beside it, the commit
+    // marker is dropped from a local peer (in any order: a marker left by a crash is
+    // dropped by the next run, whose fingerprint cannot match the written peer).
+    let drop_marker = wrote_peer || stale_marker;
+    if let (true, Some(r)) = (drop_marker, &pair.remote) {
+        r.drop_marker();
     }
+    let recorded = std::thread::scope(|s| {
+        if drop_marker && pair.remote.is_none() {
+            let (peer, busy) = (&pair.peer_path, pair.busy);
+            s.spawn(move || journal::drop_marker(peer, busy));
+        }
+        pair.record(look)
+    });
+    recorded?;
+    pair.phases.mark("marker and fingerprint");
     log::info!("{}: {}", pair.label(), pair.phases.text());
-
-    // 6. The fingerprint, once the data it describes is durable.
-    pair.record(look)?;
     Ok(pair.report)
 }
 

@@ -41,7 +41,10 @@ pub(super) struct Work {
     pub(super) to_central: Vec<Change>,
     pub(super) to_peer: Vec<Change>,
     /// Keyed tables with a fresh base: the base changes (applied unless a side deferred).
-    pub(super) to_base: Vec<Change>,
+    /// Keys whose base row changes: each is copied from the side that now holds it (or
+    /// let go of), in SQL, when the base is settled. (Keys with a NULL cell never get
+    /// here: they merge as whole rows.)
+    pub(super) to_base: Vec<Key>,
     /// Multisets: per row, the base count after the sync and the count to keep if a side
     /// deferred the row.
     pub(super) multiset_base: Vec<(Row, u64, u64)>,
@@ -300,9 +303,8 @@ pub(super) fn plan_keyed(
             w.to_peer.push(ch);
             w.new_base.insert(key.clone(), m.new_base.clone());
         }
-        if matches!(w.base, BaseState::Fresh) {
-            w.to_base
-                .extend(merge::change(key, b.as_ref(), m.new_base.as_ref()));
+        if matches!(w.base, BaseState::Fresh) && b != m.new_base {
+            w.to_base.push(key.clone());
         }
     }
     Ok(w)

@@ -53,7 +53,7 @@ pub(super) fn settle_bases(
 pub(super) fn base_before(
     conn: &Connection,
     works: &[Work],
-    to_peer: &[Vec<Change>],
+    to_peer: &[&[Change]],
 ) -> Result<Vec<BTreeMap<Key, Option<Row>>>> {
     works
         .iter()
@@ -151,22 +151,17 @@ pub(super) fn settle_base(
     match w.base {
         BaseState::Fresh => {
             // The new base row of every settled key is what `from` now holds, so it is
-            // copied in SQL; keys with a NULL cell (which `=` never matches) go row by row.
+            // copied in SQL (keys with a NULL cell never get here: see `Work::to_base`).
             let from = if direction == Direction::Pull {
                 "p"
             } else {
                 "main"
             };
-            let settled = w.to_base.iter().filter_map(|c| match c {
-                Change::Upsert { key, .. } | Change::Delete { key, .. } => {
-                    (!deferred.contains(key)).then_some((key, c))
-                }
-                Change::SetCount { .. } => None,
-            });
-            let (plain, nulls): (Vec<_>, Vec<_>) =
-                settled.partition(|(key, _)| !key.iter().any(Cell::is_null));
-            let nulls: Vec<Change> = nulls.into_iter().map(|(_, c)| c.clone()).collect();
-            crate::db::apply::overwrite(conn, "b", &w.spec, &nulls)?;
+            let plain: Vec<&Key> = w
+                .to_base
+                .iter()
+                .filter(|key| !deferred.contains(*key))
+                .collect();
             if !plain.is_empty() {
                 let pk: Vec<String> = w
                     .spec
@@ -183,7 +178,7 @@ pub(super) fn settle_base(
                     "INSERT INTO temp.cr0sync_keys VALUES ({})",
                     marks.join(", ")
                 ))?;
-                for (key, _) in &plain {
+                for key in &plain {
                     insert.execute(params_from_iter(key.iter()))?;
                 }
                 let same_key: Vec<String> = w
