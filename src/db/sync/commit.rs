@@ -567,6 +567,7 @@ impl Pair<'_> {
             let t = std::time::Instant::now();
             let to_peer: Vec<&[Change]> = set.tables.iter().map(|t| t.2.as_slice()).collect();
             let before = base_before(tx, works, &to_peer);
+            let before_time = t.elapsed();
             let settled = match &before {
                 Ok(_) => settle_bases(tx, works, self.rules.direction, refused),
                 Err(_) => Ok(()),
@@ -574,9 +575,10 @@ impl Pair<'_> {
             let base_time = t.elapsed();
             let peer = peer.join().map(|(r, peer_time)| {
                 self.phases.note(format!(
-                    "peer write {} ms beside base {} ms",
+                    "peer write {} ms beside base {} ms, {} of them reading the old base rows",
                     peer_time.as_millis(),
-                    base_time.as_millis()
+                    base_time.as_millis(),
+                    before_time.as_millis()
                 ));
                 r
             });

@@ -52,6 +52,9 @@ pub(super) struct Work {
     pub(super) counter_merges: usize,
     /// Keyed tables: the new base row of every key the peer is to take (for the journal).
     pub(super) new_base: BTreeMap<Key, Option<Row>>,
+    /// Keyed tables with a fresh base: the base row, as the diff read it, of every key the
+    /// peer is to take by the merge (what a key the peer leaves alone goes back to).
+    pub(super) old_base: BTreeMap<Key, Option<Row>>,
     /// Rows of the peer moved to fresh keys (see `rekey`), with the references rewritten:
     /// written to the peer before `to_peer` (which is relative to the moved snapshot), all
     /// of them or none.
@@ -243,6 +246,7 @@ pub(super) fn plan_keyed(
         conflicts: Vec::new(),
         counter_merges: 0,
         new_base: BTreeMap::new(),
+        old_base: BTreeMap::new(),
         peer_edits: Vec::new(),
         diff_time,
     };
@@ -299,12 +303,16 @@ pub(super) fn plan_keyed(
         w.counter_merges += usize::from(m.counter_merged);
         w.conflicts.extend(m.conflict);
         w.to_central.extend(m.to_central);
+        let fresh = matches!(w.base, BaseState::Fresh);
+        if fresh && b != m.new_base {
+            w.to_base.push(key.clone());
+        }
         if let Some(ch) = m.to_peer {
             w.to_peer.push(ch);
             w.new_base.insert(key.clone(), m.new_base.clone());
-        }
-        if matches!(w.base, BaseState::Fresh) && b != m.new_base {
-            w.to_base.push(key.clone());
+            if fresh {
+                w.old_base.insert(key.clone(), b);
+            }
         }
     }
     Ok(w)
@@ -364,6 +372,7 @@ pub(super) fn plan_multiset(
         conflicts: m.conflicts,
         counter_merges: m.counter_merges,
         new_base: BTreeMap::new(),
+        old_base: BTreeMap::new(),
         peer_edits: Vec::new(),
         diff_time: std::time::Duration::ZERO,
     })

@@ -49,7 +49,9 @@ pub(super) fn settle_bases(
 }
 
 /// The base rows, before the base is settled, of the keys about to be written to the peer
-/// (keyed tables with a base): what a key the peer leaves alone goes back to.
+/// (keyed tables with a base): what a key the peer leaves alone goes back to. Those the
+/// merge planned come from the diff (the base changes only in this transaction); a key
+/// the schema's rules added is looked up.
 pub(super) fn base_before(
     conn: &Connection,
     works: &[Work],
@@ -63,7 +65,9 @@ pub(super) fn base_before(
             if w.keyed() && matches!(w.base, BaseState::Fresh) {
                 let sql = snapshot::lookup_sql(&w.spec, "b");
                 for key in changes.iter().map(merge::target_of) {
-                    if !key.iter().any(Cell::is_null) {
+                    if let Some(row) = w.old_base.get(key) {
+                        out.insert(key.clone(), row.clone());
+                    } else if !key.iter().any(Cell::is_null) {
                         out.insert(key.clone(), snapshot::lookup(conn, &sql, key)?);
                     }
                 }
@@ -202,10 +206,26 @@ pub(super) fn settle_base(
                 let cols = named.join(", ");
                 let scols: Vec<String> = named.iter().map(|c| format!("s.{c}")).collect();
                 let scols = scols.join(", ");
+                // An existing base row is updated in place (an upsert: REPLACE would delete
+                // and insert it again).
+                let sets: Vec<String> = w
+                    .spec
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !w.spec.pk.contains(i))
+                    .map(|(_, c)| format!("{0} = excluded.{0}", quote(c)))
+                    .collect();
+                let on_conflict = if sets.is_empty() {
+                    "DO NOTHING".to_string()
+                } else {
+                    format!("DO UPDATE SET {}", sets.join(", "))
+                };
                 // Driven by the key list: one index lookup per key, never a scan.
                 conn.execute_batch(&format!(
-                    "INSERT OR REPLACE INTO b.{t} ({cols}) SELECT {scols} FROM temp.cr0sync_keys AS k \
-                       JOIN {from}.{t} AS s ON {same_key};
+                    "INSERT INTO b.{t} ({cols}) SELECT {scols} FROM temp.cr0sync_keys AS k \
+                       JOIN {from}.{t} AS s ON {same_key} WHERE true ON CONFLICT ({pk}) \
+                       {on_conflict};
                      DELETE FROM b.{t} WHERE ({pk}) IN (SELECT {kcols} FROM temp.cr0sync_keys \
                        AS k WHERE NOT EXISTS (SELECT 1 FROM {from}.{t} AS s WHERE {same_key}));
                      DROP TABLE temp.cr0sync_keys;"
