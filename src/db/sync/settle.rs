@@ -1,6 +1,7 @@
 //! Base upkeep: after a sync, the base holds what both sides now agree on; rows a side
 //! deferred keep their old base, so the next run merges them again.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
@@ -52,11 +53,11 @@ pub(super) fn settle_bases(
 /// (keyed tables with a base): what a key the peer leaves alone goes back to. Those the
 /// merge planned come from the diff (the base changes only in this transaction); a key
 /// the schema's rules added is looked up.
-pub(super) fn base_before(
+pub(super) fn base_before<'w>(
     conn: &Connection,
-    works: &[Work],
+    works: &'w [Work],
     to_peer: &[&[Change]],
-) -> Result<Vec<BTreeMap<Key, Option<Row>>>> {
+) -> Result<Vec<BTreeMap<Key, Cow<'w, Option<Row>>>>> {
     works
         .iter()
         .zip(to_peer)
@@ -66,9 +67,9 @@ pub(super) fn base_before(
                 let sql = snapshot::lookup_sql(&w.spec, "b");
                 for key in changes.iter().map(merge::target_of) {
                     if let Some(row) = w.old_base.get(key) {
-                        out.insert(key.clone(), row.clone());
+                        out.insert(key.clone(), Cow::Borrowed(row));
                     } else if !key.iter().any(Cell::is_null) {
-                        out.insert(key.clone(), snapshot::lookup(conn, &sql, key)?);
+                        out.insert(key.clone(), Cow::Owned(snapshot::lookup(conn, &sql, key)?));
                     }
                 }
             }
@@ -85,7 +86,7 @@ pub(super) fn unsettle(
     direction: Direction,
     deferred: &BTreeSet<Key>,
     left: &BTreeSet<Key>,
-    before: &BTreeMap<Key, Option<Row>>,
+    before: &BTreeMap<Key, Cow<'_, Option<Row>>>,
 ) -> Result<()> {
     if !(w.keyed() && matches!(w.base, BaseState::Fresh)) {
         // Multisets and first syncs settle from scratch: again, with the rows left alone.
@@ -94,7 +95,7 @@ pub(super) fn unsettle(
     let back: Vec<Change> = left
         .iter()
         .filter_map(|key| {
-            Some(match before.get(key)? {
+            Some(match before.get(key)?.as_ref() {
                 Some(row) => Change::Upsert {
                     key: key.clone(),
                     old: None,
