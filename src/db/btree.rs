@@ -5,7 +5,7 @@
 //! Invariants:
 //! - Only read, never written, and only while the caller holds SQLite's shared lock on
 //!   the file (or the file is private), through a descriptor that is never closed
-//!   (`fsutil::pinned`).
+//!   (`fsutil::pinned`) unless the file is cr0sync's private scratch.
 //! - Anything unexpected (a page of another kind, a page number out of range, a cell past
 //!   its page, a loop) is an error, never a panic: the caller then compares the table in
 //!   SQL, which names any damage.
@@ -34,10 +34,16 @@ pub struct DbFile {
 
 impl DbFile {
     /// Opens `path`, which must be a UTF-8 database (the only encoding the cells decode
-    /// from here).
-    pub fn open(path: &Path) -> Result<Self> {
-        let file = crate::fsutil::pinned(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+    /// from here). A file other processes may lock is read through a descriptor that is
+    /// never closed (`shared`, see `fsutil::pinned`); cr0sync's own scratch copy through
+    /// one closed when done, so its space is freed when it is removed.
+    pub fn open(path: &Path, shared: bool) -> Result<Self> {
+        let file = if shared {
+            crate::fsutil::pinned(path)
+        } else {
+            File::open(path).map(Arc::new)
+        }
+        .with_context(|| format!("cannot read {}", path.display()))?;
         let mut header = [0u8; 100];
         file.read_exact_at(&mut header, 0)?;
         let page_size = crate::db::pages::page_size(&header)? as usize;
@@ -487,7 +493,7 @@ mod tests {
             )
             .unwrap();
         let expected = sql_rows(&conn, "t", 5);
-        let file = DbFile::open(&path).unwrap();
+        let file = DbFile::open(&path, false).unwrap();
         let layout = Layout::new(&["INTEGER", "TEXT", "REAL", "INT", "BLOB"], 0);
         let mut rows = Rows::from(&file, root, i64::MIN).unwrap();
         let mut record = Vec::new();
@@ -517,6 +523,34 @@ mod tests {
         assert_eq!(cuts.len(), 1);
     }
 
+    /// Descriptors this process holds on `path`.
+    fn open_descriptors(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target == path)
+            .count()
+    }
+
+    #[test]
+    fn a_scratch_copy_is_closed_after_reading_and_a_shared_file_stays_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path().join("scratch.db");
+        let shared = dir.path().join("shared.db");
+        for path in [&scratch, &shared] {
+            Connection::open(path)
+                .unwrap()
+                .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+                .unwrap();
+        }
+        drop(DbFile::open(&scratch, false).unwrap());
+        assert_eq!(open_descriptors(&scratch), 0);
+        drop(DbFile::open(&shared, true).unwrap());
+        drop(DbFile::open(&shared, true).unwrap());
+        // Kept open (closing it would drop SQLite's locks), once per file.
+        assert_eq!(open_descriptors(&shared), 1);
+    }
+
     #[test]
     fn damage_and_other_layouts_are_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
@@ -539,7 +573,7 @@ mod tests {
             )
             .unwrap()
         };
-        let file = DbFile::open(&path).unwrap();
+        let file = DbFile::open(&path, false).unwrap();
         assert!(Rows::from(&file, root("w"), i64::MIN).is_err());
         assert!(Rows::from(&file, 9999, i64::MIN).is_err());
         let mut record = Vec::new();
@@ -557,7 +591,7 @@ mod tests {
         }
         let damaged = dir.path().join("d.db");
         std::fs::write(&damaged, &bytes).unwrap();
-        let file = DbFile::open(&damaged).unwrap();
+        let file = DbFile::open(&damaged, false).unwrap();
         assert!(Rows::from(&file, t, i64::MIN).is_err());
         for garbage in [&[0xffu8; 3][..], &[0x05, 0x0a, 0x0b][..], &[][..]] {
             assert!(Layout::new(&["INTEGER"], 0).decode(1, garbage).is_err());

@@ -89,7 +89,8 @@ fn differing_rows_from_pages(
             if root == 0 || other != 0 || file.is_empty() {
                 return Ok(None);
             }
-            files.push(DbFile::open(Path::new(&file))?);
+            // The snapshot (`p`) is this sync's own copy; no other process locks it.
+            files.push(DbFile::open(Path::new(&file), *db != "p")?);
             roots.push(root);
         }
         let declared: Vec<&str> = schema.columns.iter().map(|(_, t)| t.as_str()).collect();
