@@ -77,7 +77,8 @@ fn differing_rows_from_pages(
             // A key that is not the rowid has an index of its own; generated columns are
             // stored where the merge does not read them.
             let other: i64 = conn.query_row(
-                "SELECT (SELECT count(*) FROM pragma_index_list(?1, ?2) WHERE origin = 'pk') +                  (SELECT count(*) FROM pragma_table_xinfo(?1, ?2) WHERE hidden != 0)",
+                "SELECT (SELECT count(*) FROM pragma_index_list(?1, ?2) WHERE origin = 'pk') + \
+                 (SELECT count(*) FROM pragma_table_xinfo(?1, ?2) WHERE hidden != 0)",
                 [&schema.name, *db],
                 |r| r.get(0),
             )?;
