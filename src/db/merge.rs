@@ -120,6 +120,34 @@ pub fn target_of(change: &Change) -> &Key {
     }
 }
 
+impl std::ops::Add for Counts {
+    type Output = Counts;
+    fn add(self, other: Counts) -> Counts {
+        Counts {
+            inserts: self.inserts + other.inserts,
+            updates: self.updates + other.updates,
+            deletes: self.deletes + other.deletes,
+        }
+    }
+}
+
+/// The row a keyed change leaves (`None`: deleted, or a multiset change).
+pub fn result_of(change: &Change) -> Option<&Row> {
+    match change {
+        Change::Upsert { new, .. } => Some(new),
+        Change::Delete { .. } | Change::SetCount { .. } => None,
+    }
+}
+
+/// The row a keyed change expects to find (`None`: none, or a multiset change).
+pub fn before_of(change: &Change) -> Option<&Row> {
+    match change {
+        Change::Upsert { old, .. } => old.as_ref(),
+        Change::Delete { old, .. } => Some(old),
+        Change::SetCount { .. } => None,
+    }
+}
+
 pub fn counts(changes: &[Change]) -> Counts {
     let mut n = Counts::default();
     for c in changes {

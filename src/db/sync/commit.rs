@@ -17,7 +17,7 @@ use crate::db::backup;
 use crate::db::journal::{self, Journal};
 use crate::db::merge::{self, Change, Rules};
 use crate::db::snapshot::{self, quote};
-use crate::db::value::Key;
+use crate::db::value::{Key, Row};
 use crate::ops::fault;
 
 use super::Pair;
@@ -125,23 +125,51 @@ pub(super) fn commit_central(
     Ok(())
 }
 
-/// The journal of the peer's changes about to be committed (see `journal`).
-pub(super) fn journal_of(
-    txid: &str,
-    works: &[Work],
-    to_peer: &[Vec<Change>],
-    records: &[ConflictRecord],
-) -> Journal {
+/// The journal of the peer's changes about to be committed (see `journal`), borrowing
+/// the plan's rows: it is written as it is serialized, never built whole. It serializes
+/// as a [`Journal`] (a unit test reads one back).
+#[derive(serde::Serialize)]
+pub(super) struct JournalOut<'a> {
+    txid: &'a str,
+    tables: Vec<TableOut<'a>>,
+    conflicts: &'a [ConflictRecord],
+}
+
+/// A [`journal::TableJournal`], borrowed.
+#[derive(serde::Serialize)]
+struct TableOut<'a> {
+    table: &'a str,
+    columns: &'a [String],
+    fresh_base: bool,
+    keyed: Vec<KeyOut<'a>>,
+    multiset: Vec<journal::CountEntry>,
+}
+
+/// A [`journal::KeyEntry`], borrowed.
+#[derive(serde::Serialize)]
+struct KeyOut<'a> {
+    key: &'a Key,
+    central: Option<(Option<&'a Row>, Option<&'a Row>)>,
+    base: Option<&'a Row>,
+}
+
+pub(super) fn journal_of<'a>(
+    txid: &'a str,
+    works: &'a [Work],
+    to_peer: &[&'a [Change]],
+    records: &'a [ConflictRecord],
+) -> JournalOut<'a> {
     let mut tables = Vec::new();
-    for (w, to_peer) in works.iter().zip(to_peer) {
+    for (w, &to_peer) in works.iter().zip(to_peer) {
         if to_peer.is_empty() {
             continue;
         }
-        let mut t = journal::TableJournal {
-            table: w.spec.name.clone(),
-            columns: w.spec.columns.clone(),
+        let mut t = TableOut {
+            table: &w.spec.name,
+            columns: &w.spec.columns,
             fresh_base: matches!(w.base, BaseState::Fresh),
-            ..Default::default()
+            keyed: Vec::new(),
+            multiset: Vec::new(),
         };
         let central: BTreeMap<&Key, &Change> = w
             .to_central
@@ -169,24 +197,24 @@ pub(super) fn journal_of(
                 }
                 Change::Upsert { key, .. } | Change::Delete { key, .. } => {
                     let central = central.get(target).map(|c| match c {
-                        Change::Upsert { old, new, .. } => (old.clone(), Some(new.clone())),
-                        Change::Delete { old, .. } => (Some(old.clone()), None),
+                        Change::Upsert { old, new, .. } => (old.as_ref(), Some(new)),
+                        Change::Delete { old, .. } => (Some(old), None),
                         Change::SetCount { .. } => (None, None),
                     });
-                    t.keyed.push(journal::KeyEntry {
-                        key: key.clone(),
+                    t.keyed.push(KeyOut {
+                        key,
                         central,
-                        base: w.new_base.get(key).cloned().flatten(),
+                        base: w.new_base_of(ch),
                     });
                 }
             }
         }
         tables.push(t);
     }
-    Journal {
-        txid: txid.to_string(),
+    JournalOut {
+        txid,
         tables,
-        conflicts: records.to_vec(),
+        conflicts: records,
     }
 }
 
@@ -441,12 +469,12 @@ impl Pair<'_> {
     pub(super) fn write(
         &mut self,
         conn: &Connection,
-        plan: &Plan,
+        plan: &mut Plan,
         progress: Progress,
     ) -> Result<bool> {
-        let works = &plan.works;
         let txid = crate::conflicts::transaction_id(self.now, self.name, self.peer_name);
-        let records: Vec<ConflictRecord> = works
+        let records: Vec<ConflictRecord> = plan
+            .works
             .iter()
             .flat_map(|w| &w.conflicts)
             .enumerate()
@@ -455,10 +483,10 @@ impl Pair<'_> {
 
         // 5a. Backups: the peer's from its snapshot, the central copy's through this
         // connection.
-        if works.iter().any(|w| !w.to_peer.is_empty()) {
+        if plan.works.iter().any(|w| !w.to_peer.is_empty()) {
             self.backup(conn, self.peer_name, "p")?;
         }
-        if works.iter().any(|w| !w.to_central.is_empty()) {
+        if plan.works.iter().any(|w| !w.to_central.is_empty()) {
             self.backup(conn, "central", "main")?;
         }
         self.phases.mark("backups");
@@ -467,7 +495,7 @@ impl Pair<'_> {
         // the central copy's changes inside that transaction.
         let tx = lock_central(conn, &self.central_path)?;
         let mut refused = Vec::new();
-        for w in works {
+        for w in &plan.works {
             refused.push(
                 apply(&tx, "main", &w.spec, &w.to_central)
                     .with_context(|| self.central_write())?
@@ -477,7 +505,8 @@ impl Pair<'_> {
         self.phases.mark("central apply");
 
         // 5c. The journal, then the peer's commit with its marker, the base settled beside.
-        let to_peer = peer_changes(works, &refused);
+        let to_peer = peer_changes(&mut plan.works, &refused);
+        let works = &plan.works;
         // AUTOINCREMENT counters: every side's `sqlite_sequence` is raised to the highest
         // one, so no side hands out again an id another side has used (even for a row that
         // lost).
@@ -486,9 +515,10 @@ impl Pair<'_> {
             || works.iter().any(|w| !w.peer_edits.is_empty())
             || sequences.iter().any(|s| s.2);
         let left_alone = if write_peer {
-            let j = journal_of(&txid, works, &to_peer, &records);
             let raise = sequences.clone();
             let set = PeerWriteSet::of(works, to_peer, &txid, &plan.fts, raise);
+            let changes: Vec<&[Change]> = set.tables.iter().map(|t| t.2.as_slice()).collect();
+            let j = journal_of(&txid, works, &changes, &records);
             self.write_peer(&tx, works, j, &set, &refused)?
         } else {
             settle_bases(&tx, works, self.rules.direction, &refused)
@@ -538,7 +568,7 @@ impl Pair<'_> {
         &mut self,
         tx: &Connection,
         works: &[Work],
-        journal: Journal,
+        journal: JournalOut<'_>,
         set: &PeerWriteSet,
         refused: &[BTreeSet<Key>],
     ) -> Result<Vec<BTreeSet<Key>>> {
@@ -556,33 +586,25 @@ impl Pair<'_> {
         drop(journal);
         self.phases.mark("journal");
         fault::point("after-journal")?;
-        let (peer, before, settled) = std::thread::scope(|s| {
+        let (peer, settled) = std::thread::scope(|s| {
             let peer = s.spawn(|| {
                 let t = std::time::Instant::now();
                 let r = write_peer_side(&self.peer_path, self.remote.as_ref(), self.busy, set);
                 (r, t.elapsed())
             });
-            // Meanwhile, on this thread: the base rows a key the peer leaves alone goes back
-            // to, then the base settled.
+            // Meanwhile, on this thread: the base settled.
             let t = std::time::Instant::now();
-            let to_peer: Vec<&[Change]> = set.tables.iter().map(|t| t.2.as_slice()).collect();
-            let before = base_before(tx, works, &to_peer);
-            let before_time = t.elapsed();
-            let settled = match &before {
-                Ok(_) => settle_bases(tx, works, self.rules.direction, refused),
-                Err(_) => Ok(()),
-            };
+            let settled = settle_bases(tx, works, self.rules.direction, refused);
             let base_time = t.elapsed();
             let peer = peer.join().map(|(r, peer_time)| {
                 self.phases.note(format!(
-                    "peer write {} ms beside base {} ms, {} of them reading the old base rows",
+                    "peer write {} ms beside base {} ms",
                     peer_time.as_millis(),
                     base_time.as_millis(),
-                    before_time.as_millis()
                 ));
                 r
             });
-            (peer, before, settled)
+            (peer, settled)
         });
         let left_alone = peer
             .map_err(|_| anyhow::anyhow!("the peer's writer stopped unexpectedly"))?
@@ -594,7 +616,6 @@ impl Pair<'_> {
                         .map_or_else(|| self.peer_path.display().to_string(), |r| r.label())
                 )
             })?;
-        let before = before.with_context(|| self.base_write())?;
         settled.with_context(|| self.base_write())?;
         fault::point("after-peer-commit")?;
         self.phases.mark("peer writes and base");
@@ -604,13 +625,14 @@ impl Pair<'_> {
             }
             undo(tx, w, &left_alone[i]).with_context(|| self.central_write())?;
             let deferred: BTreeSet<Key> = refused[i].union(&left_alone[i]).cloned().collect();
+            let before = base_before(w, &set.tables[i].2, &left_alone[i]);
             unsettle(
                 tx,
                 w,
                 self.rules.direction,
                 &deferred,
                 &left_alone[i],
-                &before[i],
+                &before,
             )
             .with_context(|| self.base_write())?;
         }
@@ -666,18 +688,101 @@ impl Pair<'_> {
     }
 }
 
-/// What the peer is to take: a row the central copy refused is not written to the peer
-/// either.
-fn peer_changes(works: &[Work], refused: &[BTreeSet<Key>]) -> Vec<Vec<Change>> {
+/// What the peer is to take, moved out of the plan (nothing reads `Work::to_peer` after
+/// this): a row the central copy refused is not written to the peer either.
+fn peer_changes(works: &mut [Work], refused: &[BTreeSet<Key>]) -> Vec<Vec<Change>> {
     works
-        .iter()
+        .iter_mut()
         .zip(refused)
         .map(|(w, refused)| {
-            w.to_peer
-                .iter()
-                .filter(|c| !refused.contains(merge::target_of(c)))
-                .cloned()
-                .collect()
+            let mut changes = std::mem::take(&mut w.to_peer);
+            changes.retain(|c| !refused.contains(merge::target_of(c)));
+            changes
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::value::Cell;
+    use rusqlite::types::Value;
+
+    /// The journal is written from borrowed rows; it must read back as the `Journal` that
+    /// completes an interrupted sync, field for field.
+    #[test]
+    fn the_borrowed_journal_reads_back_as_a_journal() {
+        let row = |id: i64, nick: &[u8]| -> Row {
+            vec![
+                Cell::Sql(Value::Integer(id)),
+                Cell::RawText(nick.to_vec()),
+                Cell::Sql(Value::Real(1.5)),
+                Cell::Sql(Value::Null),
+                Cell::Sql(Value::Blob(vec![0, 255])),
+            ]
+        };
+        let (key, old, new) = (
+            vec![Cell::Sql(Value::Integer(7))],
+            row(7, b"a"),
+            row(7, b"\xff"),
+        );
+        let columns = vec!["id".to_string(), "nick".to_string()];
+        let counted = journal::CountEntry {
+            row: row(1, b"x"),
+            central: Some((1, 2)),
+            base: 2,
+        };
+        let out = JournalOut {
+            txid: "t-1",
+            tables: vec![TableOut {
+                table: "users",
+                columns: &columns,
+                fresh_base: true,
+                keyed: vec![
+                    KeyOut {
+                        key: &key,
+                        central: Some((Some(&old), Some(&new))),
+                        base: Some(&new),
+                    },
+                    KeyOut {
+                        key: &key,
+                        central: Some((None, None)),
+                        base: None,
+                    },
+                    KeyOut {
+                        key: &key,
+                        central: None,
+                        base: None,
+                    },
+                ],
+                multiset: vec![counted.clone()],
+            }],
+            conflicts: &[],
+        };
+        let read: Journal = serde_json::from_str(&serde_json::to_string(&out).unwrap()).unwrap();
+        let entry = |central, base| journal::KeyEntry {
+            key: key.clone(),
+            central,
+            base,
+        };
+        let want = Journal {
+            txid: "t-1".to_string(),
+            tables: vec![journal::TableJournal {
+                table: "users".to_string(),
+                columns: columns.clone(),
+                fresh_base: true,
+                keyed: vec![
+                    entry(
+                        Some((Some(old.clone()), Some(new.clone()))),
+                        Some(new.clone()),
+                    ),
+                    entry(Some((None, None)), None),
+                    entry(None, None),
+                ],
+                multiset: vec![counted],
+            }],
+            conflicts: Vec::new(),
+        };
+        assert_eq!(read, want);
+    }
 }

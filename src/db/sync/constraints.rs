@@ -39,6 +39,14 @@ pub(super) fn collisions(conn: &Connection, works: &[Work]) -> Result<Vec<(Strin
     Ok(out)
 }
 
+/// The base row of `key` as planning sees it (`None` without a fresh base).
+fn base_row(conn: &Connection, w: &Work, key: &Key) -> Result<Option<Row>> {
+    if !matches!(w.base, BaseState::Fresh) || key.iter().any(Cell::is_null) {
+        return Ok(None);
+    }
+    snapshot::lookup(conn, &snapshot::lookup_sql(&w.spec, "b"), key)
+}
+
 /// Moves the peer's row of every collision to a fresh key in the snapshot (see `rekey`),
 /// merges the tables the moves touched again, and records each move as a `rekey`
 /// conflict; the moves become those tables' `peer_edits`. Repeated until no collision is
@@ -91,9 +99,10 @@ pub(super) fn rekey_rows(
             // Keys only the moves changed: the peer holds the merge's result once they
             // are written (the journal needs it as their new base).
             let sql = snapshot::lookup_sql(&w.spec, "p");
+            let planned: BTreeSet<&Key> = w.to_peer.iter().map(merge::target_of).collect();
             for e in &edits {
                 let key = merge::target_of(e);
-                if !w.new_base.contains_key(key) {
+                if !w.new_base.contains_key(key) && !planned.contains(key) {
                     w.new_base
                         .insert(key.clone(), snapshot::lookup(conn, &sql, key)?);
                 }
@@ -270,17 +279,17 @@ pub(super) fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> R
             };
             to_loser_side.retain(|c| merge::target_of(c) != &loser_key);
             to_other.retain(|c| merge::target_of(c) != &loser_key);
-            if let Some(old) = loser_now.clone() {
-                to_loser_side.push(Change::Delete {
-                    key: loser_key.clone(),
-                    old,
-                });
-            }
+            let delete = loser_now.clone().map(|old| Change::Delete {
+                key: loser_key.clone(),
+                old,
+            });
+            to_loser_side.extend(delete.clone());
             w.to_base.retain(|k| k != &loser_key);
             w.to_base.push(loser_key.clone());
             w.new_base.remove(&loser_key);
-            if loser_side == "p" {
-                w.new_base.insert(loser_key.clone(), None);
+            if let (Some(delete), "p") = (&delete, loser_side) {
+                let old = base_row(conn, w, &loser_key)?;
+                w.note_peer_bases(delete, old, None);
             }
             w.conflicts.push(Conflict {
                 table: w.spec.name.clone(),
@@ -413,12 +422,19 @@ pub(super) fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> 
                 to_origin.retain(|c| merge::target_of(c) != &key);
                 let origin_now =
                     snapshot::lookup(conn, &snapshot::lookup_sql(&w.spec, origin), &key)?;
-                if let Some(change) = merge::change(&key, origin_now.as_ref(), Some(&parent_row)) {
-                    to_origin.push(change);
-                }
+                let change = merge::change(&key, origin_now.as_ref(), Some(&parent_row));
+                to_origin.extend(change.clone());
                 w.to_base.retain(|k| k != &key);
                 w.to_base.push(key.clone());
-                w.new_base.insert(key.clone(), Some(parent_row.clone()));
+                match change {
+                    Some(change) if !into_peer => {
+                        let old = base_row(conn, w, &key)?;
+                        w.note_peer_bases(&change, old, Some(parent_row.clone()));
+                    }
+                    _ => {
+                        w.new_base.insert(key.clone(), Some(parent_row.clone()));
+                    }
+                }
                 let (central, peer) = if into_peer {
                     (None, Some(parent_row.clone()))
                 } else {

@@ -16,24 +16,33 @@ use crate::db::value::{Cell, Key, Row};
 pub(super) type Sides = [Option<Row>; 3];
 
 /// The keys whose rows differ between the central copy and the snapshot, with their base,
-/// central and peer rows, found in SQL: the comparison `sqldiff` makes (columns compared
-/// with `IS`), one pass over each side, the base consulted only for rows that differ.
-pub(super) fn differing_rows(
+/// central and peer rows, each folded by `add` into an accumulator (made by `start`) as
+/// it is found: a key's rows are held only until `add` has taken what the caller keeps
+/// of them. Returns the accumulators of consecutive runs of keys, in key order (one run
+/// per diff thread). Found from the files' pages where the table allows it, else in SQL
+/// (the comparison `sqldiff` makes).
+pub(super) fn differing_rows<A: Send>(
     conn: &Connection,
     reader: Option<&std::sync::Mutex<Connection>>,
     schema: &Schema,
     spec: &TableSpec,
     with_base: bool,
-) -> Result<BTreeMap<Key, Sides>> {
-    match differing_rows_from_pages(conn, schema, spec, with_base) {
-        Ok(Some(rows)) => return Ok(rows),
+    start: impl Fn() -> A + Sync,
+    add: impl Fn(&mut A, Key, Sides) + Sync,
+) -> Result<Vec<A>> {
+    match differing_rows_from_pages(conn, schema, spec, with_base, &start, &add) {
+        Ok(Some(found)) => return Ok(found),
         Ok(None) => {}
         Err(e) => log::debug!(
             "table {}: compared in SQL ({e:#} when read from its pages)",
             schema.name
         ),
     }
-    differing_rows_in_sql(conn, reader, schema, spec, with_base)
+    let mut run = start();
+    for (key, sides) in differing_rows_in_sql(conn, reader, schema, spec, with_base)? {
+        add(&mut run, key, sides);
+    }
+    Ok(vec![run])
 }
 
 /// The fast route for a table keyed by its rowid (`INTEGER PRIMARY KEY`): the three files'
@@ -43,12 +52,14 @@ pub(super) fn differing_rows(
 /// values; rows stored differently but equal in value merge to no change. `None`: the
 /// table does not qualify (another key, generated columns, an index for its key, a base
 /// only in memory); an error: the caller compares in SQL.
-fn differing_rows_from_pages(
+fn differing_rows_from_pages<A: Send>(
     conn: &Connection,
     schema: &Schema,
     spec: &TableSpec,
     with_base: bool,
-) -> Result<Option<BTreeMap<Key, Sides>>> {
+    start: &(impl Fn() -> A + Sync),
+    add: &(impl Fn(&mut A, Key, Sides) + Sync),
+) -> Result<Option<Vec<A>>> {
     use crate::db::btree::{DbFile, Layout, Rows};
     let [key] = spec.pk[..] else {
         return Ok(None);
@@ -62,7 +73,7 @@ fn differing_rows_from_pages(
         &["main", "p"]
     };
     conn.execute_batch("BEGIN")?;
-    let scanned = (|| -> Result<Option<BTreeMap<Key, Sides>>> {
+    let scanned = (|| -> Result<Option<Vec<A>>> {
         let mut files = Vec::new();
         let mut roots = Vec::new();
         for db in dbs {
@@ -106,7 +117,7 @@ fn differing_rows_from_pages(
             .enumerate()
             .map(|(i, &from)| (from, bounds.get(i + 1).copied()))
             .collect();
-        let scan = |(from, to): (i64, Option<i64>)| -> Result<BTreeMap<Key, Sides>> {
+        let scan = |(from, to): (i64, Option<i64>)| -> Result<A> {
             let mut rows = files
                 .iter()
                 .zip(&roots)
@@ -118,7 +129,7 @@ fn differing_rows_from_pages(
             for i in 0..n {
                 at[i] = rows[i].next(&mut records[i])?;
             }
-            let mut out = BTreeMap::new();
+            let mut out = start();
             while let Some(rowid) = at.iter().flatten().min().copied() {
                 if to.is_some_and(|to| rowid >= to) {
                     break;
@@ -134,7 +145,7 @@ fn differing_rows_from_pages(
                         }
                     }
                     if let Some(row) = sides.iter().flatten().next() {
-                        out.insert(spec.key_of(row), sides);
+                        add(&mut out, spec.key_of(row), sides);
                     }
                 }
                 for i in 0..n {
@@ -145,7 +156,7 @@ fn differing_rows_from_pages(
             }
             Ok(out)
         };
-        let parts: Vec<Result<BTreeMap<Key, Sides>>> = std::thread::scope(|s| {
+        let parts: Vec<Result<A>> = std::thread::scope(|s| {
             let handles: Vec<_> = ranges[1..]
                 .iter()
                 .map(|&range| s.spawn(move || scan(range)))
@@ -159,11 +170,7 @@ fn differing_rows_from_pages(
             }
             parts
         });
-        let mut out = BTreeMap::new();
-        for part in parts {
-            out.extend(part?);
-        }
-        Ok(Some(out))
+        Ok(Some(parts.into_iter().collect::<Result<_>>()?))
     })();
     conn.execute_batch("COMMIT")?;
     scanned
@@ -449,9 +456,21 @@ mod tests {
             let spec = schema.spec(counters, "");
             for with_base in [true, false] {
                 let sql = differing_rows_in_sql(&conn, None, &schema, &spec, with_base).unwrap();
-                let pages = differing_rows_from_pages(&conn, &schema, &spec, with_base)
-                    .unwrap()
-                    .expect("the table qualifies");
+                let pages: BTreeMap<Key, Sides> = differing_rows_from_pages(
+                    &conn,
+                    &schema,
+                    &spec,
+                    with_base,
+                    &BTreeMap::new,
+                    &|run: &mut BTreeMap<Key, Sides>, k, s| {
+                        run.insert(k, s);
+                    },
+                )
+                .unwrap()
+                .expect("the table qualifies")
+                .into_iter()
+                .flatten()
+                .collect();
                 for (key, s) in &sql {
                     prop_assert_eq!(pages.get(key), Some(s));
                 }

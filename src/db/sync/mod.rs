@@ -249,7 +249,7 @@ fn sync_pair_inner(
     let stale_marker = pair.complete_interrupted(&conn, &snap)?;
 
     // 4. Diff and plan, within the schema's rules and the mass-delete guard.
-    let plan = pair.plan(&conn, &snap)?;
+    let mut plan = pair.plan(&conn, &snap)?;
     pair.phases.mark("diff and merge");
     pair.report_plan(&plan);
     if !opts.force {
@@ -267,7 +267,7 @@ fn sync_pair_inner(
 
     // 5. Backups, the writes and the two commits.
     progress.stage(format!("{}: backups and writes", pair.label()));
-    let wrote_peer = pair.write(&conn, &plan, progress)?;
+    let wrote_peer = pair.write(&conn, &mut plan, progress)?;
     // 6. The fingerprint, once the data it describes is durable; beside it, the commit
     // marker is dropped from a local peer (in any order: a marker left by a crash is
     // dropped by the next run, whose fingerprint cannot match the written peer).
@@ -420,7 +420,7 @@ impl<'a> Pair<'a> {
             self.report.tables.push(TableReport {
                 table: w.spec.name.clone(),
                 central: counts(&w.to_central),
-                peer: counts(&[&w.peer_edits[..], &w.to_peer[..]].concat()),
+                peer: counts(&w.peer_edits) + counts(&w.to_peer),
                 conflicts: w.conflicts.len(),
                 counter_merges: w.counter_merges,
                 deferred: 0,

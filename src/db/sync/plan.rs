@@ -21,7 +21,7 @@ use super::Pair;
 use super::commit::maybe_backup;
 use super::connection::{PARALLEL_DIFF_BYTES, open_reader};
 use super::constraints::{collisions, keep_referenced_parents, rekey_rows, resolve_unique};
-use super::diff::differing_rows;
+use super::diff::{Sides, differing_rows};
 use super::{PairReport, SkippedTable};
 use crate::config::Direction;
 
@@ -50,10 +50,14 @@ pub(super) struct Work {
     pub(super) multiset_base: Vec<(Row, u64, u64)>,
     pub(super) conflicts: Vec<Conflict>,
     pub(super) counter_merges: usize,
-    /// Keyed tables: the new base row of every key the peer is to take (for the journal).
+    /// Keyed tables: the new base row of a key the peer is to take, for the journal, where
+    /// it is not the row the peer gets (see [`Work::new_base_of`]). Kept as exceptions:
+    /// with both directions the base becomes what both sides hold, and one copy of each
+    /// row is enough.
     pub(super) new_base: BTreeMap<Key, Option<Row>>,
-    /// Keyed tables with a fresh base: the base row, as the diff read it, of every key the
-    /// peer is to take by the merge (what a key the peer leaves alone goes back to).
+    /// Keyed tables with a fresh base: the base row, as planning read it, of a key the
+    /// peer is to take, where it is not the row the peer's change expects to find (see
+    /// [`Work::old_base_of`]): what a key the peer leaves alone goes back to.
     pub(super) old_base: BTreeMap<Key, Option<Row>>,
     /// Rows of the peer moved to fresh keys (see `rekey`), with the references rewritten:
     /// written to the peer before `to_peer` (which is relative to the moved snapshot), all
@@ -66,6 +70,106 @@ pub(super) struct Work {
 impl Work {
     pub(super) fn keyed(&self) -> bool {
         self.spec.keyed()
+    }
+
+    /// The base row a key the peer takes by `change` gets once both sides committed.
+    pub(super) fn new_base_of<'w>(&'w self, change: &'w Change) -> Option<&'w Row> {
+        match self.new_base.get(merge::target_of(change)) {
+            Some(row) => row.as_ref(),
+            None => merge::result_of(change),
+        }
+    }
+
+    /// The base row, before this sync, of a key the peer takes by `change`.
+    pub(super) fn old_base_of<'w>(&'w self, change: &'w Change) -> Option<&'w Row> {
+        match self.old_base.get(merge::target_of(change)) {
+            Some(row) => row.as_ref(),
+            None => merge::before_of(change),
+        }
+    }
+
+    /// Records the base rows of `change`, a change to the peer planned after the merge:
+    /// `old` (the base now) and `new` (the base once both sides committed).
+    pub(super) fn note_peer_bases(&mut self, change: &Change, old: Option<Row>, new: Option<Row>) {
+        let key = merge::target_of(change);
+        let fresh = matches!(self.base, BaseState::Fresh);
+        let (new, old) = base_exceptions(change, fresh, old, new);
+        match new {
+            Some(row) => self.new_base.insert(key.clone(), row),
+            None => self.new_base.remove(key),
+        };
+        match old {
+            Some(row) => self.old_base.insert(key.clone(), row),
+            None => self.old_base.remove(key),
+        };
+    }
+}
+
+/// Of the base rows of a key the peer takes by `change` (`old`: before this sync, `new`:
+/// after it), those `Work` must keep: the ones the change does not already hold (see
+/// `Work::new_base` and `Work::old_base`); `old` only with a fresh base.
+#[allow(clippy::type_complexity)]
+fn base_exceptions(
+    change: &Change,
+    fresh: bool,
+    old: Option<Row>,
+    new: Option<Row>,
+) -> (Option<Option<Row>>, Option<Option<Row>>) {
+    let new = (new.as_ref() != merge::result_of(change)).then_some(new);
+    let old = (fresh && old.as_ref() != merge::before_of(change)).then_some(old);
+    (new, old)
+}
+
+/// A keyed table's plan for a run of keys, made on a diff thread as each key is found
+/// (its three rows are freed at once); the runs are joined in key order.
+#[derive(Default)]
+struct Merged {
+    to_central: Vec<Change>,
+    to_peer: Vec<Change>,
+    to_base: Vec<Key>,
+    conflicts: Vec<Conflict>,
+    counter_merges: usize,
+    new_base: BTreeMap<Key, Option<Row>>,
+    old_base: BTreeMap<Key, Option<Row>>,
+}
+
+impl Merged {
+    /// Merges one key the diff found. A key with a NULL cell is left out: it merges as a
+    /// whole row with the others like it.
+    fn add(&mut self, spec: &TableSpec, rules: Rules, fresh: bool, key: Key, sides: Sides) {
+        if key.iter().any(Cell::is_null) {
+            return;
+        }
+        let [b, c, p] = sides;
+        let m = merge_key(spec, rules, &key, b.as_ref(), c.as_ref(), p.as_ref());
+        self.counter_merges += usize::from(m.counter_merged);
+        self.conflicts.extend(m.conflict);
+        self.to_central.extend(m.to_central);
+        let to_base = fresh && b != m.new_base;
+        if let Some(change) = m.to_peer {
+            let (new, old) = base_exceptions(&change, fresh, b, m.new_base);
+            if let Some(row) = new {
+                self.new_base.insert(key.clone(), row);
+            }
+            if let Some(row) = old {
+                self.old_base.insert(key.clone(), row);
+            }
+            self.to_peer.push(change);
+        }
+        if to_base {
+            self.to_base.push(key);
+        }
+    }
+
+    /// Appends a later run of keys to `w`.
+    fn join(self, w: &mut Work) {
+        w.to_central.extend(self.to_central);
+        w.to_peer.extend(self.to_peer);
+        w.to_base.extend(self.to_base);
+        w.conflicts.extend(self.conflicts);
+        w.counter_merges += self.counter_merges;
+        w.new_base.extend(self.new_base);
+        w.old_base.extend(self.old_base);
     }
 }
 
@@ -232,8 +336,16 @@ pub(super) fn plan_keyed(
 ) -> Result<Work> {
     let fresh = matches!(base, BaseState::Fresh);
     let started = std::time::Instant::now();
-    let mut keys = differing_rows(conn, reader, &schema, &spec, fresh)
-        .with_context(|| format!("cannot compare table {}", schema.name))?;
+    let runs = differing_rows(
+        conn,
+        reader,
+        &schema,
+        &spec,
+        fresh,
+        Merged::default,
+        |run: &mut Merged, key, sides| run.add(&spec, rules, fresh, key, sides),
+    )
+    .with_context(|| format!("cannot compare table {}", schema.name))?;
     let diff_time = started.elapsed();
     let mut w = Work {
         schema,
@@ -252,8 +364,7 @@ pub(super) fn plan_keyed(
     };
     // Rows with a NULL in a key column (SQLite allows it outside INTEGER PRIMARY KEY) are
     // no key at all: several may share one. They merge as whole rows, like a table
-    // without a key, so none is lost and none flips between runs.
-    keys.retain(|key, _| !key.iter().any(Cell::is_null));
+    // without a key, so none is lost and none flips between runs (`Merged::add` leaves them).
     let null_key = null_key(&w.spec);
     let null_rows = |db: &str| -> Result<Vec<Row>> {
         let cols: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
@@ -296,24 +407,8 @@ pub(super) fn plan_keyed(
             w.multiset_base.push((r.clone(), count(&newm, r), fallback));
         }
     }
-    // Consumed as merged, so each key's three rows are freed once its changes are made.
-    for (key, [b, c, p]) in keys {
-        let key = &key;
-        let m = merge_key(&w.spec, rules, key, b.as_ref(), c.as_ref(), p.as_ref());
-        w.counter_merges += usize::from(m.counter_merged);
-        w.conflicts.extend(m.conflict);
-        w.to_central.extend(m.to_central);
-        let fresh = matches!(w.base, BaseState::Fresh);
-        if fresh && b != m.new_base {
-            w.to_base.push(key.clone());
-        }
-        if let Some(ch) = m.to_peer {
-            w.to_peer.push(ch);
-            w.new_base.insert(key.clone(), m.new_base.clone());
-            if fresh {
-                w.old_base.insert(key.clone(), b);
-            }
-        }
+    for run in runs {
+        run.join(&mut w);
     }
     Ok(w)
 }

@@ -1,7 +1,6 @@
 //! Base upkeep: after a sync, the base holds what both sides now agree on; rows a side
 //! deferred keep their old base, so the next run merges them again.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
@@ -11,7 +10,7 @@ use crate::config::Direction;
 use crate::db::apply::apply;
 use crate::db::base;
 use crate::db::merge::{self, Change, TableSpec};
-use crate::db::snapshot::{self, quote};
+use crate::db::snapshot::quote;
 use crate::db::value::{Cell, Key, Row};
 
 use super::plan::{BaseState, Work, null_key};
@@ -49,32 +48,22 @@ pub(super) fn settle_bases(
     Ok(())
 }
 
-/// The base rows, before the base is settled, of the keys about to be written to the peer
-/// (keyed tables with a base): what a key the peer leaves alone goes back to. Those the
-/// merge planned come from the diff (the base changes only in this transaction); a key
-/// the schema's rules added is looked up.
-pub(super) fn base_before<'w>(
-    conn: &Connection,
-    works: &'w [Work],
-    to_peer: &[&[Change]],
-) -> Result<Vec<BTreeMap<Key, Cow<'w, Option<Row>>>>> {
-    works
+/// The base rows, before this sync, of the keys the peer left alone (`left`, out of its
+/// changes `to_peer`): what each goes back to. Keyed tables with a fresh base only; the
+/// rows come from the plan (see `Work::old_base`), so reading them needs no database.
+pub(super) fn base_before(
+    w: &Work,
+    to_peer: &[Change],
+    left: &BTreeSet<Key>,
+) -> BTreeMap<Key, Option<Row>> {
+    if !(w.keyed() && matches!(w.base, BaseState::Fresh)) || left.is_empty() {
+        return BTreeMap::new();
+    }
+    to_peer
         .iter()
-        .zip(to_peer)
-        .map(|(w, changes)| {
-            let mut out = BTreeMap::new();
-            if w.keyed() && matches!(w.base, BaseState::Fresh) {
-                let sql = snapshot::lookup_sql(&w.spec, "b");
-                for key in changes.iter().map(merge::target_of) {
-                    if let Some(row) = w.old_base.get(key) {
-                        out.insert(key.clone(), Cow::Borrowed(row));
-                    } else if !key.iter().any(Cell::is_null) {
-                        out.insert(key.clone(), Cow::Owned(snapshot::lookup(conn, &sql, key)?));
-                    }
-                }
-            }
-            Ok(out)
-        })
+        .filter(|c| left.contains(merge::target_of(c)))
+        .filter(|c| !merge::target_of(c).iter().any(Cell::is_null))
+        .map(|c| (merge::target_of(c).clone(), w.old_base_of(c).cloned()))
         .collect()
 }
 
@@ -86,7 +75,7 @@ pub(super) fn unsettle(
     direction: Direction,
     deferred: &BTreeSet<Key>,
     left: &BTreeSet<Key>,
-    before: &BTreeMap<Key, Cow<'_, Option<Row>>>,
+    before: &BTreeMap<Key, Option<Row>>,
 ) -> Result<()> {
     if !(w.keyed() && matches!(w.base, BaseState::Fresh)) {
         // Multisets and first syncs settle from scratch: again, with the rows left alone.
@@ -95,7 +84,7 @@ pub(super) fn unsettle(
     let back: Vec<Change> = left
         .iter()
         .filter_map(|key| {
-            Some(match before.get(key)?.as_ref() {
+            Some(match before.get(key)? {
                 Some(row) => Change::Upsert {
                     key: key.clone(),
                     old: None,
