@@ -143,7 +143,7 @@ fn swap(
             };
             if conn
                 .prepare_cached(&sql.delete)?
-                .execute(params_from_iter(values(old)))?
+                .execute(params_from_iter(old.values()))?
                 == 0
             {
                 return Ok(false);
@@ -156,7 +156,7 @@ fn swap(
             };
             match conn
                 .prepare_cached(&sql.insert)?
-                .execute(params_from_iter(values(new)))
+                .execute(params_from_iter(new.values()))
             {
                 Ok(_) => {}
                 Err(rusqlite::Error::SqliteFailure(e, _))
@@ -269,8 +269,7 @@ fn write(conn: &Connection, sql: &Statements, spec: &TableSpec, change: &Change)
             new,
             ..
         } => {
-            let mut params = values(new);
-            params.extend(values(old));
+            let params = new.values().chain(old.values());
             outcome(
                 conn.prepare_cached(&sql.update)?
                     .execute(params_from_iter(params)),
@@ -289,12 +288,12 @@ fn write(conn: &Connection, sql: &Statements, spec: &TableSpec, change: &Change)
             }
             outcome(
                 conn.prepare_cached(&sql.insert)?
-                    .execute(params_from_iter(values(new))),
+                    .execute(params_from_iter(new.values())),
             )
         }
         Change::Delete { old, .. } => outcome(
             conn.prepare_cached(&sql.delete)?
-                .execute(params_from_iter(values(old))),
+                .execute(params_from_iter(old.values())),
         ),
         Change::SetCount { row, old, new } => {
             let now: i64 = conn
@@ -349,7 +348,7 @@ pub fn overwrite(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Chang
     for change in changes {
         match change {
             Change::Upsert { new, .. } => {
-                upsert.execute(params_from_iter(new.iter()))?;
+                upsert.execute(params_from_iter(new.values()))?;
             }
             Change::Delete { key, .. } => {
                 delete.execute(params_from_iter(key.iter()))?;
@@ -393,24 +392,24 @@ mod tests {
             // Row 1 still holds (1, 'a', NULL): updated.
             Change::Upsert {
                 key: cells(&[Value::Integer(1)]),
-                old: Some(cells(&[Value::Integer(1), t("a"), Value::Null])),
-                new: cells(&[Value::Integer(1), t("a"), t("new")]),
+                old: Some(cells(&[Value::Integer(1), t("a"), Value::Null]).into()),
+                new: cells(&[Value::Integer(1), t("a"), t("new")]).into(),
             },
             // Row 2 changed meanwhile (the snapshot saw 'old'): skipped.
             Change::Delete {
                 key: cells(&[Value::Integer(2)]),
-                old: cells(&[Value::Integer(2), t("b"), t("old")]),
+                old: cells(&[Value::Integer(2), t("b"), t("old")]).into(),
             },
             // Key 1 exists already: an insert of it is skipped, not an error.
             Change::Upsert {
                 key: cells(&[Value::Integer(1)]),
                 old: None,
-                new: cells(&[Value::Integer(1), t("z"), Value::Null]),
+                new: cells(&[Value::Integer(1), t("z"), Value::Null]).into(),
             },
             Change::Upsert {
                 key: cells(&[Value::Integer(3)]),
                 old: None,
-                new: cells(&[Value::Integer(3), t("c"), Value::Null]),
+                new: cells(&[Value::Integer(3), t("c"), Value::Null]).into(),
             },
         ];
         let applied = apply(&conn, "main", &u, &changes).unwrap();
@@ -435,8 +434,8 @@ mod tests {
         let key = |id: i64| cells(&[Value::Integer(id)]);
         let upd = |id: i64, from: &str, to: &str| Change::Upsert {
             key: key(id),
-            old: Some(row(id, from)),
-            new: row(id, to),
+            old: Some(row(id, from).into()),
+            new: row(id, to).into(),
         };
         // alice <-> bob, and carol takes a name freed only by a later write.
         let changes = vec![
@@ -458,7 +457,7 @@ mod tests {
         let insert = Change::Upsert {
             key: key(4),
             old: None,
-            new: row(4, "bob"),
+            new: row(4, "bob").into(),
         };
         let applied = apply(&conn, "main", &spec, &[insert]).unwrap();
         assert_eq!(applied.refused.len(), 1);

@@ -366,11 +366,11 @@ pub fn roll_forward(
                     Some(row) => Change::Upsert {
                         key: e.key.clone(),
                         old: None,
-                        new: row.clone(),
+                        new: crate::db::value::Packed::pack(row),
                     },
                     None => Change::Delete {
                         key: e.key.clone(),
-                        old: Vec::new(),
+                        old: crate::db::value::Packed::pack(&[]),
                     },
                 };
                 overwrite(conn, "b", &spec, &[ch])?;

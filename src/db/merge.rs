@@ -21,7 +21,7 @@ use crate::config::{Direction, Policy};
 use chrono::{DateTime, Utc};
 
 use crate::conflicts::{ConflictRecord, Images};
-use crate::db::value::{Key, Row, counter_merge};
+use crate::db::value::{Key, Packed, Row, counter_merge};
 
 /// What the merge needs to know about a table whose schema agrees on all sides.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -54,18 +54,19 @@ pub struct Rules {
 }
 
 /// One change to one side. `old` is what the snapshot saw: the apply step writes only if
-/// the row still holds it (optimistic writes).
+/// the row still holds it (optimistic writes). Keyed rows are held packed: a plan holds
+/// two for every key it writes.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub enum Change {
     /// Keyed insert (`old: None`) or update.
     Upsert {
         key: Key,
-        old: Option<Row>,
-        new: Row,
+        old: Option<Packed>,
+        new: Packed,
     },
     Delete {
         key: Key,
-        old: Row,
+        old: Packed,
     },
     /// Multiset table: the row should occur `new` times (it occurred `old` times).
     SetCount {
@@ -132,7 +133,7 @@ impl std::ops::Add for Counts {
 }
 
 /// The row a keyed change leaves (`None`: deleted, or a multiset change).
-pub fn result_of(change: &Change) -> Option<&Row> {
+pub fn result_of(change: &Change) -> Option<&Packed> {
     match change {
         Change::Upsert { new, .. } => Some(new),
         Change::Delete { .. } | Change::SetCount { .. } => None,
@@ -140,7 +141,7 @@ pub fn result_of(change: &Change) -> Option<&Row> {
 }
 
 /// The row a keyed change expects to find (`None`: none, or a multiset change).
-pub fn before_of(change: &Change) -> Option<&Row> {
+pub fn before_of(change: &Change) -> Option<&Packed> {
     match change {
         Change::Upsert { old, .. } => old.as_ref(),
         Change::Delete { old, .. } => Some(old),
@@ -272,12 +273,12 @@ pub fn change(key: &Key, now: Option<&Row>, want: Option<&Row>) -> Option<Change
         (a, b) if a == b => None,
         (old, Some(new)) => Some(Change::Upsert {
             key: key.clone(),
-            old: old.cloned(),
-            new: new.clone(),
+            old: old.map(|row| Packed::pack(row)),
+            new: Packed::pack(new),
         }),
         (Some(old), None) => Some(Change::Delete {
             key: key.clone(),
-            old: old.clone(),
+            old: Packed::pack(old),
         }),
         (None, None) => None,
     }
@@ -500,7 +501,7 @@ pub fn apply_in_memory(spec: &TableSpec, rows: &[Row], changes: &[Change]) -> Ve
         for ch in changes {
             match ch {
                 Change::Upsert { key, new, .. } => {
-                    m.insert(key.clone(), new.clone());
+                    m.insert(key.clone(), new.unpack());
                 }
                 Change::Delete { key, .. } => {
                     m.remove(key);

@@ -17,7 +17,7 @@ use crate::db::backup;
 use crate::db::journal::{self, Journal};
 use crate::db::merge::{self, Change, Rules};
 use crate::db::snapshot::{self, quote};
-use crate::db::value::{Key, Row};
+use crate::db::value::{Key, Packed};
 use crate::ops::fault;
 
 use super::Pair;
@@ -149,8 +149,8 @@ struct TableOut<'a> {
 #[derive(serde::Serialize)]
 struct KeyOut<'a> {
     key: &'a Key,
-    central: Option<(Option<&'a Row>, Option<&'a Row>)>,
-    base: Option<&'a Row>,
+    central: Option<(Option<&'a Packed>, Option<&'a Packed>)>,
+    base: Option<&'a Packed>,
 }
 
 pub(super) fn journal_of<'a>(
@@ -228,14 +228,34 @@ pub(super) fn undo(conn: &Connection, w: &Work, keys: &BTreeSet<Key>) -> Result<
         .to_central
         .iter()
         .filter(|c| keys.contains(merge::target_of(c)))
-        .filter_map(|c| match c {
-            Change::Upsert { key, old, new } => merge::change(key, Some(new), old.as_ref()),
-            Change::Delete { key, old } => merge::change(key, None, Some(old)),
-            Change::SetCount { row, old, new } => Some(Change::SetCount {
+        .map(|c| match c {
+            Change::Upsert {
+                key,
+                old: Some(old),
+                new,
+            } => Change::Upsert {
+                key: key.clone(),
+                old: Some(new.clone()),
+                new: old.clone(),
+            },
+            Change::Upsert {
+                key,
+                old: None,
+                new,
+            } => Change::Delete {
+                key: key.clone(),
+                old: new.clone(),
+            },
+            Change::Delete { key, old } => Change::Upsert {
+                key: key.clone(),
+                old: None,
+                new: old.clone(),
+            },
+            Change::SetCount { row, old, new } => Change::SetCount {
                 row: row.clone(),
                 old: *new,
                 new: *old,
-            }),
+            },
         })
         .collect();
     apply(conn, "main", &w.spec, &back)?;
@@ -705,7 +725,7 @@ fn peer_changes(works: &mut [Work], refused: &[BTreeSet<Key>]) -> Vec<Vec<Change
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::value::Cell;
+    use crate::db::value::{Cell, Row};
     use rusqlite::types::Value;
 
     /// The journal is written from borrowed rows; it must read back as the `Journal` that
@@ -726,6 +746,7 @@ mod tests {
             row(7, b"a"),
             row(7, b"\xff"),
         );
+        let (packed_old, packed_new) = (Packed::pack(&old), Packed::pack(&new));
         let columns = vec!["id".to_string(), "nick".to_string()];
         let counted = journal::CountEntry {
             row: row(1, b"x"),
@@ -741,8 +762,8 @@ mod tests {
                 keyed: vec![
                     KeyOut {
                         key: &key,
-                        central: Some((Some(&old), Some(&new))),
-                        base: Some(&new),
+                        central: Some((Some(&packed_old), Some(&packed_new))),
+                        base: Some(&packed_new),
                     },
                     KeyOut {
                         key: &key,

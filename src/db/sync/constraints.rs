@@ -10,7 +10,7 @@ use crate::config::DbConfig;
 use crate::db::merge::{self, Change, Conflict, Rules, TableSpec, Winner};
 use crate::db::rekey;
 use crate::db::snapshot::{self, quote};
-use crate::db::value::{Cell, Key, Row};
+use crate::db::value::{Cell, Key, Packed, Row};
 
 use super::plan::{BaseState, Work, plan_table};
 
@@ -103,8 +103,10 @@ pub(super) fn rekey_rows(
             for e in &edits {
                 let key = merge::target_of(e);
                 if !w.new_base.contains_key(key) && !planned.contains(key) {
-                    w.new_base
-                        .insert(key.clone(), snapshot::lookup(conn, &sql, key)?);
+                    w.new_base.insert(
+                        key.clone(),
+                        snapshot::lookup(conn, &sql, key)?.map(Packed::from),
+                    );
                 }
             }
         }
@@ -211,7 +213,7 @@ pub(super) fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> R
         let finals: BTreeMap<Key, Option<Row>> = list
             .iter()
             .filter_map(|c| match c {
-                Change::Upsert { key, new, .. } => Some((key.clone(), Some(new.clone()))),
+                Change::Upsert { key, new, .. } => Some((key.clone(), Some(new.unpack()))),
                 Change::Delete { key, .. } => Some((key.clone(), None)),
                 Change::SetCount { .. } => None,
             })
@@ -279,9 +281,9 @@ pub(super) fn resolve_unique(conn: &Connection, w: &mut Work, rules: Rules) -> R
             };
             to_loser_side.retain(|c| merge::target_of(c) != &loser_key);
             to_other.retain(|c| merge::target_of(c) != &loser_key);
-            let delete = loser_now.clone().map(|old| Change::Delete {
+            let delete = loser_now.as_ref().map(|old| Change::Delete {
                 key: loser_key.clone(),
-                old,
+                old: Packed::pack(old),
             });
             to_loser_side.extend(delete.clone());
             w.to_base.retain(|k| k != &loser_key);
@@ -363,7 +365,7 @@ pub(super) fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> 
                 };
                 list.iter()
                     .filter_map(|c| match c {
-                        Change::Delete { key, old } => Some((key.clone(), old.clone())),
+                        Change::Delete { key, old } => Some((key.clone(), old.unpack())),
                         _ => None,
                     })
                     .collect()
@@ -432,7 +434,8 @@ pub(super) fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> 
                         w.note_peer_bases(&change, old, Some(parent_row.clone()));
                     }
                     _ => {
-                        w.new_base.insert(key.clone(), Some(parent_row.clone()));
+                        w.new_base
+                            .insert(key.clone(), Some(Packed::pack(&parent_row)));
                     }
                 }
                 let (central, peer) = if into_peer {

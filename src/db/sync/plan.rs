@@ -15,7 +15,7 @@ use crate::db::apply::open_for_merge;
 use crate::db::merge::{self, Change, Conflict, Rules, TableSpec, counts, merge_key, multiset};
 use crate::db::migrate;
 use crate::db::snapshot::{self, Schema, quote};
-use crate::db::value::{Cell, Key, Row};
+use crate::db::value::{Cell, Key, Packed, Row};
 
 use super::Pair;
 use super::commit::maybe_backup;
@@ -54,11 +54,11 @@ pub(super) struct Work {
     /// it is not the row the peer gets (see [`Work::new_base_of`]). Kept as exceptions:
     /// with both directions the base becomes what both sides hold, and one copy of each
     /// row is enough.
-    pub(super) new_base: BTreeMap<Key, Option<Row>>,
+    pub(super) new_base: BTreeMap<Key, Option<Packed>>,
     /// Keyed tables with a fresh base: the base row, as planning read it, of a key the
     /// peer is to take, where it is not the row the peer's change expects to find (see
     /// [`Work::old_base_of`]): what a key the peer leaves alone goes back to.
-    pub(super) old_base: BTreeMap<Key, Option<Row>>,
+    pub(super) old_base: BTreeMap<Key, Option<Packed>>,
     /// Rows of the peer moved to fresh keys (see `rekey`), with the references rewritten:
     /// written to the peer before `to_peer` (which is relative to the moved snapshot), all
     /// of them or none.
@@ -73,7 +73,7 @@ impl Work {
     }
 
     /// The base row a key the peer takes by `change` gets once both sides committed.
-    pub(super) fn new_base_of<'w>(&'w self, change: &'w Change) -> Option<&'w Row> {
+    pub(super) fn new_base_of<'w>(&'w self, change: &'w Change) -> Option<&'w Packed> {
         match self.new_base.get(merge::target_of(change)) {
             Some(row) => row.as_ref(),
             None => merge::result_of(change),
@@ -81,7 +81,7 @@ impl Work {
     }
 
     /// The base row, before this sync, of a key the peer takes by `change`.
-    pub(super) fn old_base_of<'w>(&'w self, change: &'w Change) -> Option<&'w Row> {
+    pub(super) fn old_base_of<'w>(&'w self, change: &'w Change) -> Option<&'w Packed> {
         match self.old_base.get(merge::target_of(change)) {
             Some(row) => row.as_ref(),
             None => merge::before_of(change),
@@ -114,7 +114,9 @@ fn base_exceptions(
     fresh: bool,
     old: Option<Row>,
     new: Option<Row>,
-) -> (Option<Option<Row>>, Option<Option<Row>>) {
+) -> (Option<Option<Packed>>, Option<Option<Packed>>) {
+    let new = new.map(Packed::from);
+    let old = old.map(Packed::from);
     let new = (new.as_ref() != merge::result_of(change)).then_some(new);
     let old = (fresh && old.as_ref() != merge::before_of(change)).then_some(old);
     (new, old)
@@ -129,8 +131,8 @@ struct Merged {
     to_base: Vec<Key>,
     conflicts: Vec<Conflict>,
     counter_merges: usize,
-    new_base: BTreeMap<Key, Option<Row>>,
-    old_base: BTreeMap<Key, Option<Row>>,
+    new_base: BTreeMap<Key, Option<Packed>>,
+    old_base: BTreeMap<Key, Option<Packed>>,
 }
 
 impl Merged {
@@ -750,7 +752,7 @@ mod tests {
         changes
             .iter()
             .map(|c| match c {
-                Change::Upsert { key, new, .. } => (key.clone(), Some(new.clone())),
+                Change::Upsert { key, new, .. } => (key.clone(), Some(new.unpack())),
                 Change::Delete { key, .. } => (key.clone(), None),
                 Change::SetCount { row, new, .. } => (row.clone(), Some(vec![int(*new as i64)])),
             })

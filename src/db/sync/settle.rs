@@ -11,7 +11,7 @@ use crate::db::apply::apply;
 use crate::db::base;
 use crate::db::merge::{self, Change, TableSpec};
 use crate::db::snapshot::quote;
-use crate::db::value::{Cell, Key, Row};
+use crate::db::value::{Cell, Key, Packed};
 
 use super::plan::{BaseState, Work, null_key};
 
@@ -55,7 +55,7 @@ pub(super) fn base_before(
     w: &Work,
     to_peer: &[Change],
     left: &BTreeSet<Key>,
-) -> BTreeMap<Key, Option<Row>> {
+) -> BTreeMap<Key, Option<Packed>> {
     if !(w.keyed() && matches!(w.base, BaseState::Fresh)) || left.is_empty() {
         return BTreeMap::new();
     }
@@ -75,7 +75,7 @@ pub(super) fn unsettle(
     direction: Direction,
     deferred: &BTreeSet<Key>,
     left: &BTreeSet<Key>,
-    before: &BTreeMap<Key, Option<Row>>,
+    before: &BTreeMap<Key, Option<Packed>>,
 ) -> Result<()> {
     if !(w.keyed() && matches!(w.base, BaseState::Fresh)) {
         // Multisets and first syncs settle from scratch: again, with the rows left alone.
@@ -92,7 +92,7 @@ pub(super) fn unsettle(
                 },
                 None => Change::Delete {
                     key: key.clone(),
-                    old: Vec::new(),
+                    old: Packed::pack(&[]),
                 },
             })
         })
