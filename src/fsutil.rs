@@ -408,6 +408,58 @@ pub fn copy_prefix(src: &File, out: &File, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes the first `len` bytes of `out` those of `src` (also `len` bytes, or more) and
+/// cuts `out` there, writing only the 4 KiB blocks that differ: a file rewritten in
+/// place this way gets no new blocks and no new page-cache pages where it already held
+/// the same bytes. Returns the number of bytes written. Like [`copy_prefix`], it reads
+/// `src` at explicit offsets (the descriptor's own offset is left alone).
+pub fn patch_prefix(src: &File, out: &File, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt as _;
+    const CHUNK: usize = 256 << 10;
+    const BLOCK: usize = 4 << 10;
+    let (mut want, mut have) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut written = 0u64;
+    let mut at = 0u64;
+    while at < len {
+        let n = usize::try_from(len - at).unwrap_or(CHUNK).min(CHUNK);
+        src.read_exact_at(&mut want[..n], at)?;
+        // `out` may be shorter: what it lacks counts as differing.
+        let mut got = 0;
+        while got < n {
+            match out.read_at(&mut have[got..n], at + got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut i = 0;
+        while i < n {
+            let same = |i: usize| {
+                let e = (i + BLOCK).min(n);
+                e <= got && want[i..e] == have[i..e]
+            };
+            if same(i) {
+                i += BLOCK;
+                continue;
+            }
+            let mut j = i + BLOCK;
+            while j < n && !same(j) {
+                j += BLOCK;
+            }
+            let j = j.min(n);
+            out.write_all_at(&want[i..j], at + i as u64)?;
+            written += (j - i) as u64;
+            i = j;
+        }
+        at += n as u64;
+    }
+    if out.metadata()?.len() != len {
+        out.set_len(len)?;
+    }
+    Ok(written)
+}
+
 /// Creates a directory (and missing parents) with the configured mode. Returns whether
 /// `path` itself was created; an existing directory is left exactly as it is.
 pub fn ensure_dir(path: &Path, perms: &Perms) -> io::Result<bool> {

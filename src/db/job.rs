@@ -216,6 +216,8 @@ fn forget_pair(ctx: &Context, db: &str, peer: &str) -> Result<()> {
     crate::db::journal::flush_outbox_of(ctx, &ctx.state.path(&crate::db::base::name(db, peer)))?;
     ctx.state.remove(&crate::db::journal::name(db, peer))?;
     ctx.state.remove(&crate::db::base::name(db, peer))?;
+    ctx.state
+        .remove(&crate::ops::state::names::db_snapshot(db, peer))?;
     ctx.state.remove(&sync::state_name(db, peer))?;
     Ok(())
 }

@@ -51,11 +51,39 @@ impl Schema {
 /// step. `dest` is scratch space the caller removes; it is never a live database. It is
 /// written without fsync: a caller that keeps it syncs it (`fsutil::atomic_replace_with`).
 pub fn snapshot_to(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<()> {
-    match std::fs::remove_file(dest) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("cannot remove {}", dest.display()));
+    snapshot_with(path, dest, busy_timeout, false)
+}
+
+/// [`snapshot_to`] into a copy kept between runs (`kept`, any content, or none): a
+/// database in rollback-journal mode is compared with it block by block and only the
+/// blocks that differ are written, so an unchanged region costs two reads and no new
+/// file, disk block or page-cache page. Every byte is compared, so a copy torn by a stop
+/// or edited by a sync is repaired like any other difference. Other databases are copied
+/// afresh, as by `snapshot_to`.
+pub fn snapshot_kept(path: &Path, kept: &Path, busy_timeout: Duration) -> Result<()> {
+    snapshot_with(path, kept, busy_timeout, true)
+}
+
+fn snapshot_with(path: &Path, dest: &Path, busy_timeout: Duration, keep: bool) -> Result<()> {
+    // A journal beside the copy (left by a stopped run that edited it) would be rolled
+    // back into the new copy when SQLite opens it: it goes first.
+    let dest_files = |with_main: bool| {
+        let mut files: Vec<std::path::PathBuf> = ["-journal", "-wal", "-shm"]
+            .iter()
+            .map(|s| crate::util::with_suffix(dest, s))
+            .collect();
+        if with_main {
+            files.push(dest.to_path_buf());
         }
-        _ => {}
+        files
+    };
+    for file in dest_files(!keep) {
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", file.display()));
+            }
+            _ => {}
+        }
     }
     let copied = copy_file_locked(path, dest, busy_timeout).unwrap_or(false);
     if !copied {
@@ -128,8 +156,21 @@ fn copy_file_locked(path: &Path, dest: &Path, busy_timeout: Duration) -> Result<
     if !legacy || !size_valid || u64::from(pages) * u64::from(page_size) != len {
         return Ok(false);
     }
-    let out = std::fs::File::create_new(dest)?;
-    crate::fsutil::copy_prefix(&file, &out, len)?;
+    let out = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dest)?
+    };
+    if out.metadata()?.len() == 0 {
+        crate::fsutil::copy_prefix(&file, &out, len)?;
+    } else {
+        crate::fsutil::patch_prefix(&file, &out, len)?;
+    }
     src.execute_batch("COMMIT")?;
     Ok(true)
 }
@@ -551,6 +592,54 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    /// A kept copy becomes the source byte for byte whatever it held (longer, shorter,
+    /// garbage, a journal beside it), and only the blocks that differ are written.
+    #[test]
+    fn a_kept_copy_is_patched_to_the_source_whatever_it_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let busy = Duration::from_secs(1);
+        let src = dir.path().join("bot.db");
+        let conn = make_db(&src, "delete");
+        conn.execute_batch(
+            "CREATE TABLE big (id INTEGER PRIMARY KEY, v TEXT);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+             INSERT INTO big SELECT i, printf('%0100d', i) FROM n;",
+        )
+        .unwrap();
+        let kept = dir.path().join("bot.snapshot.db");
+        let journal = crate::util::with_suffix(&kept, "-journal");
+        let same = |kept: &Path| std::fs::read(&src).unwrap() == std::fs::read(kept).unwrap();
+        let len = std::fs::metadata(&src).unwrap().len();
+        for held in [
+            Vec::new(),
+            vec![7u8; usize::try_from(len).unwrap() * 2],
+            vec![0u8; 5000],
+        ] {
+            std::fs::write(&kept, &held).unwrap();
+            std::fs::write(&journal, b"not a journal of this copy").unwrap();
+            snapshot_kept(&src, &kept, busy).unwrap();
+            assert!(same(&kept));
+            assert!(!journal.exists());
+        }
+        // One row changed: one page differs, and the copy follows.
+        conn.execute("UPDATE big SET v = 'x' WHERE id = 1500", [])
+            .unwrap();
+        let file = std::fs::File::open(&src).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&kept)
+            .unwrap();
+        let written = crate::fsutil::patch_prefix(&file, &out, len).unwrap();
+        assert!(
+            written > 0 && written <= 3 * 4096,
+            "{written} bytes written"
+        );
+        assert!(same(&kept));
+        snapshot_kept(&src, &kept, busy).unwrap();
+        assert!(same(&kept));
     }
 
     #[test]

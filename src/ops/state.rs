@@ -48,6 +48,12 @@ pub mod names {
         format!("db/{database}/{peer}.base.db")
     }
 
+    /// A local peer's snapshot, kept between syncs so the next one rewrites only the
+    /// blocks that changed (a cache: every byte is compared again each time).
+    pub fn db_snapshot(database: &str, peer: &str) -> String {
+        format!("db/{database}/{peer}.snapshot.db")
+    }
+
     /// What a database sync is about to write to the peer, durable before the peer is touched.
     pub fn db_journal(database: &str, peer: &str) -> String {
         format!("db/{database}/{peer}.journal.json")

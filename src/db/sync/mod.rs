@@ -5,17 +5,20 @@
 //! 1. Fast path (`fingerprint`): if the pair's files (device, inode, size, mtime of the
 //!    database and its `-wal`) and its configuration match the fingerprint of the last
 //!    successful sync, stop.
-//! 2. Snapshot of the peer: copied with the online backup API into scratch space
-//!    (`state/tmp`); the diff reads that copy, so the bot's writer is blocked only for the
-//!    copy. The first time, the central copy is created from it.
+//! 2. Snapshot of the peer, into a copy kept in `state/db/<db>/<peer>.snapshot.db` (a
+//!    peer in rollback-journal mode: only the blocks that differ from the kept copy are
+//!    rewritten, under SQLite's shared lock; in WAL mode: the online backup API). The diff
+//!    reads that copy, so the bot's writer is blocked only for the copy. The first time,
+//!    the central copy is created from it.
 //! 3. One connection (`connection`) holds the central copy as `main`, the snapshot as `p`
 //!    and the base as `b`. A sync that stopped between its two commits is completed first
 //!    (`commit`, from the journal of `db::journal`).
-//! 4. Diff and plan. Keyed tables are compared in SQL (`diff`: central against snapshot,
-//!    by primary key; for tables with counters also against the base, since equal deltas
-//!    leave both sides equal), and only keys whose rows differ are merged in Rust against
-//!    the base (`plan`, with `db::merge`). Memory grows with the number of differing rows,
-//!    not with the database. Tables without a primary key are merged as multisets. The
+//! 4. Diff and plan. Keyed tables are compared page by page (`diff` through `db::btree`,
+//!    for rowid tables) or in SQL (`diff`: central against snapshot, by primary key; for
+//!    tables with counters also against the base, since equal deltas leave both sides
+//!    equal), and each key whose rows differ is merged in Rust against the base as soon
+//!    as it is found (`plan`, with `db::merge`); the plan holds its rows packed. Memory
+//!    grows with the number of differing rows, not with the database. Tables without a primary key are merged as multisets. The
 //!    plan is then fitted to the schema's rules (`constraints`: ids both sides handed out,
 //!    UNIQUE, foreign keys) and checked by the mass-delete guard.
 //! 5. Backups, the writes and the two commits (`commit`) in the order `db::journal` lays
@@ -33,7 +36,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{DbConfig, PeerConfig};
 use crate::context::Context;
-use crate::db::backup;
 use crate::db::base;
 use crate::db::journal::{self};
 use crate::db::merge::{Counts, Rules, counts};
@@ -166,22 +168,6 @@ pub fn sync_pair(
             e
         }
     })
-}
-
-/// The peer's snapshot the sync reads (see `Pair::snapshot`).
-enum Snap {
-    Scratch(fsutil::Scratch),
-    Kept(PathBuf),
-}
-
-impl std::ops::Deref for Snap {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        match self {
-            Snap::Scratch(s) => s,
-            Snap::Kept(p) => p,
-        }
-    }
 }
 
 /// One pair's sync in progress: what every step reads, and the report the steps fill in.
@@ -370,25 +356,38 @@ impl<'a> Pair<'a> {
         Ok(previous.is_some_and(|p| look.matches(&p.fingerprint) && self.base_path.exists()))
     }
 
-    /// Step 2: the peer copied with the online backup API into scratch space; a peer on
-    /// another host is copied there by its server and only the pages that differ travel
-    /// into the kept copy, which then is the snapshot (a change the sync makes to it, such
-    /// as a migrated column, is undone by the next transfer).
-    fn snapshot(&mut self) -> Result<Snap> {
+    /// Step 2: the peer's snapshot, in a copy kept in `state/` between syncs. A local peer
+    /// is compared with it under SQLite's shared lock and only the blocks that differ are
+    /// rewritten (a peer in WAL mode is copied afresh with the online backup API); a peer
+    /// on another host is copied there by its server and only the pages that differ
+    /// travel. Either way a change the sync makes to the copy (a migrated column, moved
+    /// keys) is undone by the next snapshot, which compares every byte.
+    fn snapshot(&mut self) -> Result<PathBuf> {
         self.phases = crate::util::Phases::start();
         if let Some(r) = &self.remote {
             if let Some(dir) = self.peer_path.parent() {
                 fsutil::ensure_dir(dir, &self.ctx.perms)?;
             }
             r.fetch(&self.peer_path).with_context(|| self.label())?;
-            return Ok(Snap::Kept(self.peer_path.clone()));
+            return Ok(self.peer_path.clone());
         }
-        let scratch = backup::scratch_dir(self.ctx)?;
-        let snap = fsutil::Scratch::new(
-            scratch.join(format!("{}.{}.snapshot.db", self.name, self.peer_name)),
-        );
-        snapshot::snapshot_to(&self.peer_path, &snap, self.busy).with_context(|| self.label())?;
-        Ok(Snap::Scratch(snap))
+        // Kept between syncs: a fresh copy of a large peer every run would cost a new file
+        // and fresh memory for its page cache each time (several times the copy itself on
+        // a virtual machine that hands freed memory back to its host).
+        let kept = self.ctx.state.path(&crate::ops::state::names::db_snapshot(
+            self.name,
+            self.peer_name,
+        ));
+        if let Some(dir) = kept.parent() {
+            fsutil::ensure_dir(dir, &self.ctx.perms)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        snapshot::snapshot_kept(&self.peer_path, &kept, self.busy).with_context(|| self.label())?;
+        self.ctx
+            .perms
+            .apply_file(&kept)
+            .with_context(|| format!("cannot set the mode of {}", kept.display()))?;
+        Ok(kept)
     }
 
     /// Step 2, the first time: the central copy is a copy of the peer's snapshot.
