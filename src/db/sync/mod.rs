@@ -18,9 +18,10 @@
 //!    tables with counters also against the base, since equal deltas leave both sides
 //!    equal), and each key whose rows differ is merged in Rust against the base as soon
 //!    as it is found (`plan`, with `db::merge`); the plan holds its rows packed. Memory
-//!    grows with the number of differing rows, not with the database. Tables without a primary key are merged as multisets. The
-//!    plan is then fitted to the schema's rules (`constraints`: ids both sides handed out,
-//!    UNIQUE, foreign keys) and checked by the mass-delete guard.
+//!    grows with the number of differing rows, not with the database. Tables without a
+//!    primary key are merged as multisets. The plan is then fitted to the schema's rules
+//!    (`constraints`: ids both sides handed out, UNIQUE, foreign keys) and checked by the
+//!    mass-delete guard.
 //! 5. Backups, the writes and the two commits (`commit`) in the order `db::journal` lays
 //!    down, so a sync stopped at any instant is completed exactly by the next run; the
 //!    base is settled inside the central commit (`settle`).
