@@ -162,14 +162,27 @@ pub fn holder(layout: &Layout, job: &str) -> Option<LockHolder> {
     let path = layout.lock_file(job);
     let inode = std::fs::metadata(&path).ok()?.ino();
     let recorded = read_holder(&path);
-    match std::fs::read_to_string("/proc/locks") {
-        Ok(locks) if flock_held_on(&locks, inode) => Some(recorded.unwrap_or(LockHolder {
+    // The kernel lists `/proc/locks` a page per read, resuming by position: a lock taken
+    // or dropped by another process between two reads can shift the list so one entry is
+    // never shown. A lock shown is held; one not shown is looked for again before the
+    // answer is "free".
+    let mut held = false;
+    for _ in 0..3 {
+        match std::fs::read_to_string("/proc/locks") {
+            Ok(locks) if flock_held_on(&locks, inode) => {
+                held = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => return recorded.filter(|h| Path::new(&format!("/proc/{}", h.pid)).exists()),
+        }
+    }
+    held.then(|| {
+        recorded.unwrap_or(LockHolder {
             pid: 0,
             started: "unknown".into(),
-        })),
-        Ok(_) => None,
-        Err(_) => recorded.filter(|h| Path::new(&format!("/proc/{}", h.pid)).exists()),
-    }
+        })
+    })
 }
 
 /// Whether `/proc/locks` text shows a granted FLOCK on `inode`.
