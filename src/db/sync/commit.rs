@@ -25,7 +25,7 @@ use super::PairReport;
 use super::connection::lock_central;
 use super::plan::Plan;
 use super::plan::{BaseState, Work, spec_of};
-use super::settle::{base_before, settle_bases, unsettle};
+use super::settle::{base_before, settle_bases, stage_keys, unsettle};
 use crate::output::Progress;
 
 /// Completes a sync that stopped between its peer commit and its central commit (see
@@ -524,8 +524,26 @@ impl Pair<'_> {
         }
         self.phases.mark("central apply");
 
-        // 5c. The journal, then the peer's commit with its marker, the base settled beside.
+        // The keys whose base changes with these writes are staged; then the central
+        // copy's rows are let go of, but for the keys the peer takes too (the journal and
+        // a key the peer leaves alone need them).
         let to_peer = peer_changes(&mut plan.works, &refused);
+        let central_written: Vec<bool> = plan
+            .works
+            .iter()
+            .map(|w| !w.to_central.is_empty())
+            .collect();
+        for (i, w) in plan.works.iter_mut().enumerate() {
+            stage_keys(&tx, i, w, &refused[i]).with_context(|| self.base_write())?;
+            let peer_keys: BTreeSet<&Key> = to_peer[i].iter().map(merge::target_of).collect();
+            w.to_central
+                .retain(|c| peer_keys.contains(merge::target_of(c)));
+            w.to_central.shrink_to_fit();
+        }
+        tx.execute_batch("PRAGMA shrink_memory")?;
+        self.phases.mark("staging");
+
+        // 5c. The journal, then the peer's commit with its marker, the base settled beside.
         let works = &plan.works;
         // AUTOINCREMENT counters: every side's `sqlite_sequence` is raised to the highest
         // one, so no side hands out again an id another side has used (even for a row that
@@ -541,7 +559,7 @@ impl Pair<'_> {
             let j = journal_of(&txid, works, &changes, &records);
             self.write_peer(&tx, works, j, &set, &refused)?
         } else {
-            settle_bases(&tx, works, self.rules.direction, &refused)
+            settle_bases(&tx, works, &[], self.rules.direction, &refused)
                 .with_context(|| self.base_write())?;
             self.phases.mark("base");
             vec![BTreeSet::new(); works.len()]
@@ -557,7 +575,8 @@ impl Pair<'_> {
         rebuild_indexes(&tx, "main", &plan.fts, |t| {
             works
                 .iter()
-                .any(|w| w.spec.name == t && !w.to_central.is_empty())
+                .zip(&central_written)
+                .any(|(w, &written)| w.spec.name == t && written)
         })
         .with_context(|| self.central_write())?;
         raise_sequences(&tx, &sequences).with_context(|| self.central_write())?;
@@ -614,7 +633,8 @@ impl Pair<'_> {
             });
             // Meanwhile, on this thread: the base settled.
             let t = std::time::Instant::now();
-            let settled = settle_bases(tx, works, self.rules.direction, refused);
+            let changes: Vec<&[Change]> = set.tables.iter().map(|t| t.2.as_slice()).collect();
+            let settled = settle_bases(tx, works, &changes, self.rules.direction, refused);
             let base_time = t.elapsed();
             let peer = peer.join().map(|(r, peer_time)| {
                 self.phases.note(format!(

@@ -41,8 +41,10 @@ pub(super) struct Work {
     pub(super) to_central: Vec<Change>,
     pub(super) to_peer: Vec<Change>,
     /// Keyed tables with a fresh base: the base changes (applied unless a side deferred).
-    /// Keys whose base row changes: each is copied from the side that now holds it (or
-    /// let go of), in SQL, when the base is settled. (Keys with a NULL cell never get
+    /// When the base is settled, the base row of each key of `to_central`, `to_peer` and
+    /// this list is copied, in SQL, from the side that now holds it (or let go of); this
+    /// list holds only the keys whose base row changes though neither side takes a change
+    /// (both made the same one), so a key is held once. (Keys with a NULL cell never get
     /// here: they merge as whole rows.)
     pub(super) to_base: Vec<Key>,
     /// Multisets: per row, the base count after the sync and the count to keep if a side
@@ -146,8 +148,9 @@ impl Merged {
         let m = merge_key(spec, rules, &key, b.as_ref(), c.as_ref(), p.as_ref());
         self.counter_merges += usize::from(m.counter_merged);
         self.conflicts.extend(m.conflict);
+        let changes_central = m.to_central.is_some();
         self.to_central.extend(m.to_central);
-        let to_base = fresh && b != m.new_base;
+        let to_base = fresh && b != m.new_base && m.to_peer.is_none() && !changes_central;
         if let Some(change) = m.to_peer {
             let (new, old) = base_exceptions(&change, fresh, b, m.new_base);
             if let Some(row) = new {
@@ -163,15 +166,28 @@ impl Merged {
         }
     }
 
-    /// Appends a later run of keys to `w`.
+    /// Appends a later run of keys to `w` (its lists of changes are joined by `concat`).
     fn join(self, w: &mut Work) {
-        w.to_central.extend(self.to_central);
-        w.to_peer.extend(self.to_peer);
-        w.to_base.extend(self.to_base);
         w.conflicts.extend(self.conflicts);
         w.counter_merges += self.counter_merges;
         w.new_base.extend(self.new_base);
         w.old_base.extend(self.old_base);
+    }
+}
+
+/// Appends `parts` to `into`, emptying each, one list at a time and without growing
+/// `into` twice: growing it part by part would at its peak hold twice the largest list.
+fn concat<'a, T: 'a>(into: &mut Vec<T>, parts: impl Iterator<Item = &'a mut Vec<T>>) {
+    let mut parts: Vec<&mut Vec<T>> = parts.collect();
+    if into.is_empty()
+        && let Some(first) = parts.first_mut()
+    {
+        std::mem::swap(into, *first);
+    }
+    into.reserve_exact(parts.iter().map(|p| p.len()).sum());
+    for part in parts {
+        into.append(part);
+        *part = Vec::new();
     }
 }
 
@@ -409,6 +425,13 @@ pub(super) fn plan_keyed(
             w.multiset_base.push((r.clone(), count(&newm, r), fallback));
         }
     }
+    let mut runs = runs;
+    concat(
+        &mut w.to_central,
+        runs.iter_mut().map(|r| &mut r.to_central),
+    );
+    concat(&mut w.to_peer, runs.iter_mut().map(|r| &mut r.to_peer));
+    concat(&mut w.to_base, runs.iter_mut().map(|r| &mut r.to_base));
     for run in runs {
         run.join(&mut w);
     }
@@ -537,6 +560,8 @@ pub(super) fn guard(
             }
         }
     }
+    // The pages counted are not read again: their cache is let go of before the writes.
+    conn.execute_batch("PRAGMA shrink_memory")?;
     Ok(())
 }
 

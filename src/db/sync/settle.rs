@@ -33,17 +33,92 @@ pub(super) fn multiset_base_counts(w: &Work, deferred: &BTreeSet<Key>) -> Vec<Ch
         .collect()
 }
 
-/// Brings the base up to date for one table, inside the central transaction. Rows a side
-/// deferred keep their old base, so the next run sees their change again.
-/// Settles the base of every table for what the central copy now holds, less `deferred`.
+/// Settles the base of every table for what the central copy now holds, less `deferred`,
+/// inside the central transaction (`to_peer`: the peer's changes, per table). Rows a side
+/// deferred keep their old base, so the next run sees their change again. The keys of the
+/// central copy's changes were staged before (`stage_keys`).
 pub(super) fn settle_bases(
     conn: &Connection,
     works: &[Work],
+    to_peer: &[&[Change]],
     direction: Direction,
     deferred: &[BTreeSet<Key>],
 ) -> Result<()> {
-    for (w, deferred) in works.iter().zip(deferred) {
-        settle_base(conn, w, direction, deferred)?;
+    for (i, (w, deferred)) in works.iter().zip(deferred).enumerate() {
+        let to_peer = to_peer.get(i).copied().unwrap_or_default();
+        settle_base(conn, i, w, to_peer, direction, deferred)?;
+    }
+    Ok(())
+}
+
+/// The temporary table that holds the keys of table `i` of the plan whose base is settled.
+fn staged(i: usize) -> String {
+    format!("temp.cr0sync_settle_{i}")
+}
+
+/// Whether `w` settles its base key by key: a keyed table with a fresh base.
+fn by_key(w: &Work) -> bool {
+    w.keyed() && matches!(w.base, BaseState::Fresh)
+}
+
+/// Stages, in a temporary table of the central connection, the keys whose base row
+/// changes with the central copy's changes: the keys of `to_central` and `to_base`, less
+/// `deferred`. Called once the central copy's changes are written, so their rows can be
+/// let go of before the peer is written; the peer's keys join them in `settle_base`.
+/// Keyed tables with a fresh base only (the others settle whole).
+pub(super) fn stage_keys(
+    conn: &Connection,
+    i: usize,
+    w: &Work,
+    deferred: &BTreeSet<Key>,
+) -> Result<()> {
+    if !by_key(w) {
+        return Ok(());
+    }
+    let pk: Vec<String> = w
+        .spec
+        .pk
+        .iter()
+        .map(|&i| quote(&w.spec.columns[i]))
+        .collect();
+    let pk = pk.join(", ");
+    // Keyed by the key, so a key both sides change is staged once.
+    conn.execute_batch(&format!(
+        "DROP TABLE IF EXISTS {0}; CREATE TABLE {0} ({pk}, PRIMARY KEY ({pk})) WITHOUT ROWID;",
+        staged(i)
+    ))?;
+    let central = w.to_central.iter().filter_map(change_key);
+    add_keys(conn, i, w, deferred, w.to_base.iter().chain(central))
+}
+
+/// The key a keyed change writes (a multiset row has none).
+fn change_key(c: &Change) -> Option<&Key> {
+    match c {
+        Change::Upsert { key, .. } | Change::Delete { key, .. } => Some(key),
+        Change::SetCount { .. } => None,
+    }
+}
+
+/// Adds `keys` (less `deferred`, and less keys with a NULL cell, which merge as whole
+/// rows) to the staged keys of table `i`.
+fn add_keys<'k>(
+    conn: &Connection,
+    i: usize,
+    w: &Work,
+    deferred: &BTreeSet<Key>,
+    keys: impl Iterator<Item = &'k Key>,
+) -> Result<()> {
+    let n = w.spec.pk.len();
+    let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    let mut insert = conn.prepare(&format!(
+        "INSERT OR IGNORE INTO {} VALUES ({})",
+        staged(i),
+        marks.join(", ")
+    ))?;
+    for key in keys {
+        if key.len() == n && !key.iter().any(Cell::is_null) && !deferred.contains(key) {
+            insert.execute(params_from_iter(key.iter()))?;
+        }
     }
     Ok(())
 }
@@ -77,9 +152,9 @@ pub(super) fn unsettle(
     left: &BTreeSet<Key>,
     before: &BTreeMap<Key, Option<Packed>>,
 ) -> Result<()> {
-    if !(w.keyed() && matches!(w.base, BaseState::Fresh)) {
+    if !by_key(w) {
         // Multisets and first syncs settle from scratch: again, with the rows left alone.
-        return settle_base(conn, w, direction, deferred);
+        return settle_base(conn, usize::MAX, w, &[], direction, deferred);
     }
     let back: Vec<Change> = left
         .iter()
@@ -121,9 +196,12 @@ pub(super) fn settle_null_key_rows(
     Ok(())
 }
 
+/// Settles the base of table `i` of the plan (see `settle_bases`).
 pub(super) fn settle_base(
     conn: &Connection,
+    i: usize,
     w: &Work,
+    to_peer: &[Change],
     direction: Direction,
     deferred: &BTreeSet<Key>,
 ) -> Result<()> {
@@ -144,83 +222,67 @@ pub(super) fn settle_base(
     settle_null_key_rows(conn, w, deferred)?;
     match w.base {
         BaseState::Fresh => {
-            // The new base row of every settled key is what `from` now holds, so it is
-            // copied in SQL (keys with a NULL cell never get here: see `Work::to_base`).
+            // The new base row of every staged key is what `from` now holds, so it is
+            // copied in SQL. A key whose base does not change is copied to itself.
             let from = if direction == Direction::Pull {
                 "p"
             } else {
                 "main"
             };
-            let plain: Vec<&Key> = w
-                .to_base
+            add_keys(conn, i, w, deferred, to_peer.iter().filter_map(change_key))?;
+            let keys = staged(i);
+            let pk: Vec<String> = w
+                .spec
+                .pk
                 .iter()
-                .filter(|key| !deferred.contains(*key))
+                .map(|&i| quote(&w.spec.columns[i]))
                 .collect();
-            if !plain.is_empty() {
-                let pk: Vec<String> = w
-                    .spec
-                    .pk
-                    .iter()
-                    .map(|&i| quote(&w.spec.columns[i]))
-                    .collect();
-                let pk = pk.join(", ");
-                conn.execute_batch(&format!(
-                    "DROP TABLE IF EXISTS temp.cr0sync_keys; CREATE TEMP TABLE cr0sync_keys ({pk});"
-                ))?;
-                let marks: Vec<String> = (1..=w.spec.pk.len()).map(|i| format!("?{i}")).collect();
-                let mut insert = conn.prepare(&format!(
-                    "INSERT INTO temp.cr0sync_keys VALUES ({})",
-                    marks.join(", ")
-                ))?;
-                for key in &plain {
-                    insert.execute(params_from_iter(key.iter()))?;
-                }
-                let same_key: Vec<String> = w
-                    .spec
-                    .pk
-                    .iter()
-                    .map(|&i| {
-                        let c = quote(&w.spec.columns[i]);
-                        format!("s.{c} = k.{c}")
-                    })
-                    .collect();
-                let same_key = same_key.join(" AND ");
-                let kcols: Vec<String> = w
-                    .spec
-                    .pk
-                    .iter()
-                    .map(|&i| format!("k.{}", quote(&w.spec.columns[i])))
-                    .collect();
-                let kcols = kcols.join(", ");
-                let named: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
-                let cols = named.join(", ");
-                let scols: Vec<String> = named.iter().map(|c| format!("s.{c}")).collect();
-                let scols = scols.join(", ");
-                // An existing base row is updated in place (an upsert: REPLACE would delete
-                // and insert it again).
-                let sets: Vec<String> = w
-                    .spec
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !w.spec.pk.contains(i))
-                    .map(|(_, c)| format!("{0} = excluded.{0}", quote(c)))
-                    .collect();
-                let on_conflict = if sets.is_empty() {
-                    "DO NOTHING".to_string()
-                } else {
-                    format!("DO UPDATE SET {}", sets.join(", "))
-                };
-                // Driven by the key list: one index lookup per key, never a scan.
-                conn.execute_batch(&format!(
-                    "INSERT INTO b.{t} ({cols}) SELECT {scols} FROM temp.cr0sync_keys AS k \
-                       JOIN {from}.{t} AS s ON {same_key} WHERE true ON CONFLICT ({pk}) \
-                       {on_conflict};
-                     DELETE FROM b.{t} WHERE ({pk}) IN (SELECT {kcols} FROM temp.cr0sync_keys \
-                       AS k WHERE NOT EXISTS (SELECT 1 FROM {from}.{t} AS s WHERE {same_key}));
-                     DROP TABLE temp.cr0sync_keys;"
-                ))?;
-            }
+            let pk = pk.join(", ");
+            let same_key: Vec<String> = w
+                .spec
+                .pk
+                .iter()
+                .map(|&i| {
+                    let c = quote(&w.spec.columns[i]);
+                    format!("s.{c} = k.{c}")
+                })
+                .collect();
+            let same_key = same_key.join(" AND ");
+            let kcols: Vec<String> = w
+                .spec
+                .pk
+                .iter()
+                .map(|&i| format!("k.{}", quote(&w.spec.columns[i])))
+                .collect();
+            let kcols = kcols.join(", ");
+            let named: Vec<String> = w.spec.columns.iter().map(|c| quote(c)).collect();
+            let cols = named.join(", ");
+            let scols: Vec<String> = named.iter().map(|c| format!("s.{c}")).collect();
+            let scols = scols.join(", ");
+            // An existing base row is updated in place (an upsert: REPLACE would delete
+            // and insert it again).
+            let sets: Vec<String> = w
+                .spec
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !w.spec.pk.contains(i))
+                .map(|(_, c)| format!("{0} = excluded.{0}", quote(c)))
+                .collect();
+            let on_conflict = if sets.is_empty() {
+                "DO NOTHING".to_string()
+            } else {
+                format!("DO UPDATE SET {}", sets.join(", "))
+            };
+            // Driven by the key list: one index lookup per key, never a scan.
+            conn.execute_batch(&format!(
+                "INSERT INTO b.{t} ({cols}) SELECT {scols} FROM {keys} AS k \
+                   JOIN {from}.{t} AS s ON {same_key} WHERE true ON CONFLICT ({pk}) \
+                   {on_conflict};
+                 DELETE FROM b.{t} WHERE ({pk}) IN (SELECT {kcols} FROM {keys} AS k \
+                   WHERE NOT EXISTS (SELECT 1 FROM {from}.{t} AS s WHERE {same_key}));
+                 DROP TABLE {keys};"
+            ))?;
         }
         BaseState::Rebuild => {
             let from = if direction == Direction::Pull {
