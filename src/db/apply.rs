@@ -16,6 +16,7 @@
 //!   fires once, where the application wrote (its effects arrive as ordinary rows), and
 //!   nothing cascades.
 
+use std::borrow::Borrow;
 use std::collections::BTreeSet;
 
 use anyhow::{Context as _, Result};
@@ -68,17 +69,23 @@ enum Wrote {
 /// update or delete), and writes that still refuse each other (a swap of two unique
 /// values) are applied together: their rows are deleted, then their new images inserted,
 /// inside a savepoint that is rolled back if that does not succeed either.
-pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) -> Result<Applied> {
+pub fn apply<C: Borrow<Change>>(
+    conn: &Connection,
+    db: &str,
+    spec: &TableSpec,
+    changes: impl IntoIterator<Item = C>,
+) -> Result<Applied> {
     let sql = Statements::new(db, spec);
     let mut out = Applied::default();
-    let mut waiting: Vec<&Change> = Vec::new();
-    for change in changes {
+    let mut waiting: Vec<C> = Vec::new();
+    for item in changes {
+        let change = item.borrow();
         match write(conn, &sql, spec, change)? {
             Wrote::Done => {}
             Wrote::Changed => {
                 out.skipped.insert(target(change).clone());
             }
-            Wrote::Refused { unique: true, .. } => waiting.push(change),
+            Wrote::Refused { unique: true, .. } => waiting.push(item),
             Wrote::Refused { why, .. } => refuse(&mut out, spec, change, &why),
         }
     }
@@ -87,15 +94,15 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
     loop {
         let before = waiting.len();
         let mut still = Vec::new();
-        for change in waiting {
-            match write(conn, &sql, spec, change)? {
+        for item in waiting {
+            match write(conn, &sql, spec, item.borrow())? {
                 Wrote::Done => {}
                 Wrote::Changed => {
-                    out.skipped.insert(target(change).clone());
+                    out.skipped.insert(target(item.borrow()).clone());
                 }
                 Wrote::Refused { why, .. } => {
                     last_why = why;
-                    still.push(change);
+                    still.push(item);
                 }
             }
         }
@@ -104,6 +111,7 @@ pub fn apply(conn: &Connection, db: &str, spec: &TableSpec, changes: &[Change]) 
             break;
         }
     }
+    let waiting: Vec<&Change> = waiting.iter().map(Borrow::borrow).collect();
     if !waiting.is_empty() && !swap(conn, &sql, spec, &waiting)? {
         for change in waiting {
             refuse(&mut out, spec, change, &last_why);

@@ -54,8 +54,8 @@ pub struct Rules {
 }
 
 /// One change to one side. `old` is what the snapshot saw: the apply step writes only if
-/// the row still holds it (optimistic writes). Keyed rows are held packed: a plan holds
-/// two for every key it writes.
+/// the row still holds it (optimistic writes). Keyed rows are held packed; a plan holds
+/// its changes encoded in a `db::changes::ChangeList`.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub enum Change {
     /// Keyed insert (`old: None`) or update.
@@ -149,10 +149,10 @@ pub fn before_of(change: &Change) -> Option<&Packed> {
     }
 }
 
-pub fn counts(changes: &[Change]) -> Counts {
+pub fn counts<C: std::borrow::Borrow<Change>>(changes: impl IntoIterator<Item = C>) -> Counts {
     let mut n = Counts::default();
     for c in changes {
-        match c {
+        match c.borrow() {
             Change::Upsert { old: None, .. } => n.inserts += 1,
             Change::Upsert { old: Some(_), .. } => n.updates += 1,
             Change::Delete { .. } => n.deletes += 1,

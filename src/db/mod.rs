@@ -10,6 +10,7 @@
 //!   base; `migrate`: columns added by a migration on one side; `rekey`: rows inserted on
 //!   both sides under one INTEGER PRIMARY KEY, both kept.
 //! - `btree`: rows read straight from a file's pages, for the diff.
+//! - `changes`: a list of changes held encoded in one buffer (what a plan holds).
 //! - `snapshot`, `backup`, `value`. (Conflict records are shared with the file-tree job:
 //!   `crate::conflicts`.)
 //! - `job`: pair selection, recovery commands (`sync-from-bot`, `restore`, `resolve`),
@@ -19,6 +20,7 @@ pub mod apply;
 pub mod backup;
 pub mod base;
 pub mod btree;
+pub mod changes;
 pub mod job;
 pub mod journal;
 pub mod merge;

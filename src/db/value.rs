@@ -136,8 +136,9 @@ impl rusqlite::ToSql for Cell {
     }
 }
 
-/// A row packed into one allocation: what a plan holds for every row it is to write,
-/// about a quarter of a [`Row`]'s size (a `Row` allocates its cells, and each TEXT or
+/// A row packed into one allocation: how a change holds the rows it writes (and, one
+/// after another, how a plan's `ChangeList` holds them), about a quarter of a [`Row`]'s
+/// size (a `Row` allocates its cells, and each TEXT or
 /// BLOB, apart). Equal packings are equal rows, cell for cell. Serializes as the row.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Packed(Box<[u8]>);
@@ -150,7 +151,7 @@ const P_REAL: u8 = 2;
 const P_TEXT: u8 = 3;
 const P_BLOB: u8 = 4;
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push(v.to_le_bytes()[0] | 0x80);
         v >>= 7;
@@ -158,7 +159,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v.to_le_bytes()[0]);
 }
 
-fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
+pub(crate) fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let b = bytes[*at];
@@ -174,12 +175,18 @@ fn get_varint(bytes: &[u8], at: &mut usize) -> u64 {
 impl Packed {
     pub fn pack(row: &[Cell]) -> Packed {
         let mut out = Vec::with_capacity(row.len() * 4);
+        Packed::pack_into(&mut out, row);
+        Packed(out.into_boxed_slice())
+    }
+
+    /// The packing of `row`, appended to `out`.
+    pub(crate) fn pack_into(out: &mut Vec<u8>, row: &[Cell]) {
         for cell in row {
             let (tag, bytes): (u8, &[u8]) = match cell {
                 Cell::Sql(Value::Null) => (P_NULL, &[]),
                 Cell::Sql(Value::Integer(i)) => {
                     out.push(P_INT);
-                    put_varint(&mut out, ((*i << 1) ^ (*i >> 63)).cast_unsigned());
+                    put_varint(out, ((*i << 1) ^ (*i >> 63)).cast_unsigned());
                     continue;
                 }
                 Cell::Sql(Value::Real(f)) => {
@@ -193,11 +200,25 @@ impl Packed {
             };
             out.push(tag);
             if tag != P_NULL {
-                put_varint(&mut out, bytes.len() as u64);
+                put_varint(out, bytes.len() as u64);
                 out.extend_from_slice(bytes);
             }
         }
-        Packed(out.into_boxed_slice())
+    }
+
+    /// The packing's bytes (see [`Packed::from_bytes`]).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// A packing from bytes [`Packed::as_bytes`] or [`Packed::pack_into`] gave.
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Packed {
+        Packed(bytes.into())
+    }
+
+    /// The row packed in `bytes` (see [`Packed::pack_into`]), unpacked.
+    pub(crate) fn unpack_bytes(bytes: &[u8]) -> Row {
+        Packed::refs_of(bytes).map(Cell::from_ref).collect()
     }
 
     pub fn unpack(&self) -> Row {
@@ -210,8 +231,11 @@ impl Packed {
     }
 
     fn refs(&self) -> impl Iterator<Item = rusqlite::types::ValueRef<'_>> {
+        Packed::refs_of(&self.0)
+    }
+
+    fn refs_of(b: &[u8]) -> impl Iterator<Item = rusqlite::types::ValueRef<'_>> {
         use rusqlite::types::ValueRef;
-        let b = &self.0;
         let mut at = 0;
         std::iter::from_fn(move || {
             let tag = *b.get(at)?;
@@ -506,6 +530,24 @@ mod tests {
             proptest::prop_assert_eq!(pa == pb, a == b);
             let json = serde_json::to_string(&pa).unwrap();
             proptest::prop_assert_eq!(json, serde_json::to_string(&a).unwrap());
+        }
+    }
+
+    /// Journals, conflict records and a remote peer's writes carry REAL values as JSON:
+    /// every one must read back bit for bit (serde_json's `float_roundtrip`; without it
+    /// this value came back one unit in the last place off).
+    #[test]
+    fn a_real_reads_back_from_json_bit_for_bit() {
+        for f in [
+            1.152_875_089_698_165_7e54,
+            0.1,
+            f64::MIN_POSITIVE,
+            5e-324,
+            -1.0 / 3.0,
+        ] {
+            let row = vec![c(Value::Real(f))];
+            let back: Row = serde_json::from_str(&serde_json::to_string(&row).unwrap()).unwrap();
+            assert!(matches!(back[0], Cell::Sql(Value::Real(g)) if g.to_bits() == f.to_bits()));
         }
     }
 

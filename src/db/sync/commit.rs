@@ -2,7 +2,7 @@
 //! marker, the central commit with the base and the conflict outbox, completion of a sync
 //! stopped between them, backups, AUTOINCREMENT counters and FTS indexes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
@@ -14,6 +14,7 @@ use crate::conflicts::ConflictRecord;
 use crate::context::Context;
 use crate::db::apply::{apply, open_for_merge};
 use crate::db::backup;
+use crate::db::changes::ChangeList;
 use crate::db::journal::{self, Journal};
 use crate::db::merge::{self, Change, Rules};
 use crate::db::snapshot::{self, quote};
@@ -24,7 +25,7 @@ use super::Pair;
 use super::PairReport;
 use super::connection::lock_central;
 use super::plan::Plan;
-use super::plan::{BaseState, Work, spec_of};
+use super::plan::{BaseState, Work, new_base_of, spec_of};
 use super::settle::{base_before, settle_bases, stage_keys, unsettle};
 use crate::output::Progress;
 
@@ -125,9 +126,9 @@ pub(super) fn commit_central(
     Ok(())
 }
 
-/// The journal of the peer's changes about to be committed (see `journal`), borrowing
-/// the plan's rows: it is written as it is serialized, never built whole. It serializes
-/// as a [`Journal`] (a unit test reads one back).
+/// The journal of the peer's changes about to be committed (see `journal`), read from
+/// the plan as it is serialized: it is written as it is made, never built whole. It
+/// serializes as a [`Journal`] (a unit test reads one back).
 #[derive(serde::Serialize)]
 pub(super) struct JournalOut<'a> {
     txid: &'a str,
@@ -135,14 +136,23 @@ pub(super) struct JournalOut<'a> {
     conflicts: &'a [ConflictRecord],
 }
 
-/// A [`journal::TableJournal`], borrowed.
+/// A [`journal::TableJournal`], read from the plan.
 #[derive(serde::Serialize)]
 struct TableOut<'a> {
     table: &'a str,
     columns: &'a [String],
     fresh_base: bool,
-    keyed: Vec<KeyOut<'a>>,
+    keyed: KeyedOut<'a>,
     multiset: Vec<journal::CountEntry>,
+}
+
+/// The [`journal::KeyEntry`]s of a table: one per keyed change of `to_peer`, with the
+/// central copy's change of the same key (`central`) and its new base (`new_base`: the
+/// exceptions of `Work::new_base`).
+struct KeyedOut<'a> {
+    to_peer: &'a ChangeList,
+    central: BTreeMap<Key, Change>,
+    new_base: &'a BTreeMap<Key, Option<Packed>>,
 }
 
 /// A [`journal::KeyEntry`], borrowed.
@@ -153,10 +163,30 @@ struct KeyOut<'a> {
     base: Option<&'a Packed>,
 }
 
+impl serde::Serialize for KeyedOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(None)?;
+        for ch in self.to_peer {
+            let (Change::Upsert { key, .. } | Change::Delete { key, .. }) = &ch else {
+                continue;
+            };
+            let central = self.central.get(key).map(|c| match c {
+                Change::Upsert { old, new, .. } => (old.as_ref(), Some(new)),
+                Change::Delete { old, .. } => (Some(old), None),
+                Change::SetCount { .. } => (None, None),
+            });
+            let base = new_base_of(self.new_base, &ch);
+            seq.serialize_element(&KeyOut { key, central, base })?;
+        }
+        seq.end()
+    }
+}
+
 pub(super) fn journal_of<'a>(
     txid: &'a str,
     works: &'a [Work],
-    to_peer: &[&'a [Change]],
+    to_peer: &[&'a ChangeList],
     records: &'a [ConflictRecord],
 ) -> JournalOut<'a> {
     let mut tables = Vec::new();
@@ -164,52 +194,42 @@ pub(super) fn journal_of<'a>(
         if to_peer.is_empty() {
             continue;
         }
-        let mut t = TableOut {
+        // (By now the central copy's changes are only those of keys the peer takes too.)
+        let central: BTreeMap<Key, Change> = w
+            .to_central
+            .iter()
+            .map(|c| (merge::target_of(&c).clone(), c))
+            .collect();
+        let mut multiset = Vec::new();
+        for ch in to_peer {
+            if let Change::SetCount { row, .. } = &ch {
+                let central = central.get(row).and_then(|c| match c {
+                    Change::SetCount { old, new, .. } => Some((*old, *new)),
+                    _ => None,
+                });
+                let base = w
+                    .multiset_base
+                    .iter()
+                    .find(|(r, ..)| r == row)
+                    .map_or(0, |(_, keep, _)| *keep);
+                multiset.push(journal::CountEntry {
+                    row: row.clone(),
+                    central,
+                    base,
+                });
+            }
+        }
+        tables.push(TableOut {
             table: &w.spec.name,
             columns: &w.spec.columns,
             fresh_base: matches!(w.base, BaseState::Fresh),
-            keyed: Vec::new(),
-            multiset: Vec::new(),
-        };
-        let central: BTreeMap<&Key, &Change> = w
-            .to_central
-            .iter()
-            .map(|c| (merge::target_of(c), c))
-            .collect();
-        for ch in to_peer {
-            let target = merge::target_of(ch);
-            match ch {
-                Change::SetCount { row, .. } => {
-                    let central = central.get(target).and_then(|c| match c {
-                        Change::SetCount { old, new, .. } => Some((*old, *new)),
-                        _ => None,
-                    });
-                    let base = w
-                        .multiset_base
-                        .iter()
-                        .find(|(r, ..)| r == row)
-                        .map_or(0, |(_, keep, _)| *keep);
-                    t.multiset.push(journal::CountEntry {
-                        row: row.clone(),
-                        central,
-                        base,
-                    });
-                }
-                Change::Upsert { key, .. } | Change::Delete { key, .. } => {
-                    let central = central.get(target).map(|c| match c {
-                        Change::Upsert { old, new, .. } => (old.as_ref(), Some(new)),
-                        Change::Delete { old, .. } => (Some(old), None),
-                        Change::SetCount { .. } => (None, None),
-                    });
-                    t.keyed.push(KeyOut {
-                        key,
-                        central,
-                        base: w.new_base_of(ch),
-                    });
-                }
-            }
-        }
-        tables.push(t);
+            keyed: KeyedOut {
+                to_peer,
+                central,
+                new_base: &w.new_base,
+            },
+            multiset,
+        });
     }
     JournalOut {
         txid,
@@ -253,8 +273,8 @@ pub(super) fn undo(conn: &Connection, w: &Work, keys: &BTreeSet<Key>) -> Result<
             },
             Change::SetCount { row, old, new } => Change::SetCount {
                 row: row.clone(),
-                old: *new,
-                new: *old,
+                old: new,
+                new: old,
             },
         })
         .collect();
@@ -310,7 +330,7 @@ pub(super) fn raise_sequences(conn: &Connection, sequences: &[(String, i64, bool
 pub(crate) struct PeerWriteSet {
     /// Per merged table: its spec, the rows moved to fresh keys (written first, all or
     /// none) and the changes.
-    pub tables: Vec<(merge::TableSpec, Vec<Change>, Vec<Change>)>,
+    pub tables: Vec<(merge::TableSpec, Vec<Change>, ChangeList)>,
     pub txid: String,
     pub fts: Vec<(String, String)>,
     pub sequences: Vec<(String, i64, bool)>,
@@ -320,7 +340,7 @@ impl PeerWriteSet {
     /// The peer's part of a sync: `to_peer` (per work) is moved in, not copied.
     fn of(
         works: &[Work],
-        to_peer: Vec<Vec<Change>>,
+        to_peer: Vec<ChangeList>,
         txid: &str,
         fts: &[(String, String)],
         sequences: Vec<(String, i64, bool)>,
@@ -535,9 +555,14 @@ impl Pair<'_> {
             .collect();
         for (i, w) in plan.works.iter_mut().enumerate() {
             stage_keys(&tx, i, w, &refused[i]).with_context(|| self.base_write())?;
-            let peer_keys: BTreeSet<&Key> = to_peer[i].iter().map(merge::target_of).collect();
-            w.to_central
-                .retain(|c| peer_keys.contains(merge::target_of(c)));
+            if to_peer[i].is_empty() {
+                w.to_central = ChangeList::new();
+                continue;
+            }
+            // By hash, to hold little: a key that shares one with the peer's keys is kept
+            // for nothing, which is harmless.
+            let peer_keys: HashSet<u64> = to_peer[i].iter().map(|c| key_hash(&c)).collect();
+            w.to_central.retain(|c| peer_keys.contains(&key_hash(c)));
             w.to_central.shrink_to_fit();
         }
         tx.execute_batch("PRAGMA shrink_memory")?;
@@ -555,7 +580,7 @@ impl Pair<'_> {
         let left_alone = if write_peer {
             let raise = sequences.clone();
             let set = PeerWriteSet::of(works, to_peer, &txid, &plan.fts, raise);
-            let changes: Vec<&[Change]> = set.tables.iter().map(|t| t.2.as_slice()).collect();
+            let changes: Vec<&ChangeList> = set.tables.iter().map(|t| &t.2).collect();
             let j = journal_of(&txid, works, &changes, &records);
             self.write_peer(&tx, works, j, &set, &refused)?
         } else {
@@ -633,7 +658,7 @@ impl Pair<'_> {
             });
             // Meanwhile, on this thread: the base settled.
             let t = std::time::Instant::now();
-            let changes: Vec<&[Change]> = set.tables.iter().map(|t| t.2.as_slice()).collect();
+            let changes: Vec<&ChangeList> = set.tables.iter().map(|t| &t.2).collect();
             let settled = settle_bases(tx, works, &changes, self.rules.direction, refused);
             let base_time = t.elapsed();
             let peer = peer.join().map(|(r, peer_time)| {
@@ -728,15 +753,27 @@ impl Pair<'_> {
     }
 }
 
+/// A hash of the key (or multiset row) a change writes.
+fn key_hash(change: &Change) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut packed = Vec::new();
+    Packed::pack_into(&mut packed, merge::target_of(change));
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    packed.hash(&mut h);
+    h.finish()
+}
+
 /// What the peer is to take, moved out of the plan (nothing reads `Work::to_peer` after
 /// this): a row the central copy refused is not written to the peer either.
-fn peer_changes(works: &mut [Work], refused: &[BTreeSet<Key>]) -> Vec<Vec<Change>> {
+fn peer_changes(works: &mut [Work], refused: &[BTreeSet<Key>]) -> Vec<ChangeList> {
     works
         .iter_mut()
         .zip(refused)
         .map(|(w, refused)| {
             let mut changes = std::mem::take(&mut w.to_peer);
-            changes.retain(|c| !refused.contains(merge::target_of(c)));
+            if !refused.is_empty() {
+                changes.retain(|c| !refused.contains(merge::target_of(c)));
+            }
             changes
         })
         .collect()
@@ -748,10 +785,10 @@ mod tests {
     use crate::db::value::{Cell, Row};
     use rusqlite::types::Value;
 
-    /// The journal is written from borrowed rows; it must read back as the `Journal` that
-    /// completes an interrupted sync, field for field.
+    /// The journal is written from the plan as it is serialized; it must read back as
+    /// the `Journal` that completes an interrupted sync, field for field.
     #[test]
-    fn the_borrowed_journal_reads_back_as_a_journal() {
+    fn the_journal_read_from_the_plan_reads_back_as_a_journal() {
         let row = |id: i64, nick: &[u8]| -> Row {
             vec![
                 Cell::Sql(Value::Integer(id)),
@@ -761,48 +798,76 @@ mod tests {
                 Cell::Sql(Value::Blob(vec![0, 255])),
             ]
         };
-        let (key, old, new) = (
-            vec![Cell::Sql(Value::Integer(7))],
+        let key = |id: i64| vec![Cell::Sql(Value::Integer(id))];
+        let (old, new, gone, fresh, other) = (
             row(7, b"a"),
             row(7, b"\xff"),
+            row(8, b"b"),
+            row(9, b"c"),
+            row(9, b"d"),
         );
-        let (packed_old, packed_new) = (Packed::pack(&old), Packed::pack(&new));
         let columns = vec!["id".to_string(), "nick".to_string()];
         let counted = journal::CountEntry {
             row: row(1, b"x"),
             central: Some((1, 2)),
             base: 2,
         };
+        // Key 7: both sides take the same update; key 8: both delete; key 9: only the
+        // peer takes an insert, and the base gets another row (an exception).
+        let to_peer = ChangeList::from(vec![
+            Change::Upsert {
+                key: key(7),
+                old: Some(Packed::pack(&old)),
+                new: Packed::pack(&new),
+            },
+            Change::Delete {
+                key: key(8),
+                old: Packed::pack(&gone),
+            },
+            Change::Upsert {
+                key: key(9),
+                old: None,
+                new: Packed::pack(&fresh),
+            },
+            Change::SetCount {
+                row: row(1, b"x"),
+                old: 1,
+                new: 2,
+            },
+        ]);
+        let central: BTreeMap<Key, Change> = [
+            Change::Upsert {
+                key: key(7),
+                old: Some(Packed::pack(&old)),
+                new: Packed::pack(&new),
+            },
+            Change::Delete {
+                key: key(8),
+                old: Packed::pack(&gone),
+            },
+        ]
+        .into_iter()
+        .map(|c| (merge::target_of(&c).clone(), c))
+        .collect();
+        let new_base = BTreeMap::from([(key(9), Some(Packed::pack(&other)))]);
         let out = JournalOut {
             txid: "t-1",
             tables: vec![TableOut {
                 table: "users",
                 columns: &columns,
                 fresh_base: true,
-                keyed: vec![
-                    KeyOut {
-                        key: &key,
-                        central: Some((Some(&packed_old), Some(&packed_new))),
-                        base: Some(&packed_new),
-                    },
-                    KeyOut {
-                        key: &key,
-                        central: Some((None, None)),
-                        base: None,
-                    },
-                    KeyOut {
-                        key: &key,
-                        central: None,
-                        base: None,
-                    },
-                ],
+                keyed: KeyedOut {
+                    to_peer: &to_peer,
+                    central,
+                    new_base: &new_base,
+                },
                 multiset: vec![counted.clone()],
             }],
             conflicts: &[],
         };
         let read: Journal = serde_json::from_str(&serde_json::to_string(&out).unwrap()).unwrap();
-        let entry = |central, base| journal::KeyEntry {
-            key: key.clone(),
+        let entry = |id, central, base| journal::KeyEntry {
+            key: key(id),
             central,
             base,
         };
@@ -813,12 +878,9 @@ mod tests {
                 columns: columns.clone(),
                 fresh_base: true,
                 keyed: vec![
-                    entry(
-                        Some((Some(old.clone()), Some(new.clone()))),
-                        Some(new.clone()),
-                    ),
-                    entry(Some((None, None)), None),
-                    entry(None, None),
+                    entry(7, Some((Some(old.clone()), Some(new.clone()))), Some(new)),
+                    entry(8, Some((Some(gone), None)), None),
+                    entry(9, None, Some(other)),
                 ],
                 multiset: vec![counted],
             }],

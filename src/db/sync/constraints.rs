@@ -99,7 +99,11 @@ pub(super) fn rekey_rows(
             // Keys only the moves changed: the peer holds the merge's result once they
             // are written (the journal needs it as their new base).
             let sql = snapshot::lookup_sql(&w.spec, "p");
-            let planned: BTreeSet<&Key> = w.to_peer.iter().map(merge::target_of).collect();
+            let planned: BTreeSet<Key> = w
+                .to_peer
+                .iter()
+                .map(|c| merge::target_of(&c).clone())
+                .collect();
             for e in &edits {
                 let key = merge::target_of(e);
                 if !w.new_base.contains_key(key) && !planned.contains(key) {
@@ -370,20 +374,23 @@ pub(super) fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> 
                     })
                     .collect()
             };
-            for (key, parent_row) in deletes {
-                let ci = works.iter().position(|w| w.spec.name == child);
-                let Some(ci) = ci else { continue };
-                let child_deletes: BTreeSet<Key> = {
-                    let list = if into_peer {
-                        &works[ci].to_peer
-                    } else {
-                        &works[ci].to_central
-                    };
-                    list.iter()
-                        .filter(|c| matches!(c, Change::Delete { .. }))
-                        .map(|c| merge::target_of(c).clone())
-                        .collect()
+            let Some(ci) = works.iter().position(|w| w.spec.name == child) else {
+                continue;
+            };
+            // (Read once: the lists are held encoded.)
+            let mut child_deletes: BTreeSet<Key> = BTreeSet::new();
+            if !deletes.is_empty() {
+                let list = if into_peer {
+                    &works[ci].to_peer
+                } else {
+                    &works[ci].to_central
                 };
+                child_deletes.extend(list.iter().filter_map(|c| match c {
+                    Change::Delete { key, .. } => Some(key),
+                    _ => None,
+                }));
+            }
+            for (key, parent_row) in deletes {
                 let cspec = works[ci].spec.clone();
                 let kcols: Vec<String> =
                     cspec.pk.iter().map(|&i| quote(&cspec.columns[i])).collect();
@@ -422,6 +429,10 @@ pub(super) fn keep_referenced_parents(conn: &Connection, works: &mut [Work]) -> 
                 };
                 to_side.retain(|c| merge::target_of(c) != &key);
                 to_origin.retain(|c| merge::target_of(c) != &key);
+                if pi == ci {
+                    // A table that references itself: this row is no longer deleted.
+                    child_deletes.remove(&key);
+                }
                 let origin_now =
                     snapshot::lookup(conn, &snapshot::lookup_sql(&w.spec, origin), &key)?;
                 let change = merge::change(&key, origin_now.as_ref(), Some(&parent_row));

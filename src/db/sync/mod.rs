@@ -17,14 +17,18 @@
 //!    for rowid tables) or in SQL (`diff`: central against snapshot, by primary key; for
 //!    tables with counters also against the base, since equal deltas leave both sides
 //!    equal), and each key whose rows differ is merged in Rust against the base as soon
-//!    as it is found (`plan`, with `db::merge`); the plan holds its rows packed. Memory
-//!    grows with the number of differing rows, not with the database. Tables without a
+//!    as it is found (`plan`, with `db::merge`); the plan holds each side's changes
+//!    encoded one after another in one buffer (`db::changes`). Memory grows with the
+//!    number of differing rows, not with the database. Tables without a
 //!    primary key are merged as multisets. The plan is then fitted to the schema's rules
 //!    (`constraints`: ids both sides handed out, UNIQUE, foreign keys) and checked by the
 //!    mass-delete guard.
 //! 5. Backups, the writes and the two commits (`commit`) in the order `db::journal` lays
 //!    down, so a sync stopped at any instant is completed exactly by the next run; the
-//!    base is settled inside the central commit (`settle`).
+//!    base is settled inside the central commit (`settle`). Once the central copy's
+//!    changes are written, the keys whose base they change are staged in a temporary
+//!    table and their rows let go of (but for keys the peer takes too), so the plan's
+//!    two sides are never held beside the peer's write.
 //! 6. Only then is the fingerprint recorded.
 
 use std::path::{Path, PathBuf};
@@ -419,8 +423,8 @@ impl<'a> Pair<'a> {
         for w in &plan.works {
             self.report.tables.push(TableReport {
                 table: w.spec.name.clone(),
-                central: counts(&w.to_central),
-                peer: counts(&w.peer_edits) + counts(&w.to_peer),
+                central: w.to_central.counts(),
+                peer: counts(&w.peer_edits) + w.to_peer.counts(),
                 conflicts: w.conflicts.len(),
                 counter_merges: w.counter_merges,
                 deferred: 0,

@@ -12,7 +12,8 @@ use rusqlite::Connection;
 use crate::config::DbConfig;
 use crate::context::Context;
 use crate::db::apply::open_for_merge;
-use crate::db::merge::{self, Change, Conflict, Rules, TableSpec, counts, merge_key, multiset};
+use crate::db::changes::ChangeList;
+use crate::db::merge::{self, Change, Conflict, Rules, TableSpec, merge_key, multiset};
 use crate::db::migrate;
 use crate::db::snapshot::{self, Schema, quote};
 use crate::db::value::{Cell, Key, Packed, Row};
@@ -38,8 +39,9 @@ pub(super) struct Work {
     pub(super) schema: Schema,
     pub(super) spec: TableSpec,
     pub(super) base: BaseState,
-    pub(super) to_central: Vec<Change>,
-    pub(super) to_peer: Vec<Change>,
+    /// The changes to each side, held encoded (see `db::changes`).
+    pub(super) to_central: ChangeList,
+    pub(super) to_peer: ChangeList,
     /// Keyed tables with a fresh base: the base changes (applied unless a side deferred).
     /// When the base is settled, the base row of each key of `to_central`, `to_peer` and
     /// this list is copied, in SQL, from the side that now holds it (or let go of); this
@@ -53,7 +55,7 @@ pub(super) struct Work {
     pub(super) conflicts: Vec<Conflict>,
     pub(super) counter_merges: usize,
     /// Keyed tables: the new base row of a key the peer is to take, for the journal, where
-    /// it is not the row the peer gets (see [`Work::new_base_of`]). Kept as exceptions:
+    /// it is not the row the peer gets (see [`new_base_of`]). Kept as exceptions:
     /// with both directions the base becomes what both sides hold, and one copy of each
     /// row is enough.
     pub(super) new_base: BTreeMap<Key, Option<Packed>>,
@@ -72,14 +74,6 @@ pub(super) struct Work {
 impl Work {
     pub(super) fn keyed(&self) -> bool {
         self.spec.keyed()
-    }
-
-    /// The base row a key the peer takes by `change` gets once both sides committed.
-    pub(super) fn new_base_of<'w>(&'w self, change: &'w Change) -> Option<&'w Packed> {
-        match self.new_base.get(merge::target_of(change)) {
-            Some(row) => row.as_ref(),
-            None => merge::result_of(change),
-        }
     }
 
     /// The base row, before this sync, of a key the peer takes by `change`.
@@ -107,6 +101,18 @@ impl Work {
     }
 }
 
+/// The base row a key the peer takes by `change` gets once both sides committed, given
+/// the exceptions of [`Work::new_base`].
+pub(super) fn new_base_of<'w>(
+    new_base: &'w BTreeMap<Key, Option<Packed>>,
+    change: &'w Change,
+) -> Option<&'w Packed> {
+    match new_base.get(merge::target_of(change)) {
+        Some(row) => row.as_ref(),
+        None => merge::result_of(change),
+    }
+}
+
 /// Of the base rows of a key the peer takes by `change` (`old`: before this sync, `new`:
 /// after it), those `Work` must keep: the ones the change does not already hold (see
 /// `Work::new_base` and `Work::old_base`); `old` only with a fresh base.
@@ -128,8 +134,8 @@ fn base_exceptions(
 /// (its three rows are freed at once); the runs are joined in key order.
 #[derive(Default)]
 struct Merged {
-    to_central: Vec<Change>,
-    to_peer: Vec<Change>,
+    to_central: ChangeList,
+    to_peer: ChangeList,
     to_base: Vec<Key>,
     conflicts: Vec<Conflict>,
     counter_merges: usize,
@@ -159,7 +165,7 @@ impl Merged {
             if let Some(row) = old {
                 self.old_base.insert(key.clone(), row);
             }
-            self.to_peer.push(change);
+            self.to_peer.push(&change);
         }
         if to_base {
             self.to_base.push(key);
@@ -188,6 +194,21 @@ fn concat<'a, T: 'a>(into: &mut Vec<T>, parts: impl Iterator<Item = &'a mut Vec<
     for part in parts {
         into.append(part);
         *part = Vec::new();
+    }
+}
+
+/// [`concat`] for lists of changes.
+fn concat_changes<'a>(into: &mut ChangeList, parts: impl Iterator<Item = &'a mut ChangeList>) {
+    let mut parts: Vec<&mut ChangeList> = parts.collect();
+    if into.is_empty()
+        && let Some(first) = parts.first_mut()
+    {
+        std::mem::swap(into, *first);
+    }
+    into.reserve_bytes(parts.iter().map(|p| p.byte_len()).sum());
+    for part in parts {
+        into.append(part);
+        *part = ChangeList::new();
     }
 }
 
@@ -369,8 +390,8 @@ pub(super) fn plan_keyed(
         schema,
         spec,
         base,
-        to_central: Vec::new(),
-        to_peer: Vec::new(),
+        to_central: ChangeList::new(),
+        to_peer: ChangeList::new(),
         to_base: Vec::new(),
         multiset_base: Vec::new(),
         conflicts: Vec::new(),
@@ -426,11 +447,11 @@ pub(super) fn plan_keyed(
         }
     }
     let mut runs = runs;
-    concat(
+    concat_changes(
         &mut w.to_central,
         runs.iter_mut().map(|r| &mut r.to_central),
     );
-    concat(&mut w.to_peer, runs.iter_mut().map(|r| &mut r.to_peer));
+    concat_changes(&mut w.to_peer, runs.iter_mut().map(|r| &mut r.to_peer));
     concat(&mut w.to_base, runs.iter_mut().map(|r| &mut r.to_base));
     for run in runs {
         run.join(&mut w);
@@ -485,8 +506,8 @@ pub(super) fn plan_multiset(
         schema,
         spec,
         base,
-        to_central: m.to_central,
-        to_peer: m.to_peer,
+        to_central: m.to_central.into(),
+        to_peer: m.to_peer.into(),
         to_base: Vec::new(),
         multiset_base,
         conflicts: m.conflicts,
@@ -521,7 +542,7 @@ pub(super) fn guard(
             ("central copy", "main", &w.to_central),
             ("peer", "p", &w.to_peer),
         ] {
-            let deletes = counts(changes).deletes;
+            let deletes = changes.counts().deletes;
             if deletes == 0 {
                 continue;
             }
@@ -773,13 +794,13 @@ mod tests {
     }
 
     /// `(key, new row)` of each upsert, `(key, None)` of each delete.
-    fn effects(changes: &[Change]) -> Vec<(Key, Option<Row>)> {
+    fn effects(changes: &ChangeList) -> Vec<(Key, Option<Row>)> {
         changes
             .iter()
             .map(|c| match c {
-                Change::Upsert { key, new, .. } => (key.clone(), Some(new.unpack())),
-                Change::Delete { key, .. } => (key.clone(), None),
-                Change::SetCount { row, new, .. } => (row.clone(), Some(vec![int(*new as i64)])),
+                Change::Upsert { key, new, .. } => (key, Some(new.unpack())),
+                Change::Delete { key, .. } => (key, None),
+                Change::SetCount { row, new, .. } => (row, Some(vec![int(new as i64)])),
             })
             .collect()
     }

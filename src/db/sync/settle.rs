@@ -9,6 +9,7 @@ use rusqlite::{Connection, params_from_iter};
 use crate::config::Direction;
 use crate::db::apply::apply;
 use crate::db::base;
+use crate::db::changes::ChangeList;
 use crate::db::merge::{self, Change, TableSpec};
 use crate::db::snapshot::quote;
 use crate::db::value::{Cell, Key, Packed};
@@ -40,12 +41,13 @@ pub(super) fn multiset_base_counts(w: &Work, deferred: &BTreeSet<Key>) -> Vec<Ch
 pub(super) fn settle_bases(
     conn: &Connection,
     works: &[Work],
-    to_peer: &[&[Change]],
+    to_peer: &[&ChangeList],
     direction: Direction,
     deferred: &[BTreeSet<Key>],
 ) -> Result<()> {
+    let none = ChangeList::new();
     for (i, (w, deferred)) in works.iter().zip(deferred).enumerate() {
-        let to_peer = to_peer.get(i).copied().unwrap_or_default();
+        let to_peer = to_peer.get(i).copied().unwrap_or(&none);
         settle_base(conn, i, w, to_peer, direction, deferred)?;
     }
     Ok(())
@@ -87,12 +89,18 @@ pub(super) fn stage_keys(
         "DROP TABLE IF EXISTS {0}; CREATE TABLE {0} ({pk}, PRIMARY KEY ({pk})) WITHOUT ROWID;",
         staged(i)
     ))?;
-    let central = w.to_central.iter().filter_map(change_key);
-    add_keys(conn, i, w, deferred, w.to_base.iter().chain(central))
+    add_keys(conn, i, w, deferred, w.to_base.iter())?;
+    add_keys(
+        conn,
+        i,
+        w,
+        deferred,
+        w.to_central.iter().filter_map(change_key),
+    )
 }
 
 /// The key a keyed change writes (a multiset row has none).
-fn change_key(c: &Change) -> Option<&Key> {
+fn change_key(c: Change) -> Option<Key> {
     match c {
         Change::Upsert { key, .. } | Change::Delete { key, .. } => Some(key),
         Change::SetCount { .. } => None,
@@ -101,12 +109,12 @@ fn change_key(c: &Change) -> Option<&Key> {
 
 /// Adds `keys` (less `deferred`, and less keys with a NULL cell, which merge as whole
 /// rows) to the staged keys of table `i`.
-fn add_keys<'k>(
+fn add_keys<K: std::borrow::Borrow<Key>>(
     conn: &Connection,
     i: usize,
     w: &Work,
     deferred: &BTreeSet<Key>,
-    keys: impl Iterator<Item = &'k Key>,
+    keys: impl Iterator<Item = K>,
 ) -> Result<()> {
     let n = w.spec.pk.len();
     let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
@@ -116,6 +124,7 @@ fn add_keys<'k>(
         marks.join(", ")
     ))?;
     for key in keys {
+        let key = key.borrow();
         if key.len() == n && !key.iter().any(Cell::is_null) && !deferred.contains(key) {
             insert.execute(params_from_iter(key.iter()))?;
         }
@@ -128,7 +137,7 @@ fn add_keys<'k>(
 /// rows come from the plan (see `Work::old_base`), so reading them needs no database.
 pub(super) fn base_before(
     w: &Work,
-    to_peer: &[Change],
+    to_peer: &ChangeList,
     left: &BTreeSet<Key>,
 ) -> BTreeMap<Key, Option<Packed>> {
     if !(w.keyed() && matches!(w.base, BaseState::Fresh)) || left.is_empty() {
@@ -138,7 +147,7 @@ pub(super) fn base_before(
         .iter()
         .filter(|c| left.contains(merge::target_of(c)))
         .filter(|c| !merge::target_of(c).iter().any(Cell::is_null))
-        .map(|c| (merge::target_of(c).clone(), w.old_base_of(c).cloned()))
+        .map(|c| (merge::target_of(&c).clone(), w.old_base_of(&c).cloned()))
         .collect()
 }
 
@@ -154,7 +163,7 @@ pub(super) fn unsettle(
 ) -> Result<()> {
     if !by_key(w) {
         // Multisets and first syncs settle from scratch: again, with the rows left alone.
-        return settle_base(conn, usize::MAX, w, &[], direction, deferred);
+        return settle_base(conn, usize::MAX, w, &ChangeList::new(), direction, deferred);
     }
     let back: Vec<Change> = left
         .iter()
@@ -201,7 +210,7 @@ pub(super) fn settle_base(
     conn: &Connection,
     i: usize,
     w: &Work,
-    to_peer: &[Change],
+    to_peer: &ChangeList,
     direction: Direction,
     deferred: &BTreeSet<Key>,
 ) -> Result<()> {
