@@ -343,13 +343,15 @@ impl RestoreCmd {
 impl CleanCmd {
     pub fn run(&self, global: &GlobalArgs) -> Result<Outcome> {
         let ctx = global.context()?;
-        let mut removed = Vec::new();
+        let (mut removed, mut copies) = (Vec::new(), Vec::new());
         let report = run_job(&ctx, Job::Database, Trigger::Manual, self.dry_run, |run| {
             run.task(crate::db::job::CLEAN_BACKUPS.name(), |run| {
                 removed = job::clean_backups(run.ctx, run.dry_run, run.now)?;
+                copies = job::clean_stale_copies(run.ctx, run.dry_run)?;
                 Ok(TaskDone::new(format!(
-                    "{} expired backup(s)",
-                    removed.len()
+                    "{} expired backup(s) and {} copy(ies) of peers no longer configured",
+                    removed.len(),
+                    copies.len()
                 )))
             });
             Ok(())
@@ -363,6 +365,12 @@ impl CleanCmd {
             println!("{verb} {}", b.path.display());
         }
         println!("{} backup(s) {verb}", removed.len());
+        for path in &copies {
+            println!(
+                "{verb} {} (a copy of a peer no longer configured)",
+                path.display()
+            );
+        }
         Ok(report.outcome)
     }
 }

@@ -133,10 +133,11 @@ pub fn sync_pairs(run: &mut JobRun, sel: &Selection, force: bool) -> Result<Vec<
 /// The job's name: its lock, its run records (the registry lists it under this name).
 pub const JOB: &str = "database";
 
-/// The periodic task that removes expired backups.
+/// The periodic task that removes expired backups and the copies of peers no longer
+/// configured.
 pub const CLEAN_BACKUPS: Task = Task::new("clean-backups");
 
-/// The cron job's tasks: sync every pair, then weekly backup cleanup.
+/// The cron job's tasks: sync every pair, then the weekly cleanup.
 pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
     let reports = sync_pairs(run, &Selection::default(), false)?;
     // One stderr line per new conflict, so cron mails it.
@@ -147,9 +148,11 @@ pub fn cron_tasks(run: &mut JobRun) -> Result<()> {
     }
     run.periodic(CLEAN_BACKUPS, |run| {
         let removed = clean_backups(run.ctx, run.dry_run, run.now)?;
+        let copies = clean_stale_copies(run.ctx, run.dry_run)?;
         Ok(TaskDone::new(format!(
-            "{} expired backup(s) removed",
-            removed.len()
+            "{} expired backup(s) and {} copy(ies) of peers no longer configured removed",
+            removed.len(),
+            copies.len()
         )))
     });
     Ok(())
@@ -169,6 +172,75 @@ pub fn clean_backups(ctx: &Context, dry_run: bool, now: DateTime<Utc>) -> Result
         }
     }
     Ok(expired)
+}
+
+/// The copies of peers kept in `state/` that no configured pair uses any more: a local
+/// peer's snapshot (`db/<db>/<peer>.snapshot.db`) and a remote peer's transfer copy
+/// (`remote/db/<db>/<peer>.db`), each the size of its peer, with any SQLite file beside it.
+/// They are caches: the pair's base and fingerprint stay, so a pair configured again
+/// merges on from its base, and its next sync copies its peer afresh.
+pub fn stale_copies(ctx: &Context) -> Result<Vec<PathBuf>> {
+    let used = |db: &str, peer: &str, remote: bool| {
+        ctx.config.database.db.iter().any(|d| {
+            d.name.get_ref() == db
+                && d.peers
+                    .iter()
+                    .any(|p| p.name.get_ref() == peer && is_remote(p) == remote)
+        })
+    };
+    let mut out = Vec::new();
+    for (dir, suffix, remote) in [("db", ".snapshot.db", false), ("remote/db", ".db", true)] {
+        let top = ctx.state.path(dir);
+        let dbs = match std::fs::read_dir(&top) {
+            Ok(dbs) => dbs,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", top.display())),
+        };
+        for db in dbs {
+            let db = db.with_context(|| format!("cannot read {}", top.display()))?;
+            let Some(db_name) = db.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if !db.file_type()?.is_dir() {
+                continue;
+            }
+            let files = std::fs::read_dir(db.path())
+                .with_context(|| format!("cannot read {}", db.path().display()))?;
+            for f in files {
+                let f = f.with_context(|| format!("cannot read {}", db.path().display()))?;
+                let name = f.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let file = ["-journal", "-wal", "-shm"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                if let Some(peer) = file.strip_suffix(suffix)
+                    && f.file_type()?.is_file()
+                    && !used(&db_name, peer, remote)
+                {
+                    out.push(f.path());
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Removes [`stale_copies`] (or lists them in a dry run).
+pub fn clean_stale_copies(ctx: &Context, dry_run: bool) -> Result<Vec<PathBuf>> {
+    let stale = stale_copies(ctx)?;
+    if !dry_run {
+        for path in &stale {
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+            log::info!(
+                "removed {}: a copy of a peer no longer configured",
+                path.display()
+            );
+        }
+    }
+    Ok(stale)
 }
 
 /// Copies the database file `src` into the database at `dest` through the backup API, so

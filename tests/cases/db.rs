@@ -892,6 +892,57 @@ fn cron_database_is_silent_syncs_and_records_the_run() {
     assert!(schedule.to_string().contains("clean-backups"), "{schedule}");
 }
 
+/// A peer dropped from the configuration leaves its copy in `state/` (a local peer's kept
+/// snapshot, a remote peer's transfer copy), the size of the peer: `db clean-backups`
+/// removes it, and only it (its base stays, a configured peer's copy stays).
+#[test]
+fn the_copy_of_a_peer_no_longer_configured_is_cleaned_up_and_nothing_else() {
+    let Some(s) = Setup::new("") else { return };
+    s.sync_ok();
+    let copy = |peer: &str| {
+        if REMOTE {
+            s.r.path(&format!("state/remote/db/users/{peer}.db"))
+        } else {
+            s.r.path(&format!("state/db/users/{peer}.snapshot.db"))
+        }
+    };
+    let clean = |args: &[&str]| -> String {
+        let out = s.r.cmd().args(["db", "clean-backups"]).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(copy("bot").is_file() && copy("website").is_file());
+    let out = clean(&[]);
+    assert!(!out.contains("no longer configured"), "{out}");
+    assert!(copy("bot").is_file() && copy("website").is_file());
+
+    // `website` is dropped from the configuration.
+    s.r.write_config(&format!(
+        "{}[general]\nbusy_timeout = \"1s\"\n[[database.db]]\nname = \"users\"\n\
+         peers = [ {{ name = \"bot\", path = \"{}\" }} ]\n",
+        s.peers.section(),
+        s.peers.url(&s.bot)
+    ));
+    let gone = copy("website").display().to_string();
+    let out = clean(&["--dry-run"]);
+    assert!(
+        out.contains(&format!("would remove {gone} (a copy of a peer no longer configured)")),
+        "{out}"
+    );
+    assert!(copy("website").is_file());
+    let out = clean(&[]);
+    assert!(
+        out.contains(&format!("removed {gone} (a copy of a peer no longer configured)")),
+        "{out}"
+    );
+    assert!(!copy("website").exists());
+    assert!(copy("bot").is_file());
+    assert!(s.r.path("state/db/users/website.base.db").is_file());
+    // The pair left syncs on.
+    s.sync_ok();
+    assert_same(&s.central(), &s.bot);
+}
+
 #[test]
 fn a_writer_inserting_during_many_syncs_loses_nothing() {
     writer_during_syncs("wal");
