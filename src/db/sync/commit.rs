@@ -814,7 +814,7 @@ mod tests {
         };
         // Key 7: both sides take the same update; key 8: both delete; key 9: only the
         // peer takes an insert, and the base gets another row (an exception).
-        let to_peer = ChangeList::from(vec![
+        let both = [
             Change::Upsert {
                 key: key(7),
                 old: Some(Packed::pack(&old)),
@@ -824,31 +824,27 @@ mod tests {
                 key: key(8),
                 old: Packed::pack(&gone),
             },
-            Change::Upsert {
-                key: key(9),
-                old: None,
-                new: Packed::pack(&fresh),
-            },
-            Change::SetCount {
-                row: row(1, b"x"),
-                old: 1,
-                new: 2,
-            },
-        ]);
-        let central: BTreeMap<Key, Change> = [
-            Change::Upsert {
-                key: key(7),
-                old: Some(Packed::pack(&old)),
-                new: Packed::pack(&new),
-            },
-            Change::Delete {
-                key: key(8),
-                old: Packed::pack(&gone),
-            },
-        ]
-        .into_iter()
-        .map(|c| (merge::target_of(&c).clone(), c))
-        .collect();
+        ];
+        let to_peer: ChangeList = both
+            .iter()
+            .cloned()
+            .chain([
+                Change::Upsert {
+                    key: key(9),
+                    old: None,
+                    new: Packed::pack(&fresh),
+                },
+                Change::SetCount {
+                    row: row(1, b"x"),
+                    old: 1,
+                    new: 2,
+                },
+            ])
+            .collect();
+        let central: BTreeMap<Key, Change> = both
+            .into_iter()
+            .map(|c| (merge::target_of(&c).clone(), c))
+            .collect();
         let new_base = BTreeMap::from([(key(9), Some(Packed::pack(&other)))]);
         let out = JournalOut {
             txid: "t-1",

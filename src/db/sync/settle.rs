@@ -77,13 +77,7 @@ pub(super) fn stage_keys(
     if !by_key(w) {
         return Ok(());
     }
-    let pk: Vec<String> = w
-        .spec
-        .pk
-        .iter()
-        .map(|&i| quote(&w.spec.columns[i]))
-        .collect();
-    let pk = pk.join(", ");
+    let pk = key_columns(w);
     // Keyed by the key, so a key both sides change is staged once.
     conn.execute_batch(&format!(
         "DROP TABLE IF EXISTS {0}; CREATE TABLE {0} ({pk}, PRIMARY KEY ({pk})) WITHOUT ROWID;",
@@ -97,6 +91,17 @@ pub(super) fn stage_keys(
         deferred,
         w.to_central.iter().filter_map(change_key),
     )
+}
+
+/// `k1, k2, ...`: the key's columns, quoted.
+fn key_columns(w: &Work) -> String {
+    let pk: Vec<String> = w
+        .spec
+        .pk
+        .iter()
+        .map(|&i| quote(&w.spec.columns[i]))
+        .collect();
+    pk.join(", ")
 }
 
 /// The key a keyed change writes (a multiset row has none).
@@ -240,13 +245,7 @@ pub(super) fn settle_base(
             };
             add_keys(conn, i, w, deferred, to_peer.iter().filter_map(change_key))?;
             let keys = staged(i);
-            let pk: Vec<String> = w
-                .spec
-                .pk
-                .iter()
-                .map(|&i| quote(&w.spec.columns[i]))
-                .collect();
-            let pk = pk.join(", ");
+            let pk = key_columns(w);
             let same_key: Vec<String> = w
                 .spec
                 .pk
