@@ -172,8 +172,10 @@ impl Merged {
         }
     }
 
-    /// Appends a later run of keys to `w` (its lists of changes are joined by `concat`).
+    /// Appends a later run of keys to `w` (its lists of changes are joined by `concat`;
+    /// `to_base`, which holds only keys neither side changes, is short).
     fn join(self, w: &mut Work) {
+        w.to_base.extend(self.to_base);
         w.conflicts.extend(self.conflicts);
         w.counter_merges += self.counter_merges;
         w.new_base.extend(self.new_base);
@@ -181,24 +183,9 @@ impl Merged {
     }
 }
 
-/// Appends `parts` to `into`, emptying each, one list at a time and without growing
-/// `into` twice: growing it part by part would at its peak hold twice the largest list.
-fn concat<'a, T: 'a>(into: &mut Vec<T>, parts: impl Iterator<Item = &'a mut Vec<T>>) {
-    let mut parts: Vec<&mut Vec<T>> = parts.collect();
-    if into.is_empty()
-        && let Some(first) = parts.first_mut()
-    {
-        std::mem::swap(into, *first);
-    }
-    into.reserve_exact(parts.iter().map(|p| p.len()).sum());
-    for part in parts {
-        into.append(part);
-        *part = Vec::new();
-    }
-}
-
-/// [`concat`] for lists of changes.
-fn concat_changes<'a>(into: &mut ChangeList, parts: impl Iterator<Item = &'a mut ChangeList>) {
+/// Appends `parts` to `into`, emptying each, into room made once: growing `into` part by
+/// part would at its peak hold twice the largest list.
+fn concat<'a>(into: &mut ChangeList, parts: impl Iterator<Item = &'a mut ChangeList>) {
     let mut parts: Vec<&mut ChangeList> = parts.collect();
     if into.is_empty()
         && let Some(first) = parts.first_mut()
@@ -447,12 +434,11 @@ pub(super) fn plan_keyed(
         }
     }
     let mut runs = runs;
-    concat_changes(
+    concat(
         &mut w.to_central,
         runs.iter_mut().map(|r| &mut r.to_central),
     );
-    concat_changes(&mut w.to_peer, runs.iter_mut().map(|r| &mut r.to_peer));
-    concat(&mut w.to_base, runs.iter_mut().map(|r| &mut r.to_base));
+    concat(&mut w.to_peer, runs.iter_mut().map(|r| &mut r.to_peer));
     for run in runs {
         run.join(&mut w);
     }
